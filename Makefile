@@ -1,0 +1,44 @@
+# tokensel: every target sets itself up (.venv with the pinned dependencies) on first use.
+#   make train SELECTOR=gumbel_ae ARGS="trainer.max_steps=50 selector.depth=2"
+#   make test
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+SELECTOR ?= gumbel_ae
+ARGS ?=
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Re-installs only when the pins or the package layout change.
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup train data test tensorboard clean
+
+help:
+	@echo "make train SELECTOR=gumbel_ae|straight_through [ARGS='key=value ...']  train a selector"
+	@echo "make test                                                           run the test suite"
+	@echo "make data                                                           generate the default corpus (data/default)"
+	@echo "make tensorboard                                                    open runs/ in TensorBoard"
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+train: $(STAMP)
+	$(PY) -m tokensel.experiments.train $(SELECTOR) $(ARGS)
+
+data: $(STAMP)
+	$(PY) -m tokensel.datamodules.synthetic --out data/default $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir runs
+
+clean:
+	rm -rf runs data/default .pytest_cache
