@@ -1,0 +1,304 @@
+"""Shards → decoded, mixed, batched samples, split by rank and worker.
+
+One class, :class:`ShardStream`, builds the whole reader pipeline (the open_clip ``data.py``
+shape). Each DataLoader worker of each rank is one *reader*; with ``R = world * workers``
+readers:
+
+- **Disjoint reads.** When a source has at least ``R`` shards, reader ``r`` reads shards
+  ``r, r+R, ...`` of an order shuffled per epoch with a seed common to all ranks, so every epoch
+  is a fresh partition. With fewer shards, every reader walks all shards but keeps only samples
+  ``r, r+R, ...``: still disjoint, at the cost of reading (not decoding) the others' bytes.
+- **Equal batch counts.** In training every reader cycles its share forever and stops after
+  exactly ``ceil(ceil(samples_per_epoch / (batch * world)) / workers)`` batches, so every rank
+  steps the same number of times even when shards are uneven (DDP would hang otherwise).
+- **Mixing.** Training draws each sample's source with probability proportional to
+  ``data.weights`` (default: each source's sample count, i.e. plain concatenation).
+- **Validation** reads every sample exactly once across all readers, in a fixed order, with a
+  partial last batch; metrics are reduced once at epoch end, so nothing is counted twice.
+- **Bad samples** (corrupt image, bad json, missing member, pickled member) are skipped with a
+  warning naming the shard and key, and counted: each batch carries ``n_skipped``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from tokensel.datamodules.encoders import Preprocess
+from tokensel.datamodules.shards import IMAGE_EXTS, REFUSED_EXTS, SOURCES, ShardEntry, ShardFormatError, validate_meta
+
+log = logging.getLogger("tokensel.data")
+RESIZE_MODES = ("squash", "pad")
+MAX_SKIPS_IN_A_ROW = 1000  # past this the data is broken, not noisy: stop instead of spinning
+_PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+class SkipSample(Exception):
+    """A sample that cannot be used; the reason is the message."""
+
+
+def preprocess_image(image: Image.Image, box: Optional[list], pre: Preprocess, resize_mode: str):
+    """Resize a full image to the encoder's input and normalise it with the encoder's mean/std.
+
+    The whole image is kept (no centre crop, so document margins survive and answer boxes map
+    exactly). ``squash`` stretches to the input size; ``pad`` first pads to a square with the
+    mean colour, as LLaVA's ``expand2square``. Returns ``(pixels (3, H, W), box (4,))`` with the
+    box in input pixels, or NaN when there is none.
+    """
+    w0, h0 = image.size
+    dx = dy = 0.0
+    if resize_mode == "pad" and w0 != h0:
+        side = max(w0, h0)
+        fill = tuple(int(round(255 * m)) for m in pre.mean)
+        canvas = Image.new("RGB", (side, side), fill)
+        dx, dy = (side - w0) / 2, (side - h0) / 2
+        canvas.paste(image, (int(dx), int(dy)))
+        image, w0, h0 = canvas, side, side
+    H, W = pre.size
+    image = image.resize((W, H), _PIL_RESAMPLE.get(pre.interpolation, Image.BICUBIC))
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
+    pixels = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    if box is None:
+        return pixels, torch.full((4,), float("nan"))
+    sx, sy = W / w0, H / h0
+    x0, y0, x1, y1 = box
+    return pixels, torch.tensor([(x0 + dx) * sx, (y0 + dy) * sy, (x1 + dx) * sx, (y1 + dy) * sy], dtype=torch.float32)
+
+
+def decode_sample(sample: dict, pre: Preprocess, resize_mode: str, rng: Optional[np.random.Generator]) -> dict:
+    """One raw tar sample → one example, or ``SkipSample``. Only jpg/png/json are ever decoded.
+
+    Text: COCO gives an empty prompt and one caption as target; DocVQA/ChartQA give the
+    question as prompt and an answer as target. With ``rng`` (training) the caption/answer is
+    drawn at random, else the first is used.
+    """
+    refused = sorted(k for k in sample if k.rsplit(".", 1)[-1] in REFUSED_EXTS)
+    if refused:
+        raise SkipSample(f"refusing to unpickle member(s) {', '.join(refused)}")
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise SkipSample("missing image member (.jpg or .png)")
+    if "json" not in sample:
+        raise SkipSample("missing .json member")
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SkipSample(f"bad json ({err})") from None
+    try:
+        validate_meta(meta)
+    except ShardFormatError as err:
+        raise SkipSample(str(err)) from None
+    try:
+        image = Image.open(io.BytesIO(sample[ext]))
+        image.load()
+        image = image.convert("RGB")
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise SkipSample(f"corrupt image ({type(err).__name__}: {err})") from None
+    pixels, box = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
+    if meta["source"] == "coco":
+        options, prompt = meta["captions"], ""
+    else:
+        options, prompt = meta["answers"], meta["question"]
+    target = options[int(rng.integers(len(options)))] if rng is not None else options[0]
+    return {"pixels": pixels, "box": box, "prompt": prompt, "target": target,
+            "source": meta["source"], "key": sample["__key__"]}
+
+
+def collate(examples: list[dict], n_skipped: int) -> dict:
+    return {
+        "pixels": torch.stack([e["pixels"] for e in examples]),
+        "boxes": torch.stack([e["box"] for e in examples]),
+        "prompt": [e["prompt"] for e in examples],
+        "target": [e["target"] for e in examples],
+        "source": [e["source"] for e in examples],
+        "keys": [e["key"] for e in examples],
+        "n_skipped": n_skipped,
+    }
+
+
+@dataclass(frozen=True)
+class ReaderShare:
+    """What one reader reads of one list of shards: these shard paths, keeping every
+    ``stride``-th sample starting at ``offset``."""
+
+    paths: tuple[str, ...]
+    stride: int = 1
+    offset: int = 0
+
+
+def plan_shares(paths: list[str], reader: int, readers: int) -> ReaderShare:
+    """Reader ``reader``'s disjoint share of ``paths`` (already in the agreed order)."""
+    if len(paths) >= readers:
+        return ReaderShare(tuple(paths[reader::readers]))
+    return ReaderShare(tuple(paths), stride=readers, offset=reader)
+
+
+def share_count(entries: list[ShardEntry], reader: int, readers: int) -> int:
+    """Samples that ``plan_shares`` gives a reader, from the index counts (no I/O)."""
+    if len(entries) >= readers:
+        return sum(e.count for e in entries[reader::readers])
+    total = sum(e.count for e in entries)
+    return len(range(reader, total, readers))
+
+
+class ShardStream(IterableDataset):
+    """The reader pipeline of one split for one rank (see the module docstring).
+
+    Build it in the datamodule's ``setup()``, where the rank and world size are known, and wrap
+    it in ``DataLoader(stream, batch_size=None, num_workers=W, persistent_workers=W > 0)``.
+    """
+
+    def __init__(self, root: str | Path, entries: list[ShardEntry], *, train: bool, batch_size: int,
+                 preprocess: Preprocess, resize_mode: str = "squash", rank: int = 0, world: int = 1,
+                 num_workers: int = 0, seed: int = 0, epoch: int = 0, weights: Optional[dict] = None,
+                 samples_per_epoch: Optional[int] = None, shuffle_buffer: int = 1000):
+        if not entries:
+            raise ShardFormatError(f"{root}: no shards to read")
+        if resize_mode not in RESIZE_MODES:
+            raise ShardFormatError(f"data.resize_mode={resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+        self.root = Path(root)
+        self.entries = sorted(entries, key=lambda e: e.path)
+        self.train = train
+        self.batch_size = batch_size
+        self.preprocess = preprocess
+        self.resize_mode = resize_mode
+        self.rank, self.world = rank, world
+        self.workers = max(1, num_workers)
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.by_source = {s: [e for e in self.entries if e.source == s] for s in SOURCES}
+        self.by_source = {s: es for s, es in self.by_source.items() if es}
+        counts = {s: sum(e.count for e in es) for s, es in self.by_source.items()}
+        weights = dict(weights) if weights else counts
+        unknown = sorted(set(weights) - set(SOURCES))
+        if unknown:
+            raise ShardFormatError(f"data.weights: unknown source(s) {', '.join(unknown)}; expected {', '.join(SOURCES)}")
+        missing = sorted(s for s, w in weights.items() if w > 0 and s not in self.by_source)
+        if missing:
+            raise ShardFormatError(f"data.weights: source(s) {', '.join(missing)} have no shards under {self.root}")
+        self.weights = {s: float(w) for s, w in weights.items() if w > 0}
+        if train and not self.weights:
+            raise ShardFormatError("data.weights: every source has weight 0")
+        self.samples_per_epoch = samples_per_epoch or sum(counts.values())
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def readers(self) -> int:
+        return self.world * self.workers
+
+    def _reader(self, worker: int) -> int:
+        return self.rank * self.workers + worker
+
+    def batches_per_worker(self, worker: int = 0) -> int:
+        if self.train:
+            per_rank = math.ceil(self.samples_per_epoch / (self.batch_size * self.world))
+            return math.ceil(per_rank / self.workers)
+        return math.ceil(share_count(self.entries, self._reader(worker), self.readers) / self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the progress bar's total)."""
+        return sum(self.batches_per_worker(w) for w in range(self.workers))
+
+    # ---- iteration ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError(f"ShardStream built for {self.workers} workers, DataLoader has {info.num_workers}")
+        epoch = self.epoch
+        self.epoch += 1  # this copy lives in a persistent worker (or the main process)
+        reader = self._reader(worker)
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, reader])
+            samples = self._mixed_samples(reader, epoch, rng)
+            examples = self._shuffled(self._decoded(samples, rng), rng)
+            return islice(self._batched(examples, partial=False), self.batches_per_worker(worker))
+        share = plan_shares([str(self.root / e.path) for e in self.entries], reader, self.readers)
+        return self._batched(self._decoded(self._read(share), None), partial=True)
+
+    def _read(self, share: ReaderShare) -> Iterator[dict]:
+        position = 0
+        for path in share.paths:
+            for sample in tarfile_samples([{"url": path}], handler=self._on_tar_error):
+                if position % share.stride == share.offset:
+                    yield sample
+                position += 1
+
+    def _cycle(self, source: str, reader: int, epoch: int) -> Iterator[dict]:
+        """One source's share for this reader, repeated forever; reshuffled on every pass."""
+        paths = [str(self.root / e.path) for e in self.by_source[source]]
+        for repeat in range(1 << 62):
+            order = np.random.default_rng([self.seed, epoch, repeat, SOURCES.index(source)]).permutation(len(paths))
+            share = plan_shares([paths[i] for i in order], reader, self.readers)
+            yielded = False
+            for sample in self._read(share):
+                yielded = True
+                yield sample
+            if not yielded:
+                raise ShardFormatError(f"{self.root}: reader {reader} found no readable {source} samples in {share.paths}")
+
+    def _mixed_samples(self, reader: int, epoch: int, rng: np.random.Generator) -> Iterator[dict]:
+        sources = sorted(self.weights)
+        streams = [self._cycle(s, reader, epoch) for s in sources]
+        probs = np.asarray([self.weights[s] for s in sources])
+        probs = probs / probs.sum()
+        while True:
+            yield next(streams[int(rng.choice(len(streams), p=probs))])
+
+    def _decoded(self, samples: Iterator[dict], rng: Optional[np.random.Generator]) -> Iterator[dict]:
+        self._skipped = 0
+        in_a_row = 0
+        for sample in samples:
+            try:
+                example = decode_sample(sample, self.preprocess, self.resize_mode, rng)
+            except SkipSample as why:
+                self._skipped += 1
+                in_a_row += 1
+                log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), why)
+                if in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise ShardFormatError(f"{self.root}: {in_a_row} unusable samples in a row; last: {why}") from None
+                continue
+            in_a_row = 0
+            yield example
+
+    def _on_tar_error(self, err: Exception) -> bool:
+        self._skipped = getattr(self, "_skipped", 0) + 1
+        log.warning("skipped unreadable shard data: %s", err)
+        return True
+
+    def _shuffled(self, examples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from examples
+            return
+        buffer: list[dict] = []
+        for example in examples:
+            buffer.append(example)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(int(rng.integers(len(buffer))))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _batched(self, examples: Iterator[dict], partial: bool) -> Iterator[dict]:
+        batch: list[dict] = []
+        reported = 0
+        for example in examples:
+            batch.append(example)
+            if len(batch) == self.batch_size:
+                yield collate(batch, self._skipped - reported)
+                reported, batch = self._skipped, []
+        if batch and partial:
+            yield collate(batch, self._skipped - reported)
