@@ -1,0 +1,163 @@
+"""``gumbel_ae`` and ``straight_through``: the auto-encoder selector of Sections 3–4.
+
+Spec: ``gumbel-ae-selector.md``. The Feature Selector S (``depth`` Transformer layers and a
+two-way keep head) gives a hard keep mask M; dropped tokens become one shared learnable
+``E_masked`` (Eq. 5); the Feature Reconstructor R^f (4 layers) restores F^rec and the Image
+Reconstructor R^im decodes I^rec from it (Eq. 6). The loss is Eq. 8::
+
+    dist(F^rec, F) + dist(I^rec, I) + alpha1 * max(L_pr, p) - alpha2 * min(L_pr, q)
+
+with ``L_pr = mean(M)`` (Eq. 7), p=0.6, q=0.1, alpha1=alpha2=0.1.
+
+``straight_through`` (App. B.1) is the same objective with the plain straight-through
+estimator (no Gumbel noise): a registry entry that changes one default, not a second class.
+Either takes ``regulariser=maxmin`` (Eq. 4, default) or ``plain`` (alpha1 * L_pr), so the four
+configurations of App. B.1 all run.
+
+Where the paper is silent (each is a ``selector.*`` key):
+
+- ``tau=1.0``: the softmax temperature of the relaxation.
+- ``distance="mse"``: "the l2 norm" of Sec. 4.4 as the mean squared error; ``"l2"`` takes the
+  mean over tokens (pixels) of the Euclidean norm over channels instead.
+- ``width=None``: the selector and reconstructor run at the feature width C.
+- The reconstructor adds a fixed 2-D sine-cosine position embedding to its input, since
+  ``E_masked`` tokens carry no position of their own (as MAE's decoder does).
+- Validation uses the noiseless mask (the argmax of the logits): Gumbel noise is a training
+  device, and inference ranks the same logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokensel.datamodules.batch import FeatureBatch, FeatureDims
+from tokensel.selectors.base import SelectorConfig, SelectorModule, StepOutput
+from tokensel.selectors.blocks import ImageDecoder, KeepHead, TransformerStack, sincos_2d
+from tokensel.selectors.budget import ESTIMATORS, REGULARISERS, binary_keep_mask, budget_regulariser, keep_ratio, replace_dropped
+from tokensel.selectors.inference import SelectorNet
+from tokensel.selectors.registry import register_selector
+
+DISTANCES = ("mse", "l2")
+
+
+@dataclass
+class GumbelAEConfig(SelectorConfig):
+    """``selector.*`` for gumbel_ae and straight_through."""
+
+    name: str = "gumbel_ae"
+    depth: int = 4  # Feature Selector Transformer layers (Sec. 4.1.1; Fig. 4 sweeps 1-8)
+    reconstructor_depth: int = 4  # Feature Reconstructor layers (Sec. 4.2)
+    image_decoder_depth: int = 2  # Image Reconstructor Transformer layers (Sec. 4.2)
+    image_decoder_channels: int = 128
+    width: Optional[int] = None  # None: the feature width C
+    head_dim: int = 64
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    estimator: str = "gumbel"  # "gumbel" | "straight_through" (App. B.1)
+    tau: float = 1.0
+    regulariser: str = "maxmin"  # "maxmin" (Eq. 4) | "plain" (alpha1 * L_pr)
+    p: float = 0.6
+    q: float = 0.1
+    alpha1: float = 0.1
+    alpha2: float = 0.1
+    feature_weight: float = 1.0
+    image_weight: float = 1.0
+    distance: str = "mse"  # "mse" | "l2"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.estimator in ESTIMATORS, f"selector.estimator={self.estimator!r}: expected one of {', '.join(ESTIMATORS)}"),
+            (self.regulariser in REGULARISERS, f"selector.regulariser={self.regulariser!r}: expected one of {', '.join(REGULARISERS)}"),
+            (self.distance in DISTANCES, f"selector.distance={self.distance!r}: expected one of {', '.join(DISTANCES)}"),
+            (self.depth >= 1, f"selector.depth={self.depth}: must be at least 1"),
+            (self.reconstructor_depth >= 1, f"selector.reconstructor_depth={self.reconstructor_depth}: must be at least 1"),
+            (self.image_decoder_depth >= 0, f"selector.image_decoder_depth={self.image_decoder_depth}: must be >= 0"),
+            (0.0 <= self.q < self.p <= 1.0, f"selector.q={self.q}, selector.p={self.p}: need 0 <= q < p <= 1"),
+            (self.tau > 0, f"selector.tau={self.tau}: must be positive"),
+            (self.width is None or self.width % 4 == 0, f"selector.width={self.width}: must be divisible by 4"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def reconstruction_distance(pred: torch.Tensor, target: torch.Tensor, kind: str, channel_dim: int) -> torch.Tensor:
+    """``dist`` of Eq. 3: mean squared error, or the mean Euclidean norm over ``channel_dim``."""
+    if kind == "mse":
+        return F.mse_loss(pred.float(), target.float())
+    return (pred.float() - target.float()).norm(dim=channel_dim).mean()
+
+
+class TokenAutoEncoder(SelectorNet):
+    """S, E_masked, R^f and R^im as one plain module (Fig. 2). ``scores`` is all inference needs."""
+
+    def __init__(self, cfg: GumbelAEConfig, dims: FeatureDims):
+        super().__init__()
+        c = dims.dim
+        width = cfg.width or c
+
+        def to_width() -> nn.Module:
+            return nn.Linear(c, width) if width != c else nn.Identity()
+
+        # Feature Selector S
+        self.selector_in = to_width()
+        self.selector = TransformerStack(width, cfg.depth, cfg.head_dim, cfg.mlp_ratio, cfg.dropout)
+        self.keep_head = KeepHead(width)
+        # E_masked: one learnable token shared by every dropped position
+        self.masked_embedding = nn.Parameter(torch.randn(c) * 0.02)
+        # Feature Reconstructor R^f
+        self.reconstructor_in = to_width()
+        self.register_buffer("position", sincos_2d(dims.grid, width), persistent=False)
+        self.reconstructor = TransformerStack(width, cfg.reconstructor_depth, cfg.head_dim, cfg.mlp_ratio, cfg.dropout)
+        self.reconstructor_out = nn.Linear(width, c)
+        # Image Reconstructor R^im
+        self.image_decoder = ImageDecoder(c, dims.grid, dims.image_size, cfg.image_decoder_depth,
+                                          cfg.image_decoder_channels, cfg.head_dim)
+
+    def keep_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2) drop/keep logits of the Feature Selector."""
+        return self.keep_head(self.selector(self.selector_in(features)))
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        return KeepHead.score(self.keep_logits(features))
+
+    def reconstruct(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 6: ``F^rec = R^f(F^pr)``, ``I^rec = R^im(F^rec)``."""
+        x = self.reconstructor_in(selected) + self.position.to(selected.dtype)
+        f_rec = self.reconstructor_out(self.reconstructor(x))
+        return f_rec, self.image_decoder(f_rec)
+
+
+@register_selector("gumbel_ae", GumbelAEConfig)
+@register_selector("straight_through", GumbelAEConfig, estimator="straight_through")
+class GumbelAESelector(SelectorModule):
+    """The auto-encoder objective of Eq. 8 (see the module docstring)."""
+
+    config_cls = GumbelAEConfig
+    scalar_names = ("loss", "feat_recon", "img_recon", "keep_ratio", "keep_prob", "reg")
+    prog_bar_scalars = ("loss", "keep_ratio")
+
+    @classmethod
+    def build_net(cls, config: GumbelAEConfig, dims: FeatureDims) -> TokenAutoEncoder:
+        return TokenAutoEncoder(config, dims)
+
+    def step(self, batch: FeatureBatch) -> StepOutput:
+        cfg, net = self.config, self.net
+        features = batch.features
+        logits = net.keep_logits(features)
+        mask = binary_keep_mask(logits, cfg.estimator, cfg.tau, noise=self.training)
+        f_rec, i_rec = net.reconstruct(replace_dropped(features, mask, net.masked_embedding))
+        feat = reconstruction_distance(f_rec, features, cfg.distance, channel_dim=-1)
+        img = reconstruction_distance(i_rec, batch.image, cfg.distance, channel_dim=1)
+        l_pr = keep_ratio(mask)
+        reg = budget_regulariser(l_pr, cfg.regulariser, cfg.p, cfg.q, cfg.alpha1, cfg.alpha2)
+        loss = cfg.feature_weight * feat + cfg.image_weight * img + reg
+        keep_prob = torch.softmax(logits.float(), dim=-1)[..., 1].mean()
+        scalars = {"loss": loss, "feat_recon": feat, "img_recon": img, "keep_ratio": l_pr,
+                   "keep_prob": keep_prob, "reg": reg}
+        return StepOutput(loss, scalars, keep=mask.detach(), recon=i_rec.detach().clamp(0, 1))
