@@ -1,0 +1,183 @@
+"""One structured config for a training run: ``selector.*``, ``data.*``, ``encoder.*``,
+``optim.*``, ``trainer.*``, ``run.*`` and ``seed``.
+
+Layers, later wins:
+
+1. the dataclass defaults below, which follow the papers (batch 32, Adam, cosine, ...);
+2. a YAML file: ``experiments/<selector>.yaml`` (laptop-sized), or the ``--config`` preset
+   (e.g. ``experiments/paper/llava_next.yaml``). A YAML may name a ``base:`` YAML, relative to
+   itself, that it extends;
+3. ``key=value`` overrides from the command line (``make train ARGS="..."``).
+
+Everything is checked (unknown keys, wrong types, out-of-range values) before any model is
+built; a problem raises :class:`ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from tokensel.datamodules.datamodule import DataConfig, EncoderConfig
+from tokensel.selectors.base import OptimConfig
+from tokensel.selectors.registry import UnknownSelectorError, get_entry
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parent
+DEFAULT_SELECTOR = "gumbel_ae"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: the message is one line and names the key or file."""
+
+
+@dataclass
+class TrainerConfig:
+    """``trainer.*``: passed to ``lightning.Trainer`` as keyword arguments."""
+
+    max_epochs: int = 100  # the Gumbel paper trains 100 epochs
+    max_steps: int = -1
+    accelerator: str = "auto"
+    devices: Any = "auto"  # int, list or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # "ddp" for multi-GPU
+    precision: Any = "32-true"  # "bf16-mixed" on recent GPUs
+    log_every_n_steps: int = 10
+    val_check_interval: Any = None
+    check_val_every_n_epoch: Optional[int] = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    num_sanity_val_steps: int = 2
+    gradient_clip_val: Optional[float] = None
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    """``run.*``: where a run writes and how it is watched."""
+
+    root: str = "runs"  # TensorBoard root: runs/<name>/<version>/
+    name: Optional[str] = None  # None: the selector's name
+    version: Optional[str] = None  # None: the next version_N
+    resume: Optional[str] = None  # "last": this run folder's last.ckpt (newest run if no version); or a path
+    panels_every_n_steps: int = 50  # image panels; 0 turns them off
+    checkpoint_every_n_steps: int = 0  # 0: at every epoch end
+
+
+@dataclass
+class TrainConfig:
+    selector: Any = None  # the registered selector's config dataclass, chosen by name
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """A YAML file as a dict, with its ``base:`` chain merged underneath it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base:' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = read_yaml(path.parent / base, _seen + (path.resolve(),))
+    return OmegaConf.to_container(OmegaConf.merge(parent, data))
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not key=value (e.g. selector.depth=2)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides {' '.join(overrides)!r}: {str(err).splitlines()[0]}") from None
+
+
+def _valid_keys(schema: DictConfig, full_key: str) -> str:
+    parent = full_key.rpartition(".")[0]
+    node = OmegaConf.select(schema, parent) if parent else schema
+    return ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else ""
+
+
+def _one_line(err: Exception, schema: DictConfig, source: str) -> ConfigError:
+    full_key = getattr(err, "full_key", None) or ""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ConfigKeyError) and full_key:
+        return ConfigError(f"{source}: unknown key {full_key!r}; valid keys here: {_valid_keys(schema, full_key)}")
+    if isinstance(err, ValidationError) and full_key:
+        return ConfigError(f"{source}: {full_key}: {first}")
+    return ConfigError(f"{source}: {first}")
+
+
+def load_config(selector: Optional[str] = None, config_file: Optional[str] = None,
+                overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
+    """Build and check the run config (see the module docstring). Raises ``ConfigError``."""
+    cli = parse_overrides(list(overrides))
+    file_cfg = read_yaml(config_file) if config_file else None
+    yaml_name = ((file_cfg or {}).get("selector") or {}).get("name")
+    cli_name = OmegaConf.select(cli, "selector.name")
+    names = {n for n in (selector, yaml_name, cli_name) if n}
+    if len(names) > 1:
+        raise ConfigError(f"conflicting selectors: {' vs '.join(sorted(names))} (SELECTOR, --config and selector.name disagree)")
+    name = names.pop() if names else DEFAULT_SELECTOR
+    try:
+        entry = get_entry(name)
+    except UnknownSelectorError as err:
+        raise ConfigError(str(err)) from None
+    if file_cfg is None:
+        default = EXPERIMENTS_DIR / f"{name}.yaml"
+        config_file = str(default) if default.is_file() else None
+        file_cfg = read_yaml(default) if config_file else {}
+    schema = OmegaConf.structured(TrainConfig(selector=entry.make_config()))
+    for layer, source in ((file_cfg, config_file), (cli, "overrides")):
+        try:
+            schema = OmegaConf.merge(schema, layer)
+        except OmegaConfBaseException as err:
+            raise _one_line(err, schema, source) from None
+    try:
+        config = OmegaConf.to_object(schema)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise _one_line(err, schema, "config") from None
+    config.selector.name = name
+    check_run_config(config)
+    return config
+
+
+def check_run_config(config: TrainConfig) -> None:
+    """Cross-field checks that the dataclasses cannot make on their own."""
+    data = config.data
+    for key in ("batch_size", "recon_size"):
+        if getattr(data, key) < 1:
+            raise ConfigError(f"data.{key}={getattr(data, key)}: must be at least 1")
+    if data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={data.num_workers}: must be >= 0")
+    if data.samples_per_epoch is not None and data.samples_per_epoch < 1:
+        raise ConfigError(f"data.samples_per_epoch={data.samples_per_epoch}: must be at least 1")
+    if any(w < 0 for w in data.weights.values()):
+        raise ConfigError(f"data.weights={dict(data.weights)}: weights must be >= 0")
+    if config.trainer.max_epochs < 1 and config.trainer.max_steps < 1:
+        raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
+
+
+def to_container(config: TrainConfig) -> dict:
+    """The config as plain dicts and lists (for hparams, checkpoints and config.yaml)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
