@@ -1,10 +1,12 @@
 # tokensel: every target sets itself up (.venv with the pinned dependencies) on first use.
 #   make train SELECTOR=gumbel_ae ARGS="trainer.max_steps=50 selector.depth=2"
+#   make train CONFIG=experiments/paper/llava_next.yaml ARGS="data.root=/data/shards"
 #   make test
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-SELECTOR ?= gumbel_ae
+SELECTOR ?=
+CONFIG ?=
 ARGS ?=
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,6 +18,7 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through [ARGS='key=value ...']  train a selector"
+	@echo "make train CONFIG=experiments/paper/llava_next.yaml ARGS='data.root=...'  a paper preset"
 	@echo "make test                                                           run the test suite"
 	@echo "make data                                                           generate the default corpus (data/default)"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
@@ -29,7 +32,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	@touch $@
 
 train: $(STAMP)
-	$(PY) -m tokensel.experiments.train $(SELECTOR) $(ARGS)
+	$(PY) -m tokensel.experiments.train $(SELECTOR) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
 
 data: $(STAMP)
 	$(PY) -m tokensel.datamodules.synthetic --out data/default $(ARGS)

@@ -1,0 +1,74 @@
+"""Config layering and user errors: one line, exit status 2, before any model is built."""
+
+import pytest
+
+from conftest import REPO, run_module
+from tokensel.experiments.config import ConfigError, load_config
+
+
+def test_defaults_layer_schema_yaml_and_overrides():
+    cfg = load_config("gumbel_ae", overrides=["selector.depth=2", "trainer.max_steps=7"])
+    assert cfg.selector.name == "gumbel_ae" and cfg.selector.depth == 2
+    assert cfg.trainer.max_steps == 7
+    assert cfg.encoder.image_size == 160  # from experiments/laptop.yaml via gumbel_ae.yaml
+    assert cfg.selector.p == 0.6 and cfg.selector.q == 0.1 and cfg.selector.alpha1 == 0.1  # Eq. 8 defaults
+
+
+def test_straight_through_is_gumbel_ae_with_another_estimator():
+    st = load_config("straight_through")
+    assert st.selector.name == "straight_through" and st.selector.estimator == "straight_through"
+    assert st.selector.regulariser == "maxmin"
+    plain = load_config("straight_through", overrides=["selector.regulariser=plain"])
+    assert plain.selector.regulariser == "plain"
+
+
+def test_paper_preset_is_a_config_not_code():
+    cfg = load_config(config_file=str(REPO / "experiments/paper/llava_next.yaml"))
+    assert cfg.selector.name == "gumbel_ae"
+    assert cfg.encoder.name == "open_clip:ViT-L-14-336" and cfg.encoder.layer == -2
+    assert cfg.trainer.max_epochs == 100 and cfg.optim.lr == 1e-5 and cfg.data.batch_size == 32
+    assert cfg.optim.stages == [60, 20, 20]
+
+
+@pytest.mark.parametrize("selector, overrides, words", [
+    ("nope", [], ["unknown selector 'nope'", "gumbel_ae", "straight_through"]),
+    ("gumbel_ae", ["selector.dpeth=2"], ["selector.dpeth", "depth"]),
+    ("gumbel_ae", ["selector.depth=two"], ["selector.depth", "two"]),
+    ("gumbel_ae", ["selector.estimator=magic"], ["selector.estimator='magic'", "straight_through"]),
+    ("gumbel_ae", ["selector.p=0.05"], ["selector.q", "selector.p"]),
+    ("gumbel_ae", ["trainer.max_epoch=3"], ["trainer.max_epoch", "max_epochs"]),
+    ("gumbel_ae", ["optim.name=sgd"], ["optim.name='sgd'", "adam"]),
+    ("gumbel_ae", ["depth"], ["'depth'", "key=value"]),
+    ("gumbel_ae", ["selector.name=straight_through"], ["conflicting selectors"]),
+])
+def test_bad_config_raises_config_error_naming_the_key(selector, overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(selector, overrides=overrides)
+    for word in words:
+        assert word in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_or_broken_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(config_file=str(tmp_path / "nowhere.yaml"))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("selector: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml"):
+        load_config(config_file=str(broken))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["nope"], ["unknown selector 'nope'", "gumbel_ae"]),
+    (["gumbel_ae", "selector.dpeth=2"], ["selector.dpeth"]),
+    (["gumbel_ae", "selector.depth=two"], ["selector.depth"]),
+    (["gumbel_ae", "data.root=/no/such/shards"], ["/no/such/shards"]),
+])
+def test_cli_errors_are_one_line_with_exit_status_2(args, words):
+    result = run_module("tokensel.experiments.train", *args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
