@@ -101,13 +101,21 @@ def check_resume_compatible(ckpt_path: str, selector_name: str, dims: dict) -> N
         raise ConfigError(f"run.resume: {ckpt_path} was trained on features {hp['dims']}, these are {dims}")
 
 
+class _DropLightningAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage() and "litmodels" not in record.getMessage()
+
+
 def quiet_known_warnings() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
+        logging.getLogger(name).addFilter(_DropLightningAdverts())
     for pattern in (
         r".*IterableDataset.*has `__len__` defined.*",
         r".*does not have many workers.*",
         r".*smaller than the logging interval.*",
         r".*when logging on epoch level in distributed setting.*",
         r".*Found \d+ module\(s\) in eval mode.*",
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -115,18 +123,22 @@ def quiet_known_warnings() -> None:
 def train(config) -> dict:
     """Fit one selector from a checked config; returns the final metrics. Raises user errors."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from tokensel.callbacks.data_health import SkippedSamples
+    from tokensel.callbacks.last_checkpoint import LastCheckpoint
     from tokensel.callbacks.panels import SelectionPanels
+    from tokensel.callbacks.progress import ProgressBar
     from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
-    from tokensel.datamodules.synthetic import ensure_default_corpus
+    from tokensel.datamodules.synthetic import ensure_default_corpus, read_params
     from tokensel.experiments.config import to_container
     from tokensel.selectors.registry import get_entry
 
     started = time.time()
     if config.data.root is None and is_rank_zero_process():
+        if read_params(DEFAULT_DATA_ROOT) is None:
+            print(f"no data.root given: generating the default corpus in {DEFAULT_DATA_ROOT}/ (once)", flush=True)
         ensure_default_corpus(DEFAULT_DATA_ROOT)
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = FeatureDataModule(config.data, config.encoder, config.seed)
@@ -150,11 +162,13 @@ def train(config) -> dict:
         ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=1 if datamodule.has_val else 0,
                         monitor="val/loss" if datamodule.has_val else None, every_n_train_steps=every,
                         filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False),
-        OnExceptionCheckpoint(dirpath=checkpoint_dir, filename="interrupted"),
+        LastCheckpoint(checkpoint_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="step"),
         SelectionPanels(every_n_steps=config.run.panels_every_n_steps),
         skipped,
     ]
+    if config.trainer.enable_progress_bar:
+        callbacks.append(ProgressBar())
     trainer_kwargs = {k: v for k, v in asdict(config.trainer).items() if v is not None}
     if not datamodule.has_val:
         trainer_kwargs["limit_val_batches"] = 0
@@ -167,9 +181,10 @@ def train(config) -> dict:
               f"{config.encoder.name} (frozen, {dims['num_tokens']} tokens x {dims['dim']}) | data "
               f"{datamodule.root} | run {run_dir}", flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if datamodule.has_val and "val/loss" not in trainer.callback_metrics and not trainer.interrupted:
-        trainer.validate(module, datamodule=datamodule, verbose=False)  # a max_steps stop skipped it
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if datamodule.has_val and "val/loss" not in metrics and not trainer.interrupted:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # a max_steps stop skipped it
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if trainer.is_global_zero:
         print_summary(run_dir, metrics, time.time() - started, skipped.total)
     return metrics

@@ -90,3 +90,36 @@ def test_resume_with_another_selector_is_refused(trained_run, tmp_path):
                         f"run.root={tmp_path}")
     assert result.returncode == 2
     assert "gumbel_ae checkpoint, not straight_through" in result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tiny_corpus, tmp_path):
+    import os
+    import signal
+    import sys
+    import time
+
+    from conftest import read_scalars
+
+    args = FAST_ARGS + [f"data.root={tiny_corpus}", f"run.root={tmp_path}", "trainer.max_epochs=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "tokensel.experiments.train", "gumbel_ae", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setpgrp()))
+    run_dir = tmp_path / "gumbel_ae" / "version_0"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (
+                list(run_dir.glob("events.out.*")) and len(read_scalars(run_dir).get("train/loss", [])) >= 3):
+            time.sleep(1)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "saved" in out and "run.resume=last" in out, out[-2000:]
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert step >= 3
+    resumed = make_train("gumbel_ae", [a for a in args if "max_epochs" not in a] +
+                         [f"trainer.max_steps={step + 2}", "run.resume=last"])
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    again = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert again == step + 2
