@@ -20,7 +20,10 @@ never a submodule of a selector, so it is never in an optimizer or a selector ch
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+log = logging.getLogger("tokensel.encoders")
 LIBRARIES = ("timm", "open_clip")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
@@ -118,11 +122,26 @@ def build_encoder(name: str, pretrained: str = "", layer: int = -1, norm: bool =
 
 
 def _hub_error(name: str, tag: str, err: Exception) -> EncoderError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    log.debug("hub download for %s:%s failed: %s", name, tag, err)
     return EncoderError(
-        f"encoder {name!r}: could not fetch weights for tag {tag!r} from the hub ({reason[:160]}); "
-        f"without a network, download them elsewhere and pass encoder.pretrained=/path/to/weights"
+        f"encoder {name!r}: could not fetch weights for tag {tag!r} from the hub (no network, or no such "
+        f"tag: {type(err).__name__}); download them elsewhere and pass encoder.pretrained=/path/to/weights"
     )
+
+
+@contextmanager
+def _hub_download(name: str, pretrained: str):
+    """Say that a hub download starts, and keep the libraries' own retry and error logs quiet:
+    a failure is reported once, by ``_hub_error``."""
+    if not pretrained or _looks_like_path(pretrained):
+        yield
+        return
+    print(f"encoder {name}: fetching weights {pretrained!r} from the hub", file=sys.stderr, flush=True)
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _build_timm(model_name: str, pretrained: str, image_size: Optional[int]):
@@ -134,14 +153,8 @@ def _build_timm(model_name: str, pretrained: str, image_size: Optional[int]):
     if not timm.is_model(model_name.split(".")[0]):
         raise EncoderError(f"encoder.name='timm:{model_name}': timm has no such model")
     try:
-        if not pretrained:
-            model = timm.create_model(model_name, pretrained=False, **kwargs)
-        elif _looks_like_path(pretrained):
-            # Runs the model's filter_fn (format conversion, pos-embed resize), unlike checkpoint_path=.
-            model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": pretrained}, **kwargs)
-        else:
-            tagged = model_name if pretrained == "default" else f"{model_name.split('.')[0]}.{pretrained}"
-            model = timm.create_model(tagged, pretrained=True, **kwargs)
+        with _hub_download(f"timm:{model_name}", pretrained):
+            model = _create_timm(timm, model_name, pretrained, kwargs)
     except EncoderError:
         raise
     except (OSError, RuntimeError, ValueError) as err:
@@ -157,6 +170,16 @@ def _build_timm(model_name: str, pretrained: str, image_size: Optional[int]):
     return model, preprocess, grid, int(model.embed_dim), len(model.blocks)
 
 
+def _create_timm(timm, model_name: str, pretrained: str, kwargs: dict):
+    if not pretrained:
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+    if _looks_like_path(pretrained):
+        # Runs the model's filter_fn (format conversion, pos-embed resize), unlike checkpoint_path=.
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay={"file": pretrained}, **kwargs)
+    tagged = model_name if pretrained == "default" else f"{model_name.split('.')[0]}.{pretrained}"
+    return timm.create_model(tagged, pretrained=True, **kwargs)
+
+
 def _build_open_clip(model_name: str, pretrained: str, image_size: Optional[int]):
     import open_clip
 
@@ -166,7 +189,8 @@ def _build_open_clip(model_name: str, pretrained: str, image_size: Optional[int]
     if image_size:
         kwargs["force_image_size"] = image_size
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
+        with _hub_download(f"open_clip:{model_name}", pretrained):
+            model = open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         if pretrained and not _looks_like_path(pretrained):
             raise _hub_error(f"open_clip:{model_name}", pretrained, err) from None
