@@ -123,3 +123,24 @@ class ImageDecoder(nn.Module):
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         return self.to_rgb(x)
+
+
+class DiagonalDenoiser(nn.Module):
+    """Train-only Denoiser of AutoSelect (``autoselect-method.md`` §5): one pre-LN Transformer block
+    whose attention mask is the identity, so every token is transformed on its own.
+
+    The attention and MLP output projections are zero-initialised: the block starts as the exact
+    identity. No final LayerNorm.
+    """
+
+    def __init__(self, width: int, head_dim: int = 64, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(width, heads_for(width, head_dim), int(width * mlp_ratio), 0.0,
+                                                activation="gelu", batch_first=True, norm_first=True)
+        for proj in (self.block.self_attn.out_proj, self.block.linear2):
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        return self.block(x, src_mask=~torch.eye(n, dtype=torch.bool, device=x.device))

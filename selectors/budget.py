@@ -5,6 +5,8 @@ Equation numbers refer to ``gumbel-ae-selector.md`` (Sec. 4, App. B.1).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 ESTIMATORS = ("gumbel", "straight_through")
@@ -62,3 +64,105 @@ def replace_dropped(features: torch.Tensor, mask: torch.Tensor, masked_embedding
     """
     m = mask.unsqueeze(-1).to(features.dtype)
     return m * features + (1.0 - m) * masked_embedding.to(features.dtype)
+
+
+def _laplace_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The standard Laplace CDF ``F`` (``autoselect-method.md`` §3), piecewise so ``exp`` never overflows."""
+    half_tail = 0.5 * torch.exp(-x.abs())
+    return torch.where(x <= 0, half_tail, 1.0 - half_tail)
+
+
+def _lapsum_shift(zs: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The shift ``b`` (B,) with ``sum_i F(z_i - b) = k`` per row, in closed form (LapSum).
+
+    ``zs`` is ``(B, N)`` sorted ascending along rows. With ``m`` entries at or below ``b``,
+    ``S(b) = (N - m) + ½ e^{-b} A_m - ½ e^{b} C_m`` where ``A_m = sum_{i<=m} e^{z_i}`` and
+    ``C_m = sum_{i>m} e^{-z_i}``: a quadratic in ``e^{-b}``. ``m`` is read off ``S`` at the sorted
+    breakpoints; everything stays in log space (``log A_m + log C_m <= 2 log N``), so no overflow.
+    """
+    n = zs.shape[-1]
+    ninf = zs.new_full((zs.shape[0], 1), float("-inf"))
+    log_a = torch.cat([ninf, torch.logcumsumexp(zs, dim=-1)], dim=-1)  # m = 0..N
+    log_c = torch.cat([torch.logcumsumexp(-zs.flip(-1), dim=-1).flip(-1), ninf], dim=-1)
+    j = torch.arange(1, n + 1, device=zs.device, dtype=zs.dtype)
+    s_at = (n - j) + 0.5 * torch.exp(log_a[:, 1:] - zs) - 0.5 * torch.exp(log_c[:, 1:] + zs)  # S(z_(j))
+    m = (s_at >= k.unsqueeze(-1)).sum(dim=-1, keepdim=True)
+    la, lc = log_a.gather(-1, m).squeeze(-1), log_c.gather(-1, m).squeeze(-1)
+    r = k - (n - m.squeeze(-1))
+    log_r = r.abs().log()
+    h = torch.logaddexp(log_r, 0.5 * torch.logaddexp(2.0 * log_r, la + lc))  # log(|r| + sqrt(r² + A C))
+    return torch.where(r >= 0, la - h, h - lc)
+
+
+class _SoftTopK(torch.autograd.Function):
+    """LapSum forward in float64; the implicit-function VJP as backward (no autograd through the solver)."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+        z = scores.double() / tau
+        zs = z.sort(dim=-1).values
+        # Centre each row on its (N - k)-th value, next to b, so that z - b keeps its precision at large |z|.
+        pivot = zs.gather(-1, (z.shape[-1] - k.ceil().long()).unsqueeze(-1))
+        x = (z - pivot) - _lapsum_shift(zs - pivot, k).unsqueeze(-1)
+        ctx.save_for_backward(0.5 * torch.exp(-x.abs()))  # f_i = f(z_i - b)
+        ctx.tau, ctx.dtype = tau, scores.dtype
+        return _laplace_cdf(x).to(torch.promote_types(scores.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (f,) = ctx.saved_tensors
+        g = grad.double()
+        total = f.sum(-1, keepdim=True).clamp_min(torch.finfo(f.dtype).tiny)  # all-zero f: zero gradient
+        grad_z = f * (g - (f * g).sum(-1, keepdim=True) / total)
+        return (grad_z / ctx.tau).to(ctx.dtype), None, None
+
+
+def soft_topk(scores: torch.Tensor, k: int | torch.Tensor, tau: float) -> torch.Tensor:
+    """Budgeted soft top-K ``alpha = Phi_K(scores / tau)`` (``autoselect-method.md`` Eq. 4, LapSum form).
+
+    ``alpha_i = F(z_i - b)``, ``z = scores / tau``, ``F`` the standard Laplace CDF and ``b`` the per-row
+    shift with ``sum(alpha) = k``. ``scores`` is ``(B, N)``, finite; ``k`` an int or a ``(B,)`` tensor,
+    ``0 < k < N``. Solved in float64; returned in float32 (float64 for float64 scores). The backward is
+    the exact implicit-function VJP ``f * (g - sum(f g) / sum(f)) / tau``, ``f_i = ½ exp(-|z_i - b|)``.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"soft_topk expects scores of shape (B, N), got {tuple(scores.shape)}")
+    if not tau > 0:
+        raise ValueError(f"soft_topk needs tau > 0, got tau={tau}")
+    b, n = scores.shape
+    if isinstance(k, torch.Tensor):
+        k_rows = k.to(device=scores.device, dtype=torch.float64).expand(b)
+        if not bool(((k_rows > 0) & (k_rows < n)).all()):
+            raise ValueError(f"soft_topk needs 0 < k < N for every row, got k={k.tolist()} and N={n}")
+    else:
+        if not 0 < k < n:
+            raise ValueError(f"soft_topk needs 0 < k < N, got k={k} and N={n}")
+        k_rows = torch.full((b,), float(k), dtype=torch.float64, device=scores.device)
+    return _SoftTopK.apply(scores, k_rows, float(tau))
+
+
+def cosine_tau(step: int, start: float = 2.0, end: float = 0.1, steps: int = 2000) -> float:
+    """Cosine-annealed temperature (``autoselect-method.md`` §14.3), held at ``end`` after ``steps``."""
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+
+
+def vp_noise_gate(x: torch.Tensor, alpha: torch.Tensor, noise: torch.Tensor | None = None,
+                  min_alpha: float = 1e-6) -> torch.Tensor:
+    """VP noise gate (``autoselect-method.md`` Eq. 5): ``sqrt(alpha) x + sqrt(1 - alpha) eps``.
+
+    ``x`` is ``(B, N, C)``, ``alpha`` ``(B, N)`` (broadcast over channels); ``eps ~ N(0, I)`` is drawn
+    fresh unless ``noise`` is given. ``alpha`` and ``1 - alpha`` are clamped to ``[min_alpha, 1]``
+    inside the square roots so the gradient stays finite at 0 and 1. Computed in fp32 (or better),
+    returned in ``x``'s dtype.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    a = alpha.to(dtype).unsqueeze(-1)
+    eps = torch.randn(x.shape, device=x.device, dtype=dtype) if noise is None else noise.to(dtype)
+    out = a.clamp(min_alpha, 1.0).sqrt() * x.to(dtype) + (1.0 - a).clamp(min_alpha, 1.0).sqrt() * eps
+    return out.to(x.dtype)
+
+
+def alpha_entropy(alpha: torch.Tensor) -> torch.Tensor:
+    """Sharpness of ``alpha``: mean binary entropy ``-a log a - (1 - a) log(1 - a)`` in nats; 0 for a hard mask."""
+    a = alpha.float().clamp(0.0, 1.0)
+    return -(torch.special.xlogy(a, a) + torch.special.xlogy(1.0 - a, 1.0 - a)).mean()
