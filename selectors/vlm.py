@@ -1,0 +1,119 @@
+"""Frozen VLM heads: the next-token-prediction (NTP) loss of a frozen vision-language model,
+given visual tokens that a selector gated or kept.
+
+A backend is a :class:`FrozenVLM` that consumes the shared datamodule's patch features (in the
+encoder's feature space, before any projector) and returns the NTP loss of the text. It never
+runs the vision encoder itself: it *declares* the encoder it needs
+(:func:`required_encoder`), and the run config is checked against it before anything is built.
+
+Backends (``selector.vlm.backend``):
+
+- ``coca``: open_clip CoCa. Tokens → frozen attentional pooler + ``ln_post`` → frozen multimodal
+  text decoder → caption/answer NTP loss (``selectors/vlm_coca.py``).
+- ``llava``: a Hugging Face LLaVA (``LlavaForConditionalGeneration``). Tokens → frozen
+  multi-modal projector → frozen LLM with the prompt → answer/caption NTP loss
+  (``selectors/vlm_llava.py``).
+
+Frozen means: every parameter has ``requires_grad=False``, the module stays in eval mode, it is
+never in the optimizer or a checkpoint, and gradients still flow *through* it to its input tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+BACKENDS = {
+    # backend -> module implementing `required_encoder(cfg)` and `build(cfg)`
+    "coca": "tokensel.selectors.vlm_coca",
+    "llava": "tokensel.selectors.vlm_llava",
+}
+
+
+class VLMError(ValueError):
+    """A user-facing problem with the VLM config (missing path, offline hub id, bad model)."""
+
+
+@dataclass
+class VLMConfig:
+    """``selector.vlm.*``."""
+
+    backend: str = "coca"  # "coca" | "llava"
+    # coca: an open_clip CoCa model name; llava: a local folder or a hub id of a LLaVA model
+    model: str = "coca_ViT-B-32"
+    # coca: "" random init, a local weights file, or an open_clip tag; llava: unused
+    pretrained: str = ""
+    max_text_tokens: int = 64  # prompt + target tokens; longer texts are truncated from the prompt's start
+    precision: str = "32"  # "32" | "bf16" | "16": the frozen VLM's dtype
+
+
+@dataclass(frozen=True)
+class EncoderRequirement:
+    """What a backend needs from ``encoder.*``: the name and the feature layer/normalisation."""
+
+    name: str
+    layer: int
+    norm: bool
+
+    def mismatch(self, name: str, layer: int, norm: bool) -> str | None:
+        """A one-line reason when an encoder config does not fit, else None."""
+        wanted = {"encoder.name": self.name, "encoder.layer": self.layer, "encoder.norm": self.norm}
+        got = {"encoder.name": name, "encoder.layer": layer, "encoder.norm": norm}
+        bad = [k for k in wanted if wanted[k] != got[k]]
+        if not bad:
+            return None
+        return "; ".join(f"{k}={wanted[k]!r} (got {got[k]!r})" for k in bad)
+
+
+@dataclass
+class NTPOutput:
+    """``loss``: mean NLL over all target tokens of the batch (the training loss);
+    ``per_sample``: (B,) mean NLL per sample; ``tokens``: (B,) target tokens per sample."""
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    tokens: torch.Tensor
+
+
+class FrozenVLM(nn.Module):
+    """Base of the backends. Subclasses implement :meth:`ntp_loss`."""
+
+    def freeze(self) -> "FrozenVLM":
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "FrozenVLM":
+        return super().train(False)  # frozen means no dropout, whatever the caller asks
+
+    def ntp_loss(self, tokens: torch.Tensor, prompt: list[str], target: list[str]) -> NTPOutput:
+        """NTP loss of ``target`` given the visual ``tokens`` (B, n, C) and the text ``prompt``.
+
+        ``n`` may be any count (all N gated tokens in training, K kept tokens at evaluation).
+        The loss covers the target's tokens only (and the end-of-text token).
+        """
+        raise NotImplementedError
+
+
+def _backend(name: str):
+    if name not in BACKENDS:
+        raise VLMError(f"selector.vlm.backend={name!r}: expected one of {', '.join(BACKENDS)}")
+    return importlib.import_module(BACKENDS[name])
+
+
+def required_encoder(cfg: VLMConfig) -> EncoderRequirement:
+    """The encoder ``cfg``'s backend needs (cheap: reads configs, builds no model)."""
+    return _backend(cfg.backend).required_encoder(cfg)
+
+
+def build_vlm(cfg: VLMConfig) -> FrozenVLM:
+    """Build the frozen VLM head of ``cfg`` (without its vision encoder)."""
+    vlm = _backend(cfg.backend).build(cfg)
+    return vlm.freeze()
+
+
+BuildFn = Callable[[VLMConfig], FrozenVLM]
