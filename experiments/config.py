@@ -176,6 +176,10 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError(f"data.weights={dict(data.weights)}: weights must be >= 0")
     if config.trainer.max_epochs < 1 and config.trainer.max_steps < 1:
         raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
+    check = getattr(config.selector, "check_run", None)  # an objective's own cross-checks
+    reason = check(config) if check is not None else None
+    if reason:
+        raise ConfigError(reason)
 
 
 def to_container(config: TrainConfig) -> dict:

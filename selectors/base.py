@@ -94,20 +94,23 @@ class StepOutput:
     """What an objective's ``step`` returns.
 
     ``scalars`` holds every logged number, ``loss`` included; ``keep`` is the (B, N) keep mask
-    (or scores in [0, 1]) for panels; ``recon`` the reconstructed image, when there is one.
+    (or scores in [0, 1]) for panels; ``recon`` the reconstructed image, when there is one;
+    ``n`` the samples the scalars average over (default: the whole batch; 0 skips the batch).
     """
 
     loss: torch.Tensor
     scalars: Dict[str, torch.Tensor]
     keep: torch.Tensor
     recon: Optional[torch.Tensor] = None
+    n: Optional[int] = None
 
 
 class SelectorModule(L.LightningModule):
     """The LightningModule every objective extends (see the module docstring)."""
 
     config_cls: ClassVar[type] = SelectorConfig
-    # Scalars logged under train/ and val/; every objective logs at least these names it has.
+    # Scalars logged under val/ (reduced over the whole validation set); ``step`` returns them in
+    # eval mode. In training every scalar ``step`` returns is logged under train/.
     scalar_names: ClassVar[tuple[str, ...]] = ("loss",)
     prog_bar_scalars: ClassVar[tuple[str, ...]] = ("loss",)
 
@@ -146,12 +149,13 @@ class SelectorModule(L.LightningModule):
 
     def validation_step(self, batch: FeatureBatch, batch_idx: int) -> None:
         out = self.step(batch)
-        n = len(batch)
+        n = len(batch) if out.n is None else out.n
         for name in self.scalar_names:
-            self.val_scalars[name].update(out.scalars[name].detach(), weight=n)
+            if n:
+                self.val_scalars[name].update(out.scalars[name].detach(), weight=n)
             self.log(f"val/{name}", self.val_scalars[name], on_step=False, on_epoch=True,
                      prog_bar=name in self.prog_bar_scalars)
-        self.val_samples.update(n)
+        self.val_samples.update(len(batch))
         self.log("val/samples", self.val_samples, on_step=False, on_epoch=True)
 
     @torch.no_grad()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # Modules that register the built-in objectives, imported on first lookup.
-BUILTIN_MODULES = ("tokensel.selectors.gumbel_ae",)
+BUILTIN_MODULES = ("tokensel.selectors.gumbel_ae", "tokensel.selectors.vp_noise")
 
 _REGISTRY: dict[str, "SelectorEntry"] = {}
 
