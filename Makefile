@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 .PHONY: help setup train data test tensorboard clean
 
 help:
-	@echo "make train SELECTOR=gumbel_ae|straight_through [ARGS='key=value ...']  train a selector"
+	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
 	@echo "make train CONFIG=experiments/paper/llava_next.yaml ARGS='data.root=...'  a paper preset"
 	@echo "make test                                                           run the test suite"
 	@echo "make data                                                           generate the default corpus (data/default)"

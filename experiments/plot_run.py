@@ -1,4 +1,5 @@
-"""Plot a run's TensorBoard scalars to a PNG: ``python -m tokensel.experiments.plot_run RUN_DIR [OUT.png]``.
+"""Plot a run's TensorBoard scalars to a PNG:
+``python -m tokensel.experiments.plot_run RUN_DIR [OUT.png] [--tags loss,feat_recon]``.
 
 One panel per tag (``train/`` and ``val/`` of the same name share a panel). Handy for READMEs and
 for a quick look without starting TensorBoard.
@@ -48,15 +49,19 @@ def plot_run(run_dir: str | Path, out: str | Path, names: tuple[str, ...] = DEFA
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
     if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0])
+        print(" ".join(__doc__.strip().splitlines()[:2]))
         return 0 if args else 2
+    names = DEFAULT_TAGS
+    for arg in [a for a in args if a.startswith("--tags")]:
+        args.remove(arg)
+        names = tuple(arg.partition("=")[2].split(","))
     run_dir = Path(args[0])
     if not run_dir.is_dir():
         print(f"error: run folder {str(run_dir)!r} does not exist", file=sys.stderr)
         return 2
-    out = plot_run(run_dir, args[1] if len(args) > 1 else run_dir / "scalars.png")
+    out = plot_run(run_dir, args[1] if len(args) > 1 else run_dir / "scalars.png", names)
     print(f"wrote {out}")
     return 0
 
