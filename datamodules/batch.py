@@ -45,6 +45,10 @@ class FeatureBatch:
       sample in the batch has a box; rows of samples without a box are all False and
       ``has_answer_box`` marks which rows are real.
     - ``n_skipped``: samples the workers skipped (corrupt, unreadable) since the previous batch.
+    - ``cls_attention``: (B, N) float32, the frozen encoder's CLS->patch attention (head mean) at
+      block ``data.cls_attention_layer``, or ``None`` when that is unset (the default). Prefix
+      keys are dropped and not renormalised, so rows sum to <= 1. Used by the ``cls_attention``
+      baseline (``selectors/baselines.py``).
     """
 
     features: torch.Tensor
@@ -57,6 +61,7 @@ class FeatureBatch:
     answer_tokens: Optional[torch.Tensor] = None
     has_answer_box: Optional[torch.Tensor] = None
     n_skipped: int = 0
+    cls_attention: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -67,7 +72,8 @@ class FeatureBatch:
             return None if x is None else x[:n]
 
         return FeatureBatch(self.features[:n], self.grid, self.image[:n], self.prompt[:n], self.target[:n],
-                            self.source[:n], self.keys[:n], cut(self.answer_tokens), cut(self.has_answer_box), 0)
+                            self.source[:n], self.keys[:n], cut(self.answer_tokens), cut(self.has_answer_box), 0,
+                            cls_attention=cut(self.cls_attention))
 
 
 def boxes_to_token_mask(

@@ -42,6 +42,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     recon_size: int = 64  # side of the image-reconstruction target I (the paper does not say)
     resize_mode: str = "squash"  # "squash" | "pad" (LLaVA's pad-to-square); never a crop
+    # Block whose CLS->patch attention fills FeatureBatch.cls_attention (e.g. -2, VisionZip/EViT);
+    # None: off, the encoder's forward is unchanged and nothing extra is computed.
+    cls_attention_layer: Optional[int] = None
 
 
 @dataclass
@@ -76,6 +79,8 @@ class FeatureDataModule(L.LightningDataModule):
         self.encoder: FrozenEncoder = build_encoder(
             encoder.name, encoder.pretrained, encoder.layer, encoder.norm, encoder.image_size, encoder.precision
         )
+        if data.cls_attention_layer is not None:  # fail now, not at the first batch
+            self.encoder.check_cls_attention(data.cls_attention_layer)
         self.dims = FeatureDims(self.encoder.num_tokens, self.encoder.dim, self.encoder.grid, data.recon_size)
         self.rank, self.world = 0, 1
         # Build the streams once here so bad weights or modes fail before training starts.
@@ -130,7 +135,11 @@ class FeatureDataModule(L.LightningDataModule):
         pixels = batch["pixels"]
         if next(self.encoder.parameters()).device != pixels.device:
             self.encoder.to(pixels.device)
-        features = self.encoder(pixels)
+        cls_attention = None
+        if self.cfg.cls_attention_layer is None:
+            features = self.encoder(pixels)
+        else:
+            features, cls_attention = self.encoder.forward_with_cls_attention(pixels, self.cfg.cls_attention_layer)
         pre = self.encoder.preprocess
         mean = torch.tensor(pre.mean, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(pre.std, device=pixels.device).view(1, 3, 1, 1)
@@ -144,5 +153,5 @@ class FeatureDataModule(L.LightningDataModule):
         return FeatureBatch(
             features=features, grid=self.encoder.grid, image=image, prompt=batch["prompt"], target=batch["target"],
             source=batch["source"], keys=batch["keys"], answer_tokens=answer_tokens, has_answer_box=has_box,
-            n_skipped=int(batch["n_skipped"]),
+            n_skipped=int(batch["n_skipped"]), cls_attention=cls_attention,
         )

@@ -31,9 +31,10 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger("tokensel.encoders")
@@ -112,6 +113,170 @@ class FrozenEncoder(nn.Module):
         if out.shape[1] != self.num_tokens:
             raise RuntimeError(f"{self.name}: got {out.shape[1]} tokens, expected {self.num_tokens} for grid {self.grid}")
         return out.float()
+
+    # ---- CLS -> patch attention, only on request (``data.cls_attention_layer``) ------------------
+    def cls_attention_site(self, layer: int) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+        """The attention module of block ``layer`` and a function that maps that module's input
+        (the block's normed tokens) to the CLS->patch attention ``(B, N)``.
+
+        ``layer`` indexes the transformer blocks like a Python list (-1 the last, -2 the
+        penultimate). For ``hf_llava`` it indexes ``encoder.layers``, so a negative ``layer`` is
+        the block whose output is ``hidden_states[layer]`` (VisionZip's ``attentions[-2]``).
+        Raises :class:`EncoderError` for an encoder without a CLS token or with an attention
+        layout this does not know.
+        """
+        if self.library == "timm":
+            model = self.model
+            if getattr(model, "cls_token", None) is None or not getattr(model, "num_prefix_tokens", 0):
+                raise EncoderError(f"encoder {self.name}: has no CLS token (class_token=False), so it has no CLS "
+                                   "attention; unset data.cls_attention_layer or use a selector that needs none")
+            block = self._cls_attention_block(list(model.blocks), layer)
+            return _timm_cls_attention(self.name, block, int(model.num_prefix_tokens))
+        if self.library == "open_clip":
+            visual = self.model.visual
+            blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+            if blocks is None:
+                raise EncoderError(f"cls_attention not supported for {self.name}: its visual tower has no transformer.resblocks")
+            if getattr(visual, "class_embedding", None) is None:
+                raise EncoderError(f"encoder {self.name}: has no CLS token, so it has no CLS attention; "
+                                   "unset data.cls_attention_layer or use a selector that needs none")
+            block = self._cls_attention_block(list(blocks), layer)
+            return _open_clip_cls_attention(self.name, block, 1)  # forward_intermediates drops one class token
+        # hf_llava
+        tower = self.model.tower
+        vision = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel.vision_model
+        layers = getattr(getattr(vision, "encoder", None), "layers", None)
+        if layers is None:
+            raise EncoderError(f"cls_attention not supported for {self.name}: its tower has no vision_model.encoder.layers")
+        if getattr(vision.embeddings, "class_embedding", None) is None:
+            raise EncoderError(f"encoder {self.name}: has no CLS token (e.g. SigLIP), so it has no CLS attention; "
+                               "unset data.cls_attention_layer or use a selector that needs none")
+        block = self._cls_attention_block(list(layers), layer)
+        return _hf_clip_cls_attention(self.name, block, 1)
+
+    def _cls_attention_block(self, blocks: list, layer: int) -> nn.Module:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -len(blocks) <= layer < len(blocks):
+            raise EncoderError(f"data.cls_attention_layer={layer!r}: {self.name} has {len(blocks)} blocks "
+                               "(-1 the last, -2 the penultimate)")
+        return blocks[layer]
+
+    def check_cls_attention(self, layer: int) -> None:
+        """Raise :class:`EncoderError` now if :meth:`forward_with_cls_attention` cannot work."""
+        self.cls_attention_site(layer)
+
+    @torch.no_grad()
+    def forward_with_cls_attention(self, pixels: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The usual features ``(B, N, C)`` (the same as :meth:`forward`) plus the CLS->patch
+        attention ``(B, N)`` float32 of block ``layer``, from the same forward pass.
+
+        A forward pre-hook on that block's attention module takes its input and recomputes
+        ``softmax(q_cls . k / sqrt(d))`` for the CLS query row only (the model keeps its fused /
+        SDPA attention everywhere). The row is averaged over heads, then the keys of the prefix
+        tokens (CLS, registers) are dropped; it is *not* renormalised, so each row sums to
+        ``1 - (CLS->prefix mass)`` <= 1.
+        """
+        module, cls_row = self.cls_attention_site(layer)
+        captured: list[torch.Tensor] = []
+
+        def hook(_module, args, kwargs):
+            x = args[0] if args else next(kwargs[k] for k in ("x", "hidden_states", "query", "q_x") if k in kwargs)
+            captured.append(cls_row(x))
+
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            features = self(pixels)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"{self.name}: the attention of block {layer} ran {len(captured)} times, expected once")
+        return features, captured[0]
+
+
+def _cls_softmax(q_cls: torch.Tensor, k: torch.Tensor, scale: float, prefix: int) -> torch.Tensor:
+    """``q_cls (B, H, 1, d)``, ``k (B, H, L, d)`` -> head-mean softmax attention of the CLS query to
+    the patch keys ``(B, L - prefix)``, in float32 (the prefix keys' mass is dropped, not renormalised)."""
+    logits = (q_cls.float() * scale) @ k.float().transpose(-2, -1)  # (B, H, 1, L)
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0, prefix:]
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    B, L, _ = x.shape
+    return x.reshape(B, L, heads, -1).transpose(1, 2)  # (B, H, L, d)
+
+
+def _timm_cls_attention(name: str, block: nn.Module, prefix: int):
+    """timm ``Block.attn`` (``timm.layers.Attention``): fused ``qkv``, then optional ``q_norm``/``k_norm``."""
+    attn = getattr(block, "attn", None)
+    qkv = getattr(attn, "qkv", None)
+    known = isinstance(qkv, nn.Linear) and hasattr(attn, "num_heads") and hasattr(attn, "scale")
+    if not known or any(hasattr(attn, a) for a in ("q_bias", "rope")):  # e.g. EVA: separate biases, RoPE
+        raise EncoderError(f"cls_attention not supported for {name}: its blocks' attention is not timm's qkv Attention")
+    heads = int(attn.num_heads)
+    width = qkv.out_features // 3
+
+    def cls_row(x: torch.Tensor) -> torch.Tensor:
+        w, b = qkv.weight, qkv.bias
+        q = F.linear(x[:, :1], w[:width], None if b is None else b[:width])
+        k = F.linear(x, w[width:2 * width], None if b is None else b[width:2 * width])
+        q, k = attn.q_norm(_split_heads(q, heads)), attn.k_norm(_split_heads(k, heads))
+        return _cls_softmax(q, k, float(attn.scale), prefix)
+
+    return attn, cls_row
+
+
+def _open_clip_cls_attention(name: str, block: nn.Module, prefix: int):
+    """open_clip ``ResidualAttentionBlock.attn`` (``nn.MultiheadAttention``, input ``ln_1(x)``,
+    ``(L, B, C)`` unless ``batch_first``) or ``CustomResidualAttentionBlock.attn`` (open_clip's
+    ``Attention``, batch-first, optional ``ln_q``/``ln_k``; scaled-cosine attention included)."""
+    attn = getattr(block, "attn", None)
+    if isinstance(attn, nn.MultiheadAttention):
+        dim, heads = attn.embed_dim, attn.num_heads
+        if attn._qkv_same_embed_dim:
+            wq, wk = attn.in_proj_weight[:dim], attn.in_proj_weight[dim:2 * dim]
+        else:
+            wq, wk = attn.q_proj_weight, attn.k_proj_weight
+        b = attn.in_proj_bias
+        bq, bk = (None, None) if b is None else (b[:dim], b[dim:2 * dim])
+        scale = float(attn.head_dim) ** -0.5
+
+        def cls_row(x: torch.Tensor) -> torch.Tensor:
+            if not attn.batch_first:
+                x = x.transpose(0, 1)
+            q, k = _split_heads(F.linear(x[:, :1], wq, bq), heads), _split_heads(F.linear(x, wk, bk), heads)
+            return _cls_softmax(q, k, scale, prefix)
+
+        return attn, cls_row
+    if attn is not None and hasattr(attn, "in_proj_weight") and hasattr(attn, "ln_q"):
+        heads = int(attn.num_heads)
+
+        def cls_row(x: torch.Tensor) -> torch.Tensor:
+            dim = x.shape[-1]
+            w, b = attn.in_proj_weight, attn.in_proj_bias
+            q = _split_heads(F.linear(x[:, :1], w[:dim], None if b is None else b[:dim]), heads)
+            k = _split_heads(F.linear(x, w[dim:2 * dim], None if b is None else b[dim:2 * dim]), heads)
+            if attn.logit_scale is not None:  # scaled cosine attention
+                scale = torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp().float().view(1, heads, 1, 1)
+                return _cls_softmax(F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), 1.0, prefix)
+            return _cls_softmax(attn.ln_q(q), attn.ln_k(k), float(attn.scale), prefix)
+
+        return attn, cls_row
+    raise EncoderError(f"cls_attention not supported for {name}: its blocks' attention is neither "
+                       "nn.MultiheadAttention nor open_clip's Attention")
+
+
+def _hf_clip_cls_attention(name: str, block: nn.Module, prefix: int):
+    """transformers ``CLIPEncoderLayer.self_attn`` (``CLIPAttention``: ``q_proj``/``k_proj``, input
+    ``layer_norm1(x)``)."""
+    attn = getattr(block, "self_attn", None)
+    if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "num_heads", "scale")):
+        raise EncoderError(f"cls_attention not supported for {name}: its layers' self_attn has no q_proj/k_proj")
+    heads = int(attn.num_heads)
+
+    def cls_row(x: torch.Tensor) -> torch.Tensor:
+        q, k = _split_heads(attn.q_proj(x[:, :1]), heads), _split_heads(attn.k_proj(x), heads)
+        return _cls_softmax(q, k, float(attn.scale), prefix)
+
+    return attn, cls_row
 
 
 def build_encoder(name: str, pretrained: str = "", layer: int = -1, norm: bool = True,
@@ -376,7 +541,8 @@ class HFVisionTower(nn.Module):
         out = self.tower(pixel_values=pixels, output_hidden_states=True, **kwargs)
         hidden = out.hidden_states[layer]
         if norm:
-            hidden = self.tower.vision_model.post_layernorm(hidden)
+            vision = getattr(self.tower, "vision_model", self.tower)  # transformers 5: no .vision_model wrapper
+            hidden = vision.post_layernorm(hidden)
         prefix = hidden.shape[1] - self.grid[0] * self.grid[1]  # 1 (CLS) for CLIP, 0 for SigLIP
         return hidden[:, prefix:]
 

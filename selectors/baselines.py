@@ -1,0 +1,250 @@
+"""Training-free token selectors: the baselines every trained selector is compared with.
+
+They answer the same call as a trained selector (:class:`~tokensel.selectors.inference.SelectorNet`)::
+
+    indices, kept = selector.select(features, budget, cls_attention=None)  # (B, k) sorted, (B, k, C)
+
+``budget`` is a count or a keep ratio, resolved by :func:`resolve_budget` (so 0, negatives and
+more than N raise :class:`BudgetError`). All selectors are batched and have no weights.
+
+========================  ===============================================================================
+name                      rule
+========================  ===============================================================================
+``random``                k uniform random tokens, from the selector's own seeded generator
+``uniform``               a spatially even 2-D sub-grid of the (h, w) token grid (rule in :class:`UniformSelector`)
+``l2norm``                the k tokens with the largest feature L2 norm (PACT's ``prune_with_norm``)
+``divprune``              greedy max-min diversity on cosine distance (DivPrune, Alvar et al., CVPR 2025)
+``cls_attention``         top-k by the frozen encoder's CLS->patch attention (EViT, Liang et al., ICLR 2022;
+                          VisionZip's dominant tokens, Yang et al., CVPR 2025; FasterVLM). Needs
+                          ``data.cls_attention_layer`` so that ``FeatureBatch.cls_attention`` is filled.
+========================  ===============================================================================
+
+Build one by name with :func:`build_baseline` (``BASELINES`` lists the names). The methods are
+re-derived from the papers' formulas (``/work/shared/notes/peers.md`` §2); no code was copied.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from tokensel.selectors.inference import SelectorNet, gather_tokens, resolve_budget
+
+
+class TrainingFreeSelector(SelectorNet):
+    """Base of the training-free selectors: no weights, nothing to train.
+
+    Subclasses implement :meth:`positions` (any order; :meth:`select` sorts them) or, for plain
+    top-k rules, :meth:`scores`. ``needs_cls_attention`` says whether :meth:`select` needs the
+    encoder's CLS attention (``FeatureBatch.cls_attention``).
+    """
+
+    name: str = ""
+    needs_cls_attention: bool = False
+
+    def scores(self, features: torch.Tensor, cls_attention: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token scores ``(B, N)``; higher means keep (only for top-k rules)."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-token scores; use select()")
+
+    def positions(self, features: torch.Tensor, k: int, cls_attention: Optional[torch.Tensor]) -> torch.Tensor:
+        """``(B, k)`` distinct token positions to keep, in any order. Default: top-k of :meth:`scores`."""
+        return self.scores(features, cls_attention).topk(k, dim=-1).indices
+
+    @torch.no_grad()
+    def select(self, features: torch.Tensor, budget: int | float,
+               cls_attention: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep ``budget`` tokens: ``(indices (B, k) long sorted by position, kept (B, k, C))``.
+
+        ``cls_attention`` ``(B, N)`` is used only by selectors with ``needs_cls_attention``; the
+        others ignore it, so a caller may always pass ``batch.cls_attention``.
+        """
+        if features.dim() != 3:
+            raise ValueError(f"features must be (B, N, C), got shape {tuple(features.shape)}")
+        k = resolve_budget(budget, features.shape[1])
+        indices = self.positions(features, k, cls_attention).long().sort(dim=-1).values
+        return indices, gather_tokens(features, indices)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class RandomSelector(TrainingFreeSelector):
+    """``k`` tokens uniformly at random, without replacement, per sample.
+
+    Draws come from a private ``torch.Generator`` seeded with ``seed`` (on the CPU, then moved to
+    the features' device), so the same seed and the same sequence of calls give the same indices
+    on any device, whatever the global RNG does. :meth:`reset` restarts the sequence.
+    """
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.seed = int(seed)
+        self.generator = torch.Generator()
+        self.reset()
+
+    def reset(self) -> None:
+        self.generator.manual_seed(self.seed)
+
+    def positions(self, features, k, cls_attention):
+        B, N, _ = features.shape
+        noise = torch.rand(B, N, generator=self.generator)
+        return noise.topk(k, dim=-1).indices.to(features.device)
+
+    def extra_repr(self) -> str:
+        return f"name='random', seed={self.seed}"
+
+
+def uniform_grid_positions(grid: tuple[int, int], k: int) -> list[int]:
+    """``k`` raster positions spread evenly over an ``(h, w)`` grid (see :class:`UniformSelector`)."""
+    h, w = grid
+    n = h * w
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k}: need 1 <= k <= {n} for grid {grid}")
+    # 1. The largest sub-grid of about sqrt(k h / w) rows x sqrt(k w / h) cols with rows * cols <= k.
+    rows = max(1, min(h, k, math.floor(math.sqrt(k * h / w))))
+    cols = max(1, min(w, k // rows))
+    rows = max(1, min(h, k // cols))
+
+    def centres(m: int, size: int) -> list[int]:  # m band centres of [0, size)
+        return [math.floor((i + 0.5) * size / m) for i in range(m)]
+
+    chosen = [r * w + c for r in centres(rows, h) for c in centres(cols, w)]
+    # 2. Fill up to k with an even stride over the remaining tokens (raster order).
+    need = k - len(chosen)
+    if need:
+        taken = set(chosen)
+        rest = [p for p in range(n) if p not in taken]
+        chosen += [rest[math.floor((j + 0.5) * len(rest) / need)] for j in range(need)]
+    return sorted(chosen)
+
+
+class UniformSelector(TrainingFreeSelector):
+    """A spatially even grid of ``k`` tokens over the ``(h, w)`` token grid (raster order).
+
+    Rule (deterministic, the same for every sample):
+
+    1. ``rows = floor(sqrt(k·h/w))`` clipped to ``[1, min(h, k)]``, ``cols = min(w, k // rows)``,
+       then ``rows = min(h, k // cols)``: the sub-grid with about the grid's aspect ratio and
+       ``rows·cols <= k``. Its coordinates are the centres of equal bands,
+       ``floor((i + 0.5)·h / rows)`` and ``floor((j + 0.5)·w / cols)``.
+    2. The remaining ``k − rows·cols`` tokens are taken from the tokens not yet chosen, in raster
+       order, at an even stride: element ``floor((j + 0.5)·R / m)`` of those ``R`` tokens for
+       ``j < m = k − rows·cols``.
+
+    So ``k = N`` keeps every token, ``k = 1`` keeps the centre token, and ``k = 4`` on a 4x4 grid
+    keeps one token per 2x2 quadrant. Always exactly ``k`` distinct positions.
+    """
+
+    name = "uniform"
+
+    def __init__(self, grid: tuple[int, int]):
+        super().__init__()
+        h, w = (int(g) for g in grid)
+        if h < 1 or w < 1:
+            raise ValueError(f"grid={grid}: need positive (h, w)")
+        self.grid = (h, w)
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def positions(self, features, k, cls_attention):
+        B, N, _ = features.shape
+        if N != self.grid[0] * self.grid[1]:
+            raise ValueError(f"uniform selector built for grid {self.grid} ({self.grid[0] * self.grid[1]} tokens), "
+                             f"got {N} tokens")
+        if k not in self._cache:
+            self._cache[k] = torch.tensor(uniform_grid_positions(self.grid, k), dtype=torch.long)
+        return self._cache[k].to(features.device).unsqueeze(0).expand(B, k)
+
+    def extra_repr(self) -> str:
+        return f"name='uniform', grid={self.grid}"
+
+
+class L2NormSelector(TrainingFreeSelector):
+    """The ``k`` tokens with the largest feature L2 norm (PACT's ``prune_with_norm`` baseline)."""
+
+    name = "l2norm"
+
+    def scores(self, features, cls_attention=None):
+        return features.float().norm(dim=-1)
+
+
+def cosine_distance(features: torch.Tensor) -> torch.Tensor:
+    """``D = 1 − cos(x_i, x_j)``, ``(B, N, C) -> (B, N, N)``, in float32 (float64 stays float64)."""
+    x = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
+    return 1.0 - x @ x.transpose(1, 2)
+
+
+class DivPruneSelector(TrainingFreeSelector):
+    """DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
+    Models", CVPR 2025): greedy max–min diversity on the cosine distance ``D = 1 − cos``.
+
+    - First pick: the token whose nearest neighbour is farthest, ``argmax_i min_{j≠i} D[i, j]``.
+    - Then repeatedly the token farthest from the selected set, ``argmax_i min_{s∈S} D[s, i]``.
+
+    Batched over B. A running ``min_dist`` (B, N) is updated with one row of ``D`` per step, so
+    the greedy is O(kN) after the O(N²C) distance matrix (the reference recomputes the min over
+    S every step, O(k²N)). Picked tokens are set to −inf so they are never re-picked; ties go to
+    the lowest index (``argmax`` returns the first maximum). Memory: the (B, N, N) matrix.
+    """
+
+    name = "divprune"
+
+    def positions(self, features, k, cls_attention):
+        B, N, _ = features.shape
+        if k == N:
+            return torch.arange(N, device=features.device).expand(B, N)
+        D = cosine_distance(features)
+        rows = torch.arange(B, device=features.device)
+        eye = torch.eye(N, dtype=torch.bool, device=features.device)
+        nearest = D.masked_fill(eye, float("inf")).amin(dim=-1)  # (B, N): distance to the nearest other token
+        pick = nearest.argmax(dim=-1)  # (B,)
+        chosen = torch.empty(B, k, dtype=torch.long, device=features.device)
+        chosen[:, 0] = pick
+        min_dist = D[rows, pick].clone()  # (B, N): distance of every token to the selected set
+        min_dist[rows, pick] = float("-inf")
+        for t in range(1, k):
+            pick = min_dist.argmax(dim=-1)
+            chosen[:, t] = pick
+            min_dist = torch.minimum(min_dist, D[rows, pick])  # picked ones stay -inf
+            min_dist[rows, pick] = float("-inf")
+        return chosen
+
+
+class CLSAttentionSelector(TrainingFreeSelector):
+    """Top-k by the frozen encoder's CLS->patch attention (head mean) at one block: the EViT
+    rule (Liang et al., "Not All Patches are What You Need", ICLR 2022) applied once, as
+    FasterVLM does, and VisionZip's dominant tokens (Yang et al., CVPR 2025) without the CLS
+    token and contextual merging. Needs ``cls_attention`` (B, N), i.e. ``batch.cls_attention``
+    from a datamodule with ``data.cls_attention_layer`` set (e.g. -2, VisionZip's layer)."""
+
+    name = "cls_attention"
+    needs_cls_attention = True
+
+    def scores(self, features, cls_attention=None):
+        if cls_attention is None:
+            raise ValueError("cls_attention selector needs data.cls_attention_layer set "
+                             "(no cls_attention was passed to select())")
+        if tuple(cls_attention.shape) != tuple(features.shape[:2]):
+            raise ValueError(f"cls_attention has shape {tuple(cls_attention.shape)}, "
+                             f"expected (B, N) = {tuple(features.shape[:2])}")
+        return cls_attention.to(features.device).float()
+
+
+BASELINES: dict[str, Callable[[tuple[int, int], int], TrainingFreeSelector]] = {
+    "random": lambda grid, seed: RandomSelector(seed),
+    "uniform": lambda grid, seed: UniformSelector(grid),
+    "l2norm": lambda grid, seed: L2NormSelector(),
+    "divprune": lambda grid, seed: DivPruneSelector(),
+    "cls_attention": lambda grid, seed: CLSAttentionSelector(),
+}
+
+
+def build_baseline(name: str, grid: tuple[int, int], seed: int = 0) -> TrainingFreeSelector:
+    """The training-free selector ``name`` for features on an ``(h, w)`` grid (in eval mode)."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}: choose from {', '.join(BASELINES)}")
+    return BASELINES[name](tuple(grid), seed).eval()
