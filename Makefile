@@ -14,12 +14,18 @@ PY := $(VENV)/bin/python
 # Re-installs only when the pins or the package layout change.
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup train data test tensorboard clean
+SELECTORS ?=
+CKPTS ?=
+BUDGETS ?=
+
+.PHONY: help setup train data test eval bench tensorboard clean
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
 	@echo "make train CONFIG=experiments/paper/llava_next.yaml ARGS='data.root=...'  a paper preset"
 	@echo "make test                                                           run the test suite"
+	@echo "make eval [SELECTORS=a,b] [CKPTS=p1,p2] [BUDGETS=0.1,64] [ARGS=...]  compare selectors on held-out data"
+	@echo "make bench                                                          selector latency vs the encoder"
 	@echo "make data                                                           generate the default corpus (data/default)"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
 
@@ -36,6 +42,12 @@ train: $(STAMP)
 
 data: $(STAMP)
 	$(PY) -m tokensel.datamodules.synthetic --out data/default $(ARGS)
+
+eval: $(STAMP)
+	$(PY) -m tokensel.experiments.evaluate --selectors "$(SELECTORS)" --ckpts "$(CKPTS)" --budgets "$(BUDGETS)" $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m tokensel.experiments.bench $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

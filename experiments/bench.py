@@ -1,0 +1,157 @@
+"""Selector inference latency: ``make bench``.
+
+    python -m tokensel.experiments.bench [--repeats 30] [--warmup 5] [--selectors a,b] [--encoder-max-images 8]
+
+Times each selector's inference (score + top-K + gather, i.e. ``select``) at two VLM
+geometries: LLaVA-1.5 (one 336 px image: 576 tokens x 1024) and LLaVA-NeXT (5 crops of 576
+tokens, each selected per crop), at batch 1 and 32. The figure is the median of ``--repeats``
+timed runs after ``--warmup`` untimed ones: fp32 on the CPU, and bf16 autocast on a GPU when
+CUDA is present (synchronised). Trained selectors are timed with random weights at their
+default sizes (the latency does not depend on the weights): ``gumbel_ae`` (4-layer Feature
+Selector; ``straight_through`` is the same network) and ``vp_noise`` (2-layer Scorer).
+
+It also prints the ratio to the frozen encoder's forward time at the same geometry (open_clip
+ViT-L-14-336, random init, the LLaVA encoder). On a CPU a batch of 32 (or 160 crops) takes
+minutes, so at most ``--encoder-max-images`` images (4 on a CPU) are timed and the rest is
+scaled linearly; such ratios are marked ``~``. Calls slower than 2 s get 3 timed runs instead of
+``--repeats`` (the table says how many). The anchor to beat: AutoSelect's 0.69 ms for its Scorer plus top-K
+(RTX A6000, batch 1, fp16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+GEOMETRIES = {"llava15": 1, "llava_next": 5}  # crops of 576 tokens per image
+TOKENS, WIDTH, GRID = 576, 1024, (24, 24)
+
+
+SLOW_CALL_S = 2.0  # past this, one warm-up and MIN_REPEATS timed calls are enough
+MIN_REPEATS = 3
+
+
+def median_ms(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool) -> tuple[float, int]:
+    """Median wall time of ``fn`` in ms and the number of timed calls.
+
+    Slow calls (over ``SLOW_CALL_S``, e.g. a 4-layer selector on 160 crops on a CPU) get one
+    warm-up and ``MIN_REPEATS`` timed calls, so the benchmark ends in minutes, not hours.
+    """
+    def timed() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1000
+
+    first = timed()
+    if first / 1000 > SLOW_CALL_S:
+        warmup, repeats = 0, min(repeats, MIN_REPEATS)
+    for _ in range(max(0, warmup - 1)):
+        fn()
+    times = [timed() for _ in range(repeats)]
+    return statistics.median(times), len(times)
+
+
+def build_selectors(names: list[str], device: torch.device) -> dict:
+    from tokensel.datamodules.batch import FeatureDims
+    from tokensel.selectors.baselines import BASELINES, build_baseline
+    from tokensel.selectors.gumbel_ae import GumbelAEConfig, TokenAutoEncoder
+    from tokensel.selectors.vp_noise import TokenScorer, VPNoiseConfig
+
+    dims = FeatureDims(TOKENS, WIDTH, GRID, 64)
+    out = {}
+    for name in names:
+        if name in BASELINES:
+            out[name] = build_baseline(name, GRID, seed=0)
+        elif name == "gumbel_ae":
+            out[name] = TokenAutoEncoder(GumbelAEConfig(), dims).eval().to(device)
+        elif name == "vp_noise":
+            out[name] = TokenScorer(VPNoiseConfig(), dims).eval().to(device)
+        else:
+            raise SystemExit(f"error: --selectors: unknown {name!r}; choose from "
+                             f"{', '.join(sorted(BASELINES))}, gumbel_ae, vp_noise")
+    return out
+
+
+class EncoderTimer:
+    """Forward time of the LLaVA encoder (ViT-L/14-336, random init) per image count, cached;
+    counts above ``max_images`` are timed at ``max_images`` and scaled linearly."""
+
+    def __init__(self, max_images: int, warmup: int, repeats: int, device: torch.device, cuda: bool):
+        from tokensel.datamodules.encoders import build_encoder
+
+        self.encoder = build_encoder("open_clip:ViT-L-14-336", layer=-2, norm=False).to(device)
+        self.max_images, self.warmup, self.repeats = max_images, warmup, repeats
+        self.device, self.cuda = device, cuda
+        self.cache: dict[int, float] = {}
+
+    def __call__(self, images: int) -> tuple[float, bool]:
+        timed = min(images, self.max_images)
+        if timed not in self.cache:
+            pixels = torch.randn(timed, 3, 336, 336, device=self.device)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+                self.cache[timed] = median_ms(lambda: self.encoder(pixels), self.warmup, self.repeats, self.cuda)[0]
+        return self.cache[timed] * images / timed, timed < images
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from tokensel.selectors.baselines import BASELINES
+
+    parser = argparse.ArgumentParser(prog="python -m tokensel.experiments.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--selectors", default="")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--keep", type=float, default=0.25, help="keep ratio of the timed top-K")
+    parser.add_argument("--encoder-max-images", type=int, default=None,
+                        help="encoder images actually timed (default: 4 on CPU, all on GPU)")
+    parser.add_argument("--out", default=None, help="folder for bench.md (default: bench/<time>)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    names = [s for s in args.selectors.split(",") if s] or sorted(BASELINES) + ["gumbel_ae", "vp_noise"]
+    selectors = build_selectors(names, device)
+    batches = [int(b) for b in args.batches.split(",")]
+    max_images = args.encoder_max_images or (10**9 if cuda else 4)
+    encoder_ms = EncoderTimer(max_images, args.warmup, args.repeats, device, cuda)
+    precision = "bf16 autocast" if cuda else "fp32"
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"[bench] {where}, {precision}; median of {args.repeats} after {args.warmup} warm-up; keep {args.keep:.0%}",
+          flush=True)
+    lines = ["| geometry | batch | selector | select (ms) | timed runs | encoder forward (ms) | select / encoder |",
+             "|---|---|---|---|---|---|---|"]
+    for geometry, crops in GEOMETRIES.items():
+        for batch in batches:
+            enc_ms, scaled = encoder_ms(batch * crops)
+            features = torch.randn(batch * crops, TOKENS, WIDTH, device=device)
+            attention = torch.rand(batch * crops, TOKENS, device=device)
+            for name, selector in selectors.items():
+                extra = {"cls_attention": attention} if name in BASELINES else {}
+                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    ms, runs = median_ms(lambda: selector.select(features, args.keep, **extra), args.warmup,
+                                         args.repeats, cuda)
+                ratio = f"{'~' if scaled else ''}{ms / enc_ms:.2%}"
+                lines.append(f"| {geometry} ({crops}x{TOKENS}x{WIDTH}) | {batch} | {name} | {ms:.2f} | {runs} | "
+                             f"{'~' if scaled else ''}{enc_ms:.0f} | {ratio} |")
+                print(lines[-1], flush=True)
+    note = (f"\n{where}, {precision}. `~`: encoder time scaled linearly from {max_images} timed images. "
+            "Anchor: AutoSelect's Scorer + top-K, 0.69 ms (RTX A6000, batch 1, fp16).")
+    out_dir = Path(args.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.md").write_text("\n".join(lines) + "\n" + note + "\n")
+    print(note)
+    print(f"written: {out_dir / 'bench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

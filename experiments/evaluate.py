@@ -1,0 +1,313 @@
+"""Compare selectors at matched budgets on held-out data: ``make eval``.
+
+    python -m tokensel.experiments.evaluate [--selectors a,b] [--ckpts p1,p2] [--budgets 0.1,0.25,64]
+                                            [--out DIR] [key=value ...]
+
+What is compared (``--selectors``, default: every baseline plus every trained selector that
+has a run under ``runs/``):
+
+- the training-free baselines (``random``, ``uniform``, ``l2norm``, ``divprune``,
+  ``cls_attention``), and
+- trained selectors: ``--ckpts`` paths, or the newest ``checkpoints/last.ckpt`` of each
+  trained selector under ``run.root``.
+
+Checkpoints are grouped by the encoder they were trained on; each group is evaluated on its
+own encoder's features of the held-out split (``data.val_split``), with the baselines beside
+it, so every row of a group sees the same tokens. ``key=value`` overrides (``data.*``,
+``encoder.*``) apply to every group; a checkpoint that does not fit the features is a one-line
+error naming the mismatch.
+
+Metrics per selector x budget (mean ± 95 % CI over samples; see ``metrics.py``):
+
+- ``recall``: the share of the answer box's tokens that are kept (samples with a box only;
+  ``n/a`` when the split has none);
+- ``coverage``: over dropped tokens, the mean of the max cosine similarity to a kept token;
+- ``ntp_increase``: the frozen VLM's NTP loss with only the kept tokens minus with all tokens
+  (where the group's encoder is the one the VLM needs; ``n/a`` elsewhere);
+- ``psnr``: the auto-encoder selectors' image reconstruction from the kept tokens;
+- LLM and sampler FLOPs for a named VLM geometry (``--geometry``, LLaVA-NeXT by default; the
+  LLM's FFN counts LLaMA's three gated matrices, see ``metrics.llm_flops``; the sampler counts
+  the selector's own layers at the encoder width) and the prefill reduction.
+
+Output: ``results.csv``, ``results.md``, one PNG per metric and TensorBoard scalars in the eval
+folder, whose path is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DEFAULT_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)  # the Gumbel paper's Table 1 keep ratios
+LLAVA15_COUNTS = (64, 128, 192)  # AutoSelect's budgets, for 576-token encoders
+METRICS = ("recall", "coverage", "ntp_increase", "psnr")
+FLOPS_COLUMNS = ("llm_tflops_kept", "sampler_tflops", "total_tflops", "prefill_reduction")
+
+
+class EvalError(ValueError):
+    """A user mistake on the eval command line: one line, exit status 2."""
+
+
+def parse_budgets(text: Optional[str]) -> Optional[list]:
+    """``"0.1,0.25,64"`` -> ``[0.1, 0.25, 64]``: floats in (0, 1] are ratios, integers counts."""
+    if not text:
+        return None
+    budgets: list = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = int(item) if item.isdigit() else float(item)
+        except ValueError:
+            raise EvalError(f"BUDGETS: {item!r} is neither a keep ratio nor a token count") from None
+        if isinstance(value, float) and value > 1:
+            raise EvalError(f"BUDGETS: {item!r} is a ratio above 1; write token counts as integers")
+        if value <= 0:
+            raise EvalError(f"BUDGETS: {item!r} must be positive")
+        budgets.append(value)
+    return budgets
+
+
+def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
+    """The newest ``last.ckpt`` under ``run_root/<name>/*/checkpoints/`` for each trained name."""
+    found = []
+    for name in names:
+        ckpts = sorted((run_root / name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if ckpts:
+            found.append(ckpts[-1])
+    return found
+
+
+def load_trained(path: Path):
+    """(name, network, run config) of a checkpoint; one-line errors for foreign files."""
+    from tokensel.selectors.inference import load_selector, read_checkpoint
+
+    hp = read_checkpoint(path)["hyper_parameters"]
+    if not hp.get("config"):
+        raise EvalError(f"{path}: the checkpoint has no run config (encoder unknown); retrain with this version")
+    return hp["selector"]["name"], load_selector(path), hp["config"]
+
+
+def encoder_key(run_config: dict) -> tuple:
+    enc = run_config["encoder"]
+    return (enc["name"], enc["pretrained"], enc["layer"], enc["norm"], enc["image_size"],
+            run_config["data"]["recon_size"])
+
+
+def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]:
+    """Checkpoints grouped by encoder; each group gets its own data/encoder config."""
+    from omegaconf import OmegaConf
+
+    from tokensel.experiments.config import parse_overrides
+
+    cli = parse_overrides(overrides)
+    forced = any(o.startswith("encoder.") for o in overrides)
+    groups: dict[tuple, dict] = {}
+    for name, net, run_config in trained:
+        key = ("forced",) if forced else encoder_key(run_config)
+        group = groups.setdefault(key, {"run_config": run_config, "trained": []})
+        group["trained"].append((name, net, run_config))
+    if not groups:
+        groups[("default",)] = {"run_config": None, "trained": []}
+    out = []
+    for group in groups.values():
+        config = copy.deepcopy(base_config)
+        if group["run_config"] is not None:
+            data = dict(group["run_config"]["data"])
+            data["root"] = base_config.data.root if base_config.data.root is not None else data["root"]
+            for key, value in data.items():
+                setattr(config.data, key, value)
+            for key, value in group["run_config"]["encoder"].items():
+                setattr(config.encoder, key, value)
+        schema = OmegaConf.create({"data": OmegaConf.structured(config.data),
+                                   "encoder": OmegaConf.structured(config.encoder)})
+        try:
+            merged = OmegaConf.merge(schema, cli)
+        except Exception as err:  # OmegaConf's key/type errors: one line naming the key
+            raise EvalError(f"overrides: {str(err).splitlines()[0]}") from None
+        config.data, config.encoder = OmegaConf.to_object(merged.data), OmegaConf.to_object(merged.encoder)
+        out.append({"config": config, "trained": group["trained"]})
+    return out
+
+
+def resolve_budget_list(budgets: Optional[list], num_tokens: int) -> list:
+    if budgets is not None:
+        return budgets
+    return list(DEFAULT_RATIOS) + (list(LLAVA15_COUNTS) if num_tokens == 576 else [])
+
+
+def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], max_samples: Optional[int],
+                   seed: int, geometry: str, log=print) -> list[dict]:
+    """All rows of one encoder group (see the module docstring)."""
+    from tokensel.datamodules.datamodule import FeatureDataModule
+    from tokensel.experiments.metrics import (GEOMETRIES, MetricAccumulator, evidence_recall, flops_report,
+                                              keep_mask, psnr, token_coverage)
+    from tokensel.selectors.baselines import BASELINES, build_baseline
+    from tokensel.selectors.budget import replace_dropped
+    from tokensel.selectors.inference import CheckpointError, resolve_budget
+    from tokensel.selectors.vlm import VLMConfig, build_vlm, required_encoder
+
+    config = group["config"]
+    wanted_baselines = [s for s in selectors if s in BASELINES]
+    if "cls_attention" in wanted_baselines and config.data.cls_attention_layer is None:
+        config.data.cls_attention_layer = -2
+    datamodule = FeatureDataModule(config.data, config.encoder, seed)
+    if not datamodule.has_val:
+        raise EvalError(f"{datamodule.root}: no {config.data.val_split!r} split to evaluate on")
+    dims = datamodule.dims
+    for name, net, _ in group["trained"]:
+        if net.dims.as_dict() != dims.as_dict():
+            raise CheckpointError(f"{name} was trained on features {net.dims.as_dict()}, "
+                                  f"the eval encoder {config.encoder.name} gives {dims.as_dict()}")
+    candidates = [(n, build_baseline(n, dims.grid, seed), "baseline") for n in wanted_baselines]
+    candidates += [(n, net, "trained") for n, net, _ in group["trained"] if n in selectors]
+    budget_list = resolve_budget_list(budgets, dims.num_tokens)
+    ks = [resolve_budget(b, dims.num_tokens) for b in budget_list]
+
+    vlm_cfg = next((copy.deepcopy(net.config.vlm) for n, net, _ in group["trained"] if hasattr(net.config, "vlm")),
+                   VLMConfig(backend="coca", model="coca_tiny"))
+    need = required_encoder(vlm_cfg)
+    vlm = None
+    if need.mismatch(config.encoder.name, config.encoder.layer, config.encoder.norm) is None:
+        vlm = build_vlm(vlm_cfg)
+    log(f"[eval] encoder {config.encoder.name}: {dims.num_tokens} tokens x {dims.dim}; "
+        f"{len(candidates)} selectors x {len(ks)} budgets; NTP metric: "
+        f"{vlm_cfg.backend}:{vlm_cfg.model}" + ("" if vlm is not None else " n/a (the VLM needs another encoder)"))
+
+    unique_ks = sorted(set(ks))  # a ratio and a count may name the same K: measure it once
+    acc = {(name, k): MetricAccumulator() for name, _, _ in candidates for k in unique_ks}
+    seen = 0
+    with torch.no_grad():
+        for raw in datamodule.val_dataloader():
+            batch = datamodule.encode(raw)
+            if max_samples is not None and seen >= max_samples:
+                break
+            if max_samples is not None and seen + len(batch) > max_samples:
+                batch = batch.head(max_samples - seen)
+            seen += len(batch)
+            full = vlm.ntp_loss(batch.features, batch.prompt, batch.target).per_sample if vlm is not None else None
+            for name, selector, kind in candidates:
+                for k in unique_ks:
+                    if kind == "baseline":
+                        indices, kept = selector.select(batch.features, k, cls_attention=batch.cls_attention)
+                    else:
+                        indices, kept = selector.select(batch.features, k)
+                    mask = keep_mask(indices, dims.num_tokens)
+                    a = acc[(name, k)]
+                    if batch.answer_tokens is not None:
+                        a.add("recall", evidence_recall(mask, batch.answer_tokens, batch.has_answer_box))
+                    a.add("coverage", token_coverage(batch.features, mask))
+                    if full is not None:
+                        a.add("ntp_increase", vlm.ntp_loss(kept, batch.prompt, batch.target).per_sample - full)
+                    if hasattr(selector, "reconstruct"):
+                        selected = replace_dropped(batch.features, mask.float(), selector.masked_embedding)
+                        a.add("psnr", psnr(selector.reconstruct(selected)[1].clamp(0, 1), batch.image))
+            log(f"[eval] {seen} held-out samples", end="\r")
+    log(f"[eval] {seen} held-out samples from {datamodule.root}")
+    geo = GEOMETRIES[geometry]
+    rows = []
+    for name, selector, kind in candidates:
+        for budget, k in zip(budget_list, ks):
+            ratio = k / dims.num_tokens
+            summary = acc[(name, k)].summary()
+            sampler_layers = getattr(getattr(selector, "config", None), "depth", 0) if kind == "trained" else 0
+            # The sampler term counts our selector's own layers at the encoder's width (GELU MLP,
+            # two matrices), which is how gumbel_ae and vp_noise are built; baselines add none.
+            flops = flops_report(geo, ratio, sampler_layers=sampler_layers, sampler_d=geo.vision_d,
+                                 sampler_m=geo.vision_m, sampler_ffn_matrices=2)
+            row = {"encoder": config.encoder.name, "selector": name, "budget": str(budget), "keep_ratio": ratio,
+                   "k": k, "samples": seen}
+            for metric in METRICS:
+                row[metric] = summary.get(metric, (float("nan"), float("nan"), 0))
+            row.update({f"{geometry}_{key}": flops[key] for key in FLOPS_COLUMNS})
+            rows.append(row)
+    return rows
+
+
+def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out_dir)) as writer:
+        for row in rows:
+            step = int(round(1000 * row["keep_ratio"]))  # x-axis: keep ratio in per mille
+            for metric in METRICS:
+                mean, _, n = row[metric]
+                if n:
+                    writer.add_scalar(f"eval/{metric}/{row['selector']}", mean, step)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from tokensel.datamodules.encoders import EncoderError
+    from tokensel.datamodules.shards import ShardFormatError
+    from tokensel.experiments.config import ConfigError, load_config
+    from tokensel.experiments.metrics import plot_metrics, write_table
+    from tokensel.experiments.train import quiet_known_warnings
+    from tokensel.selectors.baselines import BASELINES
+    from tokensel.selectors.inference import BudgetError, CheckpointError
+    from tokensel.selectors.registry import list_selectors
+    from tokensel.selectors.vlm import VLMError
+
+    parser = argparse.ArgumentParser(prog="python -m tokensel.experiments.evaluate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--selectors", default="", help="comma list (default: all baselines + trained runs)")
+    parser.add_argument("--ckpts", default="", help="comma list of checkpoints (default: newest per selector)")
+    parser.add_argument("--budgets", default="", help="comma list of keep ratios (0-1] and/or token counts")
+    parser.add_argument("--geometry", default="llava_next", help="VLM geometry for FLOPs: llava_next | llava15")
+    parser.add_argument("--max-samples", type=int, default=None, help="cap on held-out samples")
+    parser.add_argument("--out", default=None, help="eval folder (default: eval/<time>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="data.* / encoder.* / run.root overrides, key=value")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings()
+    started = time.time()
+    try:
+        base = load_config("gumbel_ae", overrides=[o for o in args.overrides if o.startswith(("data.", "run."))])
+        trained_names = [n for n in list_selectors()]
+        chosen = [s.strip() for s in args.selectors.split(",") if s.strip()] or None
+        unknown = [s for s in chosen or [] if s not in BASELINES and s not in trained_names]
+        if unknown:
+            raise EvalError(f"SELECTORS: unknown {', '.join(unknown)}; choose from "
+                            f"{', '.join(sorted(BASELINES))}, {', '.join(trained_names)}")
+        ckpt_paths = [Path(p.strip()) for p in args.ckpts.split(",") if p.strip()]
+        if not ckpt_paths:
+            wanted = [n for n in trained_names if chosen is None or n in chosen]
+            ckpt_paths = newest_checkpoints(Path(base.run.root), wanted)
+        trained = [load_trained(p) for p in ckpt_paths]
+        if chosen is None:
+            chosen = sorted(BASELINES) + sorted({name for name, _, _ in trained})
+        missing = [s for s in chosen if s in trained_names and s not in {n for n, _, _ in trained}]
+        if missing:
+            raise EvalError(f"no checkpoint for {', '.join(missing)} under {base.run.root}/; train it or pass CKPTS=")
+        if args.geometry not in ("llava_next", "llava15"):
+            raise EvalError(f"--geometry={args.geometry!r}: expected llava_next or llava15")
+        budgets = parse_budgets(args.budgets)
+        if base.data.root is None:
+            from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
+            from tokensel.datamodules.synthetic import ensure_default_corpus
+
+            ensure_default_corpus(DEFAULT_DATA_ROOT)
+        rows = []
+        for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):
+            rows += evaluate_group(group, chosen, budgets, args.max_samples, args.seed, args.geometry)
+    except (EvalError, ConfigError, ShardFormatError, EncoderError, CheckpointError, BudgetError, VLMError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out or f"eval/{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = write_table(rows, out_dir, "results")
+    plots = plot_metrics(rows, out_dir)
+    write_tensorboard(rows, out_dir)
+    print(md_path.read_text())
+    print(f"eval folder: {out_dir}  ({csv_path.name}, {md_path.name}, {len(plots)} plots, TensorBoard events; "
+          f"{time.time() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

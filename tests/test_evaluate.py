@@ -1,0 +1,85 @@
+"""`make eval` end to end on generated data with a short-trained selector, and its bad inputs."""
+
+import csv
+import subprocess
+
+import pytest
+
+from conftest import FAST_ARGS, REPO, run_module
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_corpus, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    args = FAST_ARGS + [f"data.root={tiny_corpus}", f"run.root={runs}", "trainer.max_steps=4"]
+    result = run_module("tokensel.experiments.train", "gumbel_ae", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return runs
+
+
+def make_eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "eval", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_make_eval_compares_baselines_and_the_trained_selector(trained, tiny_corpus, tmp_path):
+    out = tmp_path / "eval"
+    result = make_eval("BUDGETS=0.25,0.5,4", f"ARGS=--out {out} data.root={tiny_corpus} run.root={trained}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"eval folder: {out}" in result.stdout
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    selectors = {r["selector"] for r in rows}
+    assert selectors == {"random", "uniform", "l2norm", "divprune", "cls_attention", "gumbel_ae"}
+    assert len(rows) == 6 * 3
+    for row in rows:
+        assert row["samples"] == "18"
+        assert float(row["coverage_mean"]) <= 1.0
+        assert 0.0 <= float(row["recall_mean"]) <= 1.0  # the generated docs and charts have answer boxes
+    gumbel = [r for r in rows if r["selector"] == "gumbel_ae"]
+    assert all(r["psnr_n"] == "18" for r in gumbel)
+    assert all(r["psnr_n"] == "0" for r in rows if r["selector"] != "gumbel_ae")
+    assert all(r["ntp_increase_n"] == "0" for r in rows)  # CoCa cannot read a ViT-tiny's tokens
+    markdown = (out / "results.md").read_text()
+    assert "n/a" in markdown and "±" in markdown
+    assert list(out.glob("*.png")) and list(out.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["BUDGETS=0"], ["BUDGETS", "'0'"]),
+    (["BUDGETS=2.5"], ["ratio above 1"]),
+    (["SELECTORS=magic"], ["unknown magic"]),
+])
+def test_bad_eval_arguments_are_one_line(args, words, tiny_corpus, trained):
+    result = make_eval(*args, f"ARGS=data.root={tiny_corpus} run.root={trained}")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    for word in words:
+        assert word in errors[0]
+
+
+def test_a_foreign_checkpoint_is_named(tmp_path, tiny_corpus):
+    bogus = tmp_path / "model.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    result = run_module("tokensel.experiments.evaluate", "--ckpts", str(bogus), f"data.root={tiny_corpus}")
+    assert result.returncode == 2
+    assert str(bogus) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_budget_larger_than_n_is_refused(trained, tiny_corpus):
+    result = run_module("tokensel.experiments.evaluate", "--budgets", "100000", f"data.root={tiny_corpus}",
+                        f"run.root={trained}")
+    assert result.returncode == 2 and "N=" in result.stderr
+
+
+def test_bench_runs_and_prints_its_table(tmp_path):
+    result = run_module("tokensel.experiments.bench", "--batches", "1", "--repeats", "2", "--warmup", "1",
+                        "--selectors", "random,divprune,vp_noise", "--encoder-max-images", "1", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "bench.md").read_text()
+    for geometry in ("llava15 (1x576x1024)", "llava_next (5x576x1024)"):
+        for name in ("random", "divprune", "vp_noise"):
+            assert f"| {geometry} | 1 | {name} |" in table
+    assert "0.69 ms" in table
