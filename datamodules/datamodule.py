@@ -57,6 +57,7 @@ class EncoderConfig:
     norm: bool = True  # apply the final LayerNorm to that output
     image_size: Optional[int] = None  # input resolution override; None: the model's own
     precision: str = "32"  # "32" | "bf16" | "16"
+    init_seed: int = 0  # random initialisation (pretrained=""): the same encoder in every process
 
 
 class FeatureDataModule(L.LightningDataModule):
@@ -77,7 +78,8 @@ class FeatureDataModule(L.LightningDataModule):
         if not self.val_entries:
             log.warning("%s has no %r split: validation is off", self.root / "index.json", data.val_split)
         self.encoder: FrozenEncoder = build_encoder(
-            encoder.name, encoder.pretrained, encoder.layer, encoder.norm, encoder.image_size, encoder.precision
+            encoder.name, encoder.pretrained, encoder.layer, encoder.norm, encoder.image_size, encoder.precision,
+            encoder.init_seed,
         )
         if data.cls_attention_layer is not None:  # fail now, not at the first batch
             self.encoder.check_cls_attention(data.cls_attention_layer)

@@ -280,8 +280,19 @@ def _hf_clip_cls_attention(name: str, block: nn.Module, prefix: int):
 
 
 def build_encoder(name: str, pretrained: str = "", layer: int = -1, norm: bool = True,
-                  image_size: Optional[int] = None, precision: str = "32") -> FrozenEncoder:
-    """Build a :class:`FrozenEncoder` from ``library:model`` (see the module docstring)."""
+                  image_size: Optional[int] = None, precision: str = "32", init_seed: int = 0) -> FrozenEncoder:
+    """Build a :class:`FrozenEncoder` from ``library:model`` (see the module docstring).
+
+    Random initialisation is drawn from ``init_seed`` alone, never from the global RNG, so a
+    random-init encoder is the same network in training, evaluation and every DDP rank.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return _build_encoder(name, pretrained, layer, norm, image_size, precision)
+
+
+def _build_encoder(name: str, pretrained: str, layer: int, norm: bool, image_size: Optional[int],
+                   precision: str) -> FrozenEncoder:
     library, sep, model_name = name.partition(":")
     if not sep or library not in LIBRARIES or not model_name:
         raise EncoderError(f"encoder.name={name!r}: expected '<library>:<model>' with library one of {', '.join(LIBRARIES)}")

@@ -29,8 +29,8 @@ Metrics per selector x budget (mean ± 95 % CI over samples; see ``metrics.py``)
   LLM's FFN counts LLaMA's three gated matrices, see ``metrics.llm_flops``; the sampler counts
   the selector's own layers at the encoder width) and the prefill reduction.
 
-Output: ``results.csv``, ``results.md``, one PNG per metric and TensorBoard scalars in the eval
-folder, whose path is printed.
+Output: ``results.csv``, ``results.md``, one PNG per metric (per encoder group, in a subfolder
+when there are several) and TensorBoard scalars in the eval folder, whose path is printed.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import argparse
 import copy
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -96,7 +95,7 @@ def load_trained(path: Path):
 
 def encoder_key(run_config: dict) -> tuple:
     enc = run_config["encoder"]
-    return (enc["name"], enc["pretrained"], enc["layer"], enc["norm"], enc["image_size"],
+    return (enc["name"], enc["pretrained"], enc["layer"], enc["norm"], enc["image_size"], enc.get("init_seed", 0),
             run_config["data"]["recon_size"])
 
 
@@ -239,7 +238,7 @@ def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
             for metric in METRICS:
                 mean, _, n = row[metric]
                 if n:
-                    writer.add_scalar(f"eval/{metric}/{row['selector']}", mean, step)
+                    writer.add_scalar(f"eval/{metric}/{row['selector']}@{row['encoder']}", mean, step)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -301,7 +300,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir = Path(args.out or f"eval/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_table(rows, out_dir, "results")
-    plots = plot_metrics(rows, out_dir)
+    encoders = sorted({row["encoder"] for row in rows})
+    plots = []
+    for encoder in encoders:  # one set of plots per encoder: rows of different features don't share axes
+        folder = out_dir if len(encoders) == 1 else out_dir / encoder.replace(":", "_").replace("/", "_")
+        plots += plot_metrics([row for row in rows if row["encoder"] == encoder], folder)
     write_tensorboard(rows, out_dir)
     print(md_path.read_text())
     print(f"eval folder: {out_dir}  ({csv_path.name}, {md_path.name}, {len(plots)} plots, TensorBoard events; "

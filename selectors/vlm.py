@@ -49,6 +49,7 @@ class VLMConfig:
     pretrained: str = ""
     max_text_tokens: int = 64  # prompt + target tokens; longer texts are truncated from the prompt's start
     precision: str = "32"  # "32" | "bf16" | "16": the frozen VLM's dtype
+    init_seed: int = 0  # random initialisation, when no weights are given
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,14 @@ def required_encoder(cfg: VLMConfig) -> EncoderRequirement:
 
 
 def build_vlm(cfg: VLMConfig) -> FrozenVLM:
-    """Build the frozen VLM head of ``cfg`` (without its vision encoder)."""
-    vlm = _backend(cfg.backend).build(cfg)
+    """Build the frozen VLM head of ``cfg`` (without its vision encoder).
+
+    Random initialisation (no weights given) is drawn from ``cfg.init_seed`` alone, so a
+    random VLM is the same network in training, evaluation and every DDP rank.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        vlm = _backend(cfg.backend).build(cfg)
     return vlm.freeze()
 
 

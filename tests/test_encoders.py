@@ -69,3 +69,14 @@ def test_bad_encoder_settings_give_one_line_errors(kwargs, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_random_init_depends_on_init_seed_only_not_the_global_rng():
+    torch.manual_seed(123)
+    a = build_encoder("timm:vit_tiny_patch16_224", image_size=64)
+    torch.rand(1000)  # move the global RNG on
+    b = build_encoder("timm:vit_tiny_patch16_224", image_size=64)
+    c = build_encoder("timm:vit_tiny_patch16_224", image_size=64, init_seed=1)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(a(x), b(x))
+    assert not torch.equal(a(x), c(x))

@@ -83,3 +83,12 @@ def test_bench_runs_and_prints_its_table(tmp_path):
         for name in ("random", "divprune", "vp_noise"):
             assert f"| {geometry} | 1 | {name} |" in table
     assert "0.69 ms" in table
+
+
+def test_a_checkpoint_for_other_features_names_the_mismatch(trained, tiny_corpus):
+    ckpt = next(trained.glob("gumbel_ae/*/checkpoints/last.ckpt"))
+    result = run_module("tokensel.experiments.evaluate", "--ckpts", str(ckpt), "--selectors", "gumbel_ae",
+                        f"data.root={tiny_corpus}", "encoder.image_size=32")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "was trained on features" in errors[0] and "num_tokens" in errors[0]
