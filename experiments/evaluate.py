@@ -267,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     started = time.time()
     try:
         base = load_config("gumbel_ae", overrides=[o for o in args.overrides if o.startswith(("data.", "run."))])
-        trained_names = [n for n in list_selectors()]
+        trained_names = list_selectors()
         chosen = [s.strip() for s in args.selectors.split(",") if s.strip()] or None
         unknown = [s for s in chosen or [] if s not in BASELINES and s not in trained_names]
         if unknown:

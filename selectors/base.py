@@ -16,7 +16,7 @@ selector network only (the encoder lives in the datamodule).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional
 
 import lightning as L
@@ -176,6 +176,3 @@ class SelectorModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total, cfg))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -122,5 +121,3 @@ def build_vlm(cfg: VLMConfig) -> FrozenVLM:
         vlm = _backend(cfg.backend).build(cfg)
     return vlm.freeze()
 
-
-BuildFn = Callable[[VLMConfig], FrozenVLM]

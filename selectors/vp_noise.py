@@ -30,7 +30,7 @@ Where the paper is silent (each is a ``selector.*`` key):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -209,6 +209,3 @@ class VPNoiseSelector(SelectorModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("vlm.")}
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
