@@ -334,9 +334,11 @@ def hub_download(announce: Optional[str]):
         logging.disable(logging.NOTSET)
 
 
-def _hub_download(name: str, pretrained: str):
+def weights_download(label: str, pretrained: str):
+    """``hub_download`` around loading ``pretrained`` weights for ``label``: silent unless
+    ``pretrained`` is a hub tag (not empty, not a local file)."""
     fetches = bool(pretrained) and not _looks_like_path(pretrained)
-    return hub_download(f"encoder {name}: fetching weights {pretrained!r} from the hub" if fetches else None)
+    return hub_download(f"{label}: fetching weights {pretrained!r} from the hub" if fetches else None)
 
 
 def _build_timm(model_name: str, pretrained: str, image_size: Optional[int]):
@@ -348,7 +350,7 @@ def _build_timm(model_name: str, pretrained: str, image_size: Optional[int]):
     if not timm.is_model(model_name.split(".")[0]):
         raise EncoderError(f"encoder.name='timm:{model_name}': timm has no such model")
     try:
-        with _hub_download(f"timm:{model_name}", pretrained):
+        with weights_download(f"encoder timm:{model_name}", pretrained):
             model = _create_timm(timm, model_name, pretrained, kwargs)
     except EncoderError:
         raise
@@ -385,7 +387,7 @@ def _build_open_clip(model_name: str, pretrained: str, image_size: Optional[int]
     if image_size:
         kwargs["force_image_size"] = image_size
     try:
-        with _hub_download(f"open_clip:{model_name}", pretrained):
+        with weights_download(f"encoder open_clip:{model_name}", pretrained):
             model = open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         if pretrained and not _looks_like_path(pretrained):

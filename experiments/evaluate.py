@@ -184,9 +184,9 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
     seen = 0
     with torch.no_grad():
         for raw in datamodule.val_dataloader():
-            batch = datamodule.encode(raw)
             if max_samples is not None and seen >= max_samples:
                 break
+            batch = datamodule.encode(raw)
             if max_samples is not None and seen + len(batch) > max_samples:
                 batch = batch.head(max_samples - seen)
             seen += len(batch)

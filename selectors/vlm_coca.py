@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokensel.datamodules.encoders import DTYPES, _looks_like_path, hub_download, register_model_configs
+from tokensel.datamodules.encoders import DTYPES, _looks_like_path, register_model_configs, weights_download
 from tokensel.selectors.vlm import EncoderRequirement, FrozenVLM, NTPOutput, VLMConfig, VLMError
 
 log = logging.getLogger("tokensel.vlm.coca")
@@ -74,11 +74,6 @@ def required_encoder(cfg: VLMConfig) -> EncoderRequirement:
     return EncoderRequirement(name=f"open_clip:{cfg.model}", layer=-1, norm=False)
 
 
-def _quiet_hub(model: str, pretrained: str):
-    fetches = bool(pretrained) and not _looks_like_path(pretrained)
-    return hub_download(f"selector.vlm {model}: fetching weights {pretrained!r} from the hub" if fetches else None)
-
-
 def build(cfg: VLMConfig) -> "CoCaVLM":
     import open_clip
 
@@ -91,7 +86,7 @@ def build(cfg: VLMConfig) -> "CoCaVLM":
     if pretrained and _looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise VLMError(f"selector.vlm.pretrained={pretrained!r}: no such weights file")
     try:
-        with _quiet_hub(cfg.model, pretrained):
+        with weights_download(f"selector.vlm {cfg.model}", pretrained):
             model = open_clip.create_model(cfg.model, pretrained=pretrained or None)
     except (OSError, RuntimeError, ValueError) as err:
         if pretrained and not _looks_like_path(pretrained):
