@@ -161,7 +161,8 @@ def train(config) -> dict:
     callbacks = [
         ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=1 if datamodule.has_val else 0,
                         monitor="val/loss" if datamodule.has_val else None, every_n_train_steps=every,
-                        filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False),
+                        filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
+                        enable_version_counter=False),  # overwrite last.ckpt, never last-v1.ckpt
         LastCheckpoint(checkpoint_dir / "last.ckpt"),
         LearningRateMonitor(logging_interval="step"),
         SelectionPanels(every_n_steps=config.run.panels_every_n_steps),
