@@ -67,6 +67,10 @@ class RunConfig:
     resume: Optional[str] = None  # "last": this run folder's last.ckpt (newest run if no version); or a path
     panels_every_n_steps: int = 50  # image panels; 0 turns them off
     checkpoint_every_n_steps: int = 0  # 0: at every epoch end
+    # Collapse detector (callbacks/collapse.py): train/keep_ratio below the threshold for this
+    # many consecutive steps. The paper gives no number; 0 patience turns it off.
+    collapse_threshold: float = 0.05
+    collapse_patience: int = 25
 
 
 @dataclass
@@ -147,6 +151,9 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
         default = EXPERIMENTS_DIR / f"{name}.yaml"
         config_file = str(default) if default.is_file() else None
         file_cfg = read_yaml(default) if config_file else {}
+    required = [k for k, v in _flat(file_cfg).items() if v == "???" and OmegaConf.select(cli, k) is None]
+    if required:  # OmegaConf's merge would keep the default instead of failing on '???'
+        raise ConfigError(f"{config_file}: {required[0]} is required (???): pass {required[0]}=... (make ARGS=\"{required[0]}=...\")")
     schema = OmegaConf.structured(TrainConfig(selector=entry.make_config()))
     for layer, source in ((file_cfg, config_file), (cli, "overrides")):
         try:
@@ -162,6 +169,16 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
     return config
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_run_config(config: TrainConfig) -> None:
     """Cross-field checks that the dataclasses cannot make on their own."""
     data = config.data
@@ -174,6 +191,8 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError(f"data.samples_per_epoch={data.samples_per_epoch}: must be at least 1")
     if any(w < 0 for w in data.weights.values()):
         raise ConfigError(f"data.weights={dict(data.weights)}: weights must be >= 0")
+    if config.run.collapse_patience < 0:
+        raise ConfigError(f"run.collapse_patience={config.run.collapse_patience}: must be >= 0 (0 turns it off)")
     if config.trainer.max_epochs < 1 and config.trainer.max_steps < 1:
         raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
     check = getattr(config.selector, "check_run", None)  # an objective's own cross-checks

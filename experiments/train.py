@@ -12,6 +12,7 @@ every extra rank.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -126,6 +127,7 @@ def train(config) -> dict:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from tokensel.callbacks.collapse import CollapseDetector
     from tokensel.callbacks.data_health import SkippedSamples
     from tokensel.callbacks.last_checkpoint import LastCheckpoint
     from tokensel.callbacks.panels import SelectionPanels
@@ -168,6 +170,10 @@ def train(config) -> dict:
         SelectionPanels(every_n_steps=config.run.panels_every_n_steps),
         skipped,
     ]
+    collapse = None
+    if config.run.collapse_patience > 0:
+        collapse = CollapseDetector(config.run.collapse_threshold, config.run.collapse_patience)
+        callbacks.append(collapse)
     if config.trainer.enable_progress_bar:
         callbacks.append(ProgressBar())
     trainer_kwargs = {k: v for k, v in asdict(config.trainer).items() if v is not None}
@@ -186,14 +192,31 @@ def train(config) -> dict:
     if datamodule.has_val and "val/loss" not in metrics and not trainer.interrupted:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # a max_steps stop skipped it
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    seconds = time.time() - started
+    collapse_step = collapse.collapse_step if collapse is not None else None
     if trainer.is_global_zero:
-        print_summary(run_dir, metrics, time.time() - started, skipped.total)
+        write_run_record(run_dir, metrics, seconds, skipped.total, collapse_step, trainer)
+        print_summary(run_dir, metrics, seconds, skipped.total, collapse, collapse_step)
     return metrics
 
 
-def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int) -> None:
+def write_run_record(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse_step: Optional[int],
+                     trainer) -> None:
+    """``metrics.json`` in the run folder: what a sweep reads back (final metrics, wall time, ...)."""
+    record = {"metrics": metrics, "wall_s": round(seconds, 2), "global_step": trainer.global_step,
+              "epoch": trainer.current_epoch, "interrupted": bool(trainer.interrupted), "skipped": skipped,
+              "collapse_step": collapse_step}
+    (run_dir / "metrics.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse=None,
+                  collapse_step: Optional[int] = None) -> None:
     shown = [k for k in sorted(metrics) if k.startswith(("train/", "val/")) and k != "val/samples"]
     lines = [f"  {k:<18} {metrics[k]:.4f}" for k in shown]
+    if collapse is not None and "train/keep_ratio" in metrics:
+        w = collapse.watch
+        lines.append(f"  collapse           {'none' if collapse_step is None else f'from step {collapse_step}'}"
+                     f" (keep ratio < {w.threshold:g} for {w.patience} steps)")
     minutes, secs = divmod(int(round(seconds)), 60)
     print("\n".join([
         "",

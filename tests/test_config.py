@@ -23,8 +23,11 @@ def test_straight_through_is_gumbel_ae_with_another_estimator():
 
 
 def test_paper_preset_is_a_config_not_code():
-    cfg = load_config(config_file=str(REPO / "experiments/paper/llava_next.yaml"))
-    assert cfg.selector.name == "gumbel_ae"
+    preset = str(REPO / "experiments/paper/llava_next.yaml")
+    with pytest.raises(ConfigError, match=r"data.root is required \(\?\?\?\)"):  # never the synthetic default
+        load_config(config_file=preset)
+    cfg = load_config(config_file=preset, overrides=["data.root=/data/shards"])
+    assert cfg.data.root == "/data/shards" and cfg.selector.name == "gumbel_ae"
     assert cfg.encoder.name == "open_clip:ViT-L-14-336" and cfg.encoder.layer == -2
     assert cfg.trainer.max_epochs == 100 and cfg.optim.lr == 1e-5 and cfg.data.batch_size == 32
     assert cfg.optim.stages == [60, 20, 20]
