@@ -17,8 +17,10 @@ STAMP := $(VENV)/.installed
 SELECTORS ?=
 CKPTS ?=
 BUDGETS ?=
+SWEEP ?=
+SEEDS ?=
 
-.PHONY: help setup train data test eval bench tensorboard clean
+.PHONY: help setup train data test eval bench sweep collapse tensorboard clean
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
@@ -26,6 +28,8 @@ help:
 	@echo "make test                                                           run the test suite"
 	@echo "make eval [SELECTORS=a,b] [CKPTS=p1,p2] [BUDGETS=0.1,64] [ARGS=...]  compare selectors on held-out data"
 	@echo "make bench                                                          selector latency vs the encoder"
+	@echo "make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS=...]  an ablation sweep (table + plots)"
+	@echo "make collapse [SEEDS=0,1,2] [ARGS=...]                              the regulariser collapse study (App. B)"
 	@echo "make data                                                           generate the default corpus (data/default)"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
 
@@ -48,6 +52,12 @@ eval: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tokensel.experiments.bench $(ARGS)
+
+sweep: $(STAMP)
+	$(PY) -m tokensel.experiments.sweep $(SWEEP) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
+
+collapse: $(STAMP)
+	$(PY) -m tokensel.experiments.sweep experiments/sweeps/collapse.yaml $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

@@ -447,8 +447,8 @@ def format_triple(value: Sequence) -> str:
     return f"{_fmt(mean)} ± {_fmt(half)}"
 
 
-def _columns(rows: Sequence[Mapping]) -> list[str]:
-    cols: list[str] = [c for c in _KEY_COLUMNS if any(c in r for r in rows)]
+def _columns(rows: Sequence[Mapping], key_columns: Sequence[str] = _KEY_COLUMNS) -> list[str]:
+    cols: list[str] = [c for c in key_columns if any(c in r for r in rows)]
     for r in rows:
         for c in r:
             if c not in cols:
@@ -470,7 +470,8 @@ def _csv_value(x) -> str:
 
 
 def write_table(
-    rows: list[dict], out_dir: Path, name: str, confidence: float = 0.95, title: Optional[str] = None
+    rows: list[dict], out_dir: Path, name: str, confidence: float = 0.95, title: Optional[str] = None,
+    spread: str = "ci", key_columns: Sequence[str] = _KEY_COLUMNS,
 ) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.csv`` and ``<out_dir>/<name>.md``; return both paths.
 
@@ -484,15 +485,20 @@ def write_table(
     - Markdown: one cell per metric reading ``mean ± half_width`` (3 decimals), ``n/a`` when
       n = 0 and ``mean (n=1)`` when there is no CI; a header line states that ± is the
       ``confidence`` CI (Student t) and the sample counts of every metric.
+
+    ``spread="std"`` reads the triples as ``(mean, sample std, n)`` over seeds instead (CSV
+    ``<metric>_std``; the header says so). ``key_columns`` come first, in that order.
     """
+    if spread not in ("ci", "std"):
+        raise ValueError(f"spread={spread!r}: expected 'ci' or 'std'")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = _columns(rows)
+    cols = _columns(rows, key_columns)
     metrics = set(_metric_columns(rows, cols))
 
     csv_cols: list[str] = []
     for c in cols:
-        csv_cols += [f"{c}_mean", f"{c}_ci", f"{c}_n"] if c in metrics else [c]
+        csv_cols += [f"{c}_mean", f"{c}_{spread}", f"{c}_n"] if c in metrics else [c]
     csv_path = out_dir / f"{name}.csv"
     with open(csv_path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -524,19 +530,27 @@ def write_table(
     lines = []
     if title:
         lines += [f"# {title}", ""]
-    lines.append(
-        f"Metric cells are mean ± half-width of the {pct} confidence interval (Student t) over n samples "
-        f"(n/a: no sample could be scored). Samples per cell: " + ("; ".join(counts) if counts else "none") + "."
-    )
+    if spread == "std":
+        lines.append("Metric cells are mean ± sample standard deviation over n seeds (a bare number: a single "
+                     "seed; n/a: no run could be scored). Seeds per cell: " + ("; ".join(counts) or "none") + ".")
+    else:
+        lines.append(
+            f"Metric cells are mean ± half-width of the {pct} confidence interval (Student t) over n samples "
+            f"(n/a: no sample could be scored). Samples per cell: " + ("; ".join(counts) if counts else "none") + "."
+        )
     lines.append("")
     lines.append("| " + " | ".join(cols) + " |")
-    lines.append("|" + "|".join("---" if c in ("selector", "budget") else "---:" for c in cols) + "|")
+    text_cols = {c for c in cols if c not in metrics and any(isinstance(r.get(c), str) for r in rows)}
+    lines.append("|" + "|".join("---" if c in text_cols else "---:" for c in cols) + "|")
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c)
             if c in metrics:
-                cells.append(format_triple(v) if is_metric_triple(v) else "n/a")
+                if spread == "std" and is_metric_triple(v) and int(v[2]) == 1:
+                    cells.append(_fmt(v[0]))  # one seed: no spread to show
+                else:
+                    cells.append(format_triple(v) if is_metric_triple(v) else "n/a")
             else:
                 cells.append("" if v is None else _fmt(v))
         lines.append("| " + " | ".join(cells) + " |")

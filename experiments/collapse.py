@@ -1,0 +1,167 @@
+"""The regulariser collapse study of App. B.1–B.3 (``gumbel-ae-selector.md``): ``make collapse``.
+
+    make collapse [SEEDS=0,1,2] [ARGS="trainer.max_steps=600 ..."]
+
+is the sweep ``experiments/sweeps/collapse.yaml``: the auto-encoder objective with
+``selector.estimator`` in {gumbel, straight_through} x ``selector.regulariser`` in {maxmin,
+plain}, i.e. the four objectives of App. B.1, on identical data, seed, encoder and budget. Every
+run writes into one TensorBoard root (``sweeps/collapse/runs``) named after its objective and
+seed, so ``train/keep_ratio``, ``train/feat_recon``, ``train/img_recon`` and ``train/reg``
+overlay in one view, and each run's ``CollapseDetector`` (``callbacks/collapse.py``) dates the
+collapse it sees.
+
+This module writes the report from those runs:
+
+- ``collapse.png``: keep ratio and reconstruction loss (feature + image, Eq. 8's first two
+  terms) against step, one colour per objective, one line per seed;
+- ``collapse.md``/``collapse.csv``: per run, the final training keep ratio (the mean of the last
+  ``FINAL_WINDOW`` logged steps, since the Gumbel sample is noisy), the validation keep ratio
+  (noiseless mask), the validation reconstruction losses and the collapse step or ``none``; then
+  per objective, mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+FINAL_WINDOW = 10  # logged steps averaged for the final training keep ratio
+CURVES = ("train/keep_ratio", "train/feat_recon", "train/img_recon", "train/reg")
+
+
+def read_curves(run_dir: Path, tags: tuple[str, ...] = CURVES) -> dict[str, list[tuple[int, float]]]:
+    """The ``tags`` scalars of one TensorBoard run folder: tag -> [(step, value)] in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    present = set(acc.Tags()["scalars"])
+    return {t: sorted((e.step, e.value) for e in acc.Scalars(t)) for t in tags if t in present}
+
+
+def objective_label(axis_values: dict) -> str:
+    """``{"selector.estimator": "gumbel", "selector.regulariser": "plain"}`` -> ``gumbel+plain``."""
+    return "+".join(str(v) for v in axis_values.values())
+
+
+def summary_rows(records: list[dict], curves: dict[str, dict]) -> list[dict]:
+    """One row per finished run (see the module docstring)."""
+    rows = []
+    for rec in records:
+        keep = [v for _, v in curves[rec["run_id"]].get("train/keep_ratio", [])][-FINAL_WINDOW:]
+        m = rec["metrics"]
+        step = rec.get("collapse_step")
+        rows.append({
+            "objective": objective_label(rec["axes"]),
+            "seed": rec["seed"],
+            "train_keep_ratio": sum(keep) / len(keep) if keep else math.nan,
+            "val_keep_ratio": m.get("val/keep_ratio", math.nan),
+            "val_feat_recon": m.get("val/feat_recon", math.nan),
+            "val_img_recon": m.get("val/img_recon", math.nan),
+            "collapse_step": "none" if step is None else int(step),
+            "steps": rec.get("global_step"),
+            "train_s": rec["train_s"],
+        })
+    return rows
+
+
+def objective_rows(rows: list[dict]) -> list[dict]:
+    """Per objective: mean ± std over seeds, and how many seeds collapsed (mean step of those)."""
+    from tokensel.experiments.sweep import aggregate
+
+    numeric = [{k: v for k, v in r.items() if k != "collapse_step"} for r in rows]
+    out = aggregate(numeric, ["objective"], exclude=("seed", "steps"))
+    for agg in out:
+        members = [r for r in rows if r["objective"] == agg["objective"]]
+        steps = [r["collapse_step"] for r in members if r["collapse_step"] != "none"]
+        agg["collapsed"] = f"{len(steps)}/{len(members)} seeds" + (
+            f" (mean step {sum(steps) / len(steps):.0f})" if steps else "")
+    return out
+
+
+def plot_collapse(curves: dict[str, dict], records: list[dict], path: Path, p: float, q: float,
+                  threshold: float, dpi: int = 110) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_keep, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
+    colours: dict[str, str] = {}
+    for rec in records:
+        label = objective_label(rec["axes"])
+        first = label not in colours  # label each objective once, not once per seed
+        colour = colours.setdefault(label, f"C{len(colours)}")
+        c = curves[rec["run_id"]]
+        if "train/keep_ratio" in c:
+            steps, values = zip(*c["train/keep_ratio"])
+            ax_keep.plot(steps, values, color=colour, lw=1.2, alpha=0.85, label=label if first else None)
+        recon = _sum_curves(c.get("train/feat_recon", []), c.get("train/img_recon", []))
+        if recon:
+            steps, values = zip(*recon)
+            ax_rec.plot(steps, values, color=colour, lw=1.2, alpha=0.85, label=label if first else None)
+        if rec.get("collapse_step") is not None:
+            ax_keep.axvline(rec["collapse_step"], color=colour, ls=":", lw=1)
+    for y, text, style in ((p, f"p={p:g}", "--"), (q, f"q={q:g}", "--"), (threshold, f"collapse < {threshold:g}", ":")):
+        ax_keep.axhline(y, color="grey", ls=style, lw=0.8)
+        ax_keep.text(1.0, y, f"{text} ", color="grey", fontsize=8, va="bottom", ha="right",
+                     transform=ax_keep.get_yaxis_transform())
+    ax_keep.set(title="train/keep_ratio (L_pr, Eq. 7)", xlabel="step", ylim=(-0.03, 1.03))
+    ax_rec.set(title="reconstruction: train/feat_recon + train/img_recon", xlabel="step")
+    ax_rec.set_yscale("log")
+    for ax in (ax_keep, ax_rec):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("regulariser collapse (App. B.1): one line per seed; dotted verticals: detected collapse", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _sum_curves(a: list, b: list) -> list[tuple[int, float]]:
+    bs = dict(b)
+    return [(s, v + bs[s]) for s, v in a if s in bs]
+
+
+def report_collapse(sweep, runs, records: list[dict], failed: list[dict]) -> list[Path]:
+    """The study's table and plot (see the module docstring); returns their paths, table first."""
+    from tokensel.experiments.metrics import write_table
+
+    base = json.loads((sweep.folder / "sweep.json").read_text())["resolved_base"]
+    sel, run_cfg = base["selector"], base["run"]
+    curves = {rec["run_id"]: read_curves(sweep.folder / "runs" / rec["run_id"] / "train") for rec in records}
+    rows = summary_rows(records, curves)
+    per_objective = objective_rows(rows)
+    threshold, patience = float(run_cfg["collapse_threshold"]), run_cfg["collapse_patience"]
+    md_path = sweep.folder / "collapse.md"
+    csv_path, _ = write_table(rows, sweep.folder, "collapse_runs", key_columns=("objective", "seed"))
+    agg_csv, agg_md = write_table(per_objective, sweep.folder, "collapse_objectives", spread="std",
+                                  key_columns=("objective",))
+    runs_md = (sweep.folder / "collapse_runs.md").read_text()
+    p, q = sel.get("p", 0.6), sel.get("q", 0.1)
+    lines = [
+        f"# Regulariser collapse (App. B.1): {len(records)} runs, seeds {sweep.seeds}",
+        "",
+        f"Collapse: train/keep_ratio below {threshold:g} for {patience} consecutive steps (the step shown is "
+        f"the first of them). maxmin band: p={p}, q={q}; alpha1={sel.get('alpha1')}, alpha2={sel.get('alpha2')}. "
+        f"Final train keep ratio: the mean of the last {FINAL_WINDOW} logged steps (a Gumbel sample for "
+        f"gumbel); val keep ratio: the noiseless mask on held-out data.",
+        "",
+        "## Per objective (mean ± std over seeds)",
+        "",
+        *agg_md.read_text().splitlines(),
+        "",
+        "## Per run",
+        "",
+        *runs_md.splitlines()[2:],
+    ]
+    if failed:
+        lines += ["", "## Failed runs", ""] + [f"- `{f['run_id']}` ({f.get('stage', '?')}): {f.get('error', '')}"
+                                               for f in failed]
+    md_path.write_text("\n".join(lines) + "\n")
+    for tmp in (sweep.folder / "collapse_runs.md", agg_md):
+        tmp.unlink()
+    plot = plot_collapse(curves, records, sweep.folder / "collapse.png", float(p), float(q), threshold)
+    return [md_path, plot, csv_path, agg_csv]
