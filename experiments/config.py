@@ -151,7 +151,7 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
         default = EXPERIMENTS_DIR / f"{name}.yaml"
         config_file = str(default) if default.is_file() else None
         file_cfg = read_yaml(default) if config_file else {}
-    required = [k for k, v in _flat(file_cfg).items() if v == "???" and OmegaConf.select(cli, k) is None]
+    required = [k for k, v in flatten(file_cfg).items() if v == "???" and OmegaConf.select(cli, k) is None]
     if required:  # OmegaConf's merge would keep the default instead of failing on '???'
         raise ConfigError(f"{config_file}: {required[0]} is required (???): pass {required[0]}=... (make ARGS=\"{required[0]}=...\")")
     schema = OmegaConf.structured(TrainConfig(selector=entry.make_config()))
@@ -169,14 +169,16 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
     return config
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}, "c.d": 2}`` -> ``{"a.b": 1, "c.d": 2}`` (an empty mapping is a value)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, full + "."))
         else:
-            out[f"{prefix}{key}"] = value
-    return out
+            flat[full] = value
+    return flat
 
 
 def check_run_config(config: TrainConfig) -> None:

@@ -105,18 +105,6 @@ class Run:
 # reading and checking
 # ---------------------------------------------------------------------------------------------
 
-def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}, "c.d": 2}`` -> ``{"a.b": 1, "c.d": 2}``."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, full + "."))
-        else:
-            flat[full] = value
-    return flat
-
-
 def as_override(key: str, value: Any) -> str:
     """``key=value`` for the train command line; JSON is YAML, so every type survives the trip."""
     return f"{key}={json.dumps(value)}"
@@ -135,7 +123,9 @@ def parse_seeds(text: str, source: str) -> list[int]:
 def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optional[str] = None,
                overrides: tuple[str, ...] | list[str] = ()) -> Sweep:
     """Parse and check a sweep file's own keys (the grid itself is checked by :func:`check_grid`)."""
-    from tokensel.experiments.config import EXPERIMENTS_DIR, ConfigError, parse_overrides
+    from omegaconf import OmegaConf
+
+    from tokensel.experiments.config import EXPERIMENTS_DIR, ConfigError, flatten, parse_overrides
     from tokensel.selectors.registry import list_selectors
 
     path = Path(path)
@@ -168,7 +158,7 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
         raise SweepError(f"{path}: config must be a mapping of train-config keys, got {type(config).__name__}")
     config = {**SWEEP_DEFAULTS, **flatten(config)}
     try:
-        cli = flatten(_to_plain(parse_overrides(list(overrides))))
+        cli = flatten(OmegaConf.to_container(parse_overrides(list(overrides))))
     except ConfigError as err:
         raise SweepError(str(err)) from None
     config.update(cli)
@@ -222,12 +212,6 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
                  out=Path(out or raw.get("out") or "sweeps"))
 
 
-def _to_plain(node) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node)
-
-
 def _short_keys(keys: list[str]) -> dict[str, str]:
     """Run-name labels: each key's last part (``selector.depth`` -> ``depth``) unless two clash."""
     last = [k.rsplit(".", 1)[-1] for k in keys]
@@ -271,13 +255,14 @@ def check_grid(sweep: Sweep, runs: list[Run]) -> dict:
         resolved = to_container(load_config(sweep.selector, base_file, base))
     except ConfigError as err:
         raise SweepError(f"{sweep.file}: config: {err}") from None
-    for run in runs:
-        for key, value in run.axis_values.items():  # each value alone first: the error names it
+    for key, values in sweep.axes.items():  # each value alone first: the error names it
+        for value in values:
             try:
                 load_config(sweep.selector, base_file, base + [as_override(key, value)])
             except ConfigError as err:
                 raise SweepError(f"{sweep.file}: axes.{key}={value!r}: {err}") from None
-        try:  # then the combination (cross-field checks such as q < p)
+    for run in runs:
+        try:  # then each run's combination (cross-field checks such as q < p)
             load_config(sweep.selector, base_file, base + run.overrides + [f"seed={run.seed}"])
         except ConfigError as err:
             raise SweepError(f"{sweep.file}: run {run.run_id}: {err}") from None
@@ -307,6 +292,8 @@ def first_difference(old: Any, new: Any, prefix: str = "") -> Optional[str]:
 
 def prepare_folder(sweep: Sweep, resolved_base: dict) -> Path:
     """Create (or re-open) the sweep folder; refuse a different base. Returns ``base.yaml``."""
+    from omegaconf import OmegaConf
+
     from tokensel.experiments.config import read_yaml
 
     folder = sweep.folder
@@ -321,8 +308,6 @@ def prepare_folder(sweep: Sweep, resolved_base: dict) -> Path:
                              f"new sweep, or move that folder away")
     folder.mkdir(parents=True, exist_ok=True)
     layers = read_yaml(sweep.base) if sweep.base else {}
-    from omegaconf import OmegaConf
-
     merged = OmegaConf.merge(layers, OmegaConf.from_dotlist(base_overrides(sweep)),
                              {"selector": {"name": sweep.selector}})
     base_yaml = folder / "base.yaml"
@@ -338,11 +323,7 @@ def prepare_folder(sweep: Sweep, resolved_base: dict) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 def read_status(run: Run, sweep: Sweep) -> Optional[dict]:
-    path = run.folder(sweep) / "status.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return _read_json(run.folder(sweep) / "status.json")
 
 
 def is_done(run: Run, sweep: Sweep) -> bool:
@@ -573,6 +554,7 @@ def report_ablation(sweep: Sweep, runs: list[Run], records: list[dict], failed: 
         writer.writeheader()
         writer.writerows(all_rows)
     agg = aggregate(rows, keys + ["budget"], exclude=("seed", "eval_s"))
+    plots = plot_axes(sweep, agg)
     empty = [c for c in (agg[0] if agg else {}) if all(isinstance(r.get(c), tuple) and not r[c][2] for r in agg)]
     for row in agg:  # readable cells: axis values as text; no column that no run could fill
         row.update({k: (row[k] if isinstance(row[k], str) else json.dumps(row[k])) for k in keys})
@@ -584,7 +566,6 @@ def report_ablation(sweep: Sweep, runs: list[Run], records: list[dict], failed: 
         with open(md_path, "a") as fh:
             fh.write("\n## Failed runs\n\n" + "".join(f"- `{f['run_id']}` ({f.get('stage', '?')}): {f.get('error', '')}\n"
                                                         for f in failed))
-    plots = plot_axes(sweep, aggregate(rows, keys + ["budget"], exclude=("seed", "eval_s")))
     return [md_path, csv_path, runs_csv, *plots]
 
 
