@@ -22,7 +22,6 @@ This module writes the report from those runs:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -125,21 +124,21 @@ def _sum_curves(a: list, b: list) -> list[tuple[int, float]]:
     return [(s, v + bs[s]) for s, v in a if s in bs]
 
 
-def report_collapse(sweep, runs, records: list[dict], failed: list[dict]) -> list[Path]:
-    """The study's table and plot (see the module docstring); returns their paths, table first."""
-    from tokensel.experiments.metrics import write_table
+def report_collapse(sweep, resolved_base: dict, records: list[dict], failed: list[dict]) -> list[Path]:
+    """The study's table and plot (see the module docstring); returns their paths, table first.
+    ``resolved_base`` is the sweep's shared config (``sweep.check_grid``)."""
+    from tokensel.experiments.metrics import markdown_table, write_table
+    from tokensel.experiments.sweep import failed_runs_section
 
-    base = json.loads((sweep.folder / "sweep.json").read_text())["resolved_base"]
-    sel, run_cfg = base["selector"], base["run"]
+    sel, run_cfg = resolved_base["selector"], resolved_base["run"]
     curves = {rec["run_id"]: read_curves(sweep.folder / "runs" / rec["run_id"] / "train") for rec in records}
     rows = summary_rows(records, curves)
     per_objective = objective_rows(rows)
+    run_keys, objective_keys = ("objective", "seed"), ("objective",)
+    csv_path, _ = write_table(rows, sweep.folder, "collapse_runs", key_columns=run_keys, markdown=False)
+    agg_csv, _ = write_table(per_objective, sweep.folder, "collapse_objectives", spread="std",
+                             key_columns=objective_keys, markdown=False)
     threshold, patience = float(run_cfg["collapse_threshold"]), run_cfg["collapse_patience"]
-    md_path = sweep.folder / "collapse.md"
-    csv_path, _ = write_table(rows, sweep.folder, "collapse_runs", key_columns=("objective", "seed"))
-    agg_csv, agg_md = write_table(per_objective, sweep.folder, "collapse_objectives", spread="std",
-                                  key_columns=("objective",))
-    runs_md = (sweep.folder / "collapse_runs.md").read_text()
     p, q = sel.get("p", 0.6), sel.get("q", 0.1)
     lines = [
         f"# Regulariser collapse (App. B.1): {len(records)} runs, seeds {sweep.seeds}",
@@ -151,17 +150,13 @@ def report_collapse(sweep, runs, records: list[dict], failed: list[dict]) -> lis
         "",
         "## Per objective (mean ± std over seeds)",
         "",
-        *agg_md.read_text().splitlines(),
-        "",
+        markdown_table(per_objective, spread="std", key_columns=objective_keys),
         "## Per run",
         "",
-        *runs_md.splitlines()[2:],
+        markdown_table(rows, key_columns=run_keys, legend=False).rstrip("\n"),
+        *failed_runs_section(failed),
     ]
-    if failed:
-        lines += ["", "## Failed runs", ""] + [f"- `{f['run_id']}` ({f.get('stage', '?')}): {f.get('error', '')}"
-                                               for f in failed]
+    md_path = sweep.folder / "collapse.md"
     md_path.write_text("\n".join(lines) + "\n")
-    for tmp in (sweep.folder / "collapse_runs.md", agg_md):
-        tmp.unlink()
     plot = plot_collapse(curves, records, sweep.folder / "collapse.png", float(p), float(q), threshold)
     return [md_path, plot, csv_path, agg_csv]

@@ -11,7 +11,8 @@ data. Four groups:
    :class:`MetricAccumulator`.
 3. **FLOPs** (gumbel-ae-selector.md, Sec. 5.3), counting only FLOPs attributable to vision
    tokens: :func:`llm_flops`, :func:`sampler_flops`, :data:`GEOMETRIES`, :func:`flops_report`.
-4. **Report writers**: :func:`write_table` (CSV + markdown) and :func:`plot_metrics` (PNGs).
+4. **Report writers**: :func:`write_table` (CSV + markdown, :func:`markdown_table`) and
+   :func:`plot_metrics` (PNGs).
 
 A *metric triple* is ``(mean, half_width, n)`` as returned by :func:`mean_ci`; ``n == 0`` means
 "no sample could be scored" (e.g. evidence recall on a corpus without answer boxes) and is always
@@ -35,7 +36,7 @@ __all__ = [
     "keep_mask", "evidence_recall", "token_coverage", "psnr",
     "t_quantile", "mean_ci", "MetricAccumulator",
     "llm_flops", "sampler_flops", "Geometry", "GEOMETRIES", "flops_report",
-    "is_metric_triple", "format_triple", "write_table", "plot_metrics",
+    "is_metric_triple", "format_triple", "write_table", "markdown_table", "plot_metrics",
 ]
 
 MetricTriple = tuple[float, float, int]
@@ -471,26 +472,21 @@ def _csv_value(x) -> str:
 
 def write_table(
     rows: list[dict], out_dir: Path, name: str, confidence: float = 0.95, title: Optional[str] = None,
-    spread: str = "ci", key_columns: Sequence[str] = _KEY_COLUMNS,
-) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<name>.csv`` and ``<out_dir>/<name>.md``; return both paths.
+    spread: str = "ci", key_columns: Sequence[str] = _KEY_COLUMNS, markdown: bool = True,
+) -> tuple[Path, Optional[Path]]:
+    """Write ``<out_dir>/<name>.csv`` and (unless ``markdown=False``) ``<out_dir>/<name>.md``
+    (:func:`markdown_table`); return both paths.
 
     Row schema: ``{"selector", "budget", "keep_ratio", "k", "<metric>": (mean, half, n), ...,
     "<scalar>": value}``. Columns are the union over rows (key columns first, then first-seen
     order); a row missing a column leaves it empty / ``n/a``.
 
-    - CSV: every plain column as is, and every metric as three columns ``<metric>_mean``,
-      ``<metric>_ci`` (the half-width) and ``<metric>_n``; undefined values (n = 0, nan) are
-      empty cells, never 0.
-    - Markdown: one cell per metric reading ``mean ± half_width`` (3 decimals), ``n/a`` when
-      n = 0 and ``mean (n=1)`` when there is no CI; a header line states that ± is the
-      ``confidence`` CI (Student t) and the sample counts of every metric.
-
-    ``spread="std"`` reads the triples as ``(mean, sample std, n)`` over seeds instead (CSV
-    ``<metric>_std``; the header says so). ``key_columns`` come first, in that order.
+    CSV: every plain column as is, and every metric as three columns ``<metric>_mean``,
+    ``<metric>_ci`` (the half-width) and ``<metric>_n``; undefined values (n = 0, nan) are empty
+    cells, never 0. ``spread="std"`` reads the triples as ``(mean, sample std, n)`` over seeds
+    instead (CSV ``<metric>_std``). ``key_columns`` come first, in that order.
     """
-    if spread not in ("ci", "std"):
-        raise ValueError(f"spread={spread!r}: expected 'ci' or 'std'")
+    _check_spread(spread)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = _columns(rows, key_columns)
@@ -517,8 +513,31 @@ def write_table(
                 else:
                     line.append(_csv_value(v))
             w.writerow(line)
+    if not markdown:
+        return csv_path, None
+    md_path = out_dir / f"{name}.md"
+    md_path.write_text(markdown_table(rows, confidence, title, spread, key_columns))
+    return csv_path, md_path
 
-    pct = f"{confidence * 100:g} %"
+
+def _check_spread(spread: str) -> None:
+    if spread not in ("ci", "std"):
+        raise ValueError(f"spread={spread!r}: expected 'ci' or 'std'")
+
+
+def markdown_table(
+    rows: list[dict], confidence: float = 0.95, title: Optional[str] = None, spread: str = "ci",
+    key_columns: Sequence[str] = _KEY_COLUMNS, legend: bool = True,
+) -> str:
+    """The rows of :func:`write_table` as markdown: one cell per metric reading
+    ``mean ± half_width`` (3 decimals), ``n/a`` when n = 0 and ``mean (n=1)`` when there is no
+    CI. The ``legend`` line states that ± is the ``confidence`` CI (Student t) and the sample
+    counts of every metric; with ``spread="std"``, that ± is the sample std over n seeds, and a
+    single seed's cell is the bare mean.
+    """
+    _check_spread(spread)
+    cols = _columns(rows, key_columns)
+    metrics = set(_metric_columns(rows, cols))
     counts = []
     for c in cols:
         if c not in metrics:
@@ -526,19 +545,16 @@ def write_table(
         ns = [int(r[c][2]) if is_metric_triple(r.get(c)) else 0 for r in rows]
         lo, hi = (min(ns), max(ns)) if ns else (0, 0)
         counts.append(f"{c} n={lo}" if lo == hi else f"{c} n={lo}–{hi}")
-    md_path = out_dir / f"{name}.md"
     lines = []
     if title:
         lines += [f"# {title}", ""]
-    if spread == "std":
-        lines.append("Metric cells are mean ± sample standard deviation over n seeds (a bare number: a single "
-                     "seed; n/a: no run could be scored). Seeds per cell: " + ("; ".join(counts) or "none") + ".")
-    else:
-        lines.append(
-            f"Metric cells are mean ± half-width of the {pct} confidence interval (Student t) over n samples "
-            f"(n/a: no sample could be scored). Samples per cell: " + ("; ".join(counts) if counts else "none") + "."
-        )
-    lines.append("")
+    if legend and spread == "std":
+        lines += ["Metric cells are mean ± sample standard deviation over n seeds (a bare number: a single "
+                  "seed; n/a: no run could be scored). Seeds per cell: " + ("; ".join(counts) or "none") + ".", ""]
+    elif legend:
+        lines += [f"Metric cells are mean ± half-width of the {confidence * 100:g} % confidence interval (Student t) "
+                  f"over n samples (n/a: no sample could be scored). Samples per cell: "
+                  + ("; ".join(counts) if counts else "none") + ".", ""]
     lines.append("| " + " | ".join(cols) + " |")
     text_cols = {c for c in cols if c not in metrics and any(isinstance(r.get(c), str) for r in rows)}
     lines.append("|" + "|".join("---" if c in text_cols else "---:" for c in cols) + "|")
@@ -554,8 +570,7 @@ def write_table(
             else:
                 cells.append("" if v is None else _fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
+    return "\n".join(lines) + "\n"
 
 
 def _safe_name(name: str) -> str:

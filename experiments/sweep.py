@@ -540,8 +540,16 @@ def plot_axes(sweep: Sweep, agg_rows: list[dict], dpi: int = 100) -> list[Path]:
     return paths
 
 
-def report_ablation(sweep: Sweep, runs: list[Run], records: list[dict], failed: list[dict]) -> list[Path]:
-    from tokensel.experiments.metrics import write_table
+def failed_runs_section(failed: list[dict]) -> list[str]:
+    """Markdown lines listing failed runs with their stage and error (none: no lines)."""
+    if not failed:
+        return []
+    return ["", "## Failed runs", ""] + [f"- `{f['run_id']}` ({f.get('stage', '?')}): {f.get('error', '')}"
+                                         for f in failed]
+
+
+def report_ablation(sweep: Sweep, records: list[dict], failed: list[dict]) -> list[Path]:
+    from tokensel.experiments.metrics import markdown_table, write_table
 
     keys = list(sweep.axes)
     rows = run_rows(records, sweep.val_metrics)
@@ -560,12 +568,12 @@ def report_ablation(sweep: Sweep, runs: list[Run], records: list[dict], failed: 
         row.update({k: (row[k] if isinstance(row[k], str) else json.dumps(row[k])) for k in keys})
         for c in empty:
             row.pop(c)
-    csv_path, md_path = write_table(agg, sweep.folder, "results", spread="std", key_columns=keys + ["budget"],
-                                    title=f"sweep {sweep.name}: {sweep.selector}, seeds {sweep.seeds}")
-    if failed:
-        with open(md_path, "a") as fh:
-            fh.write("\n## Failed runs\n\n" + "".join(f"- `{f['run_id']}` ({f.get('stage', '?')}): {f.get('error', '')}\n"
-                                                        for f in failed))
+    csv_path, _ = write_table(agg, sweep.folder, "results", spread="std", key_columns=keys + ["budget"],
+                              markdown=False)
+    md_path = sweep.folder / "results.md"
+    md_path.write_text(markdown_table(agg, title=f"sweep {sweep.name}: {sweep.selector}, seeds {sweep.seeds}",
+                                      spread="std", key_columns=keys + ["budget"])
+                       + "".join(line + "\n" for line in failed_runs_section(failed)))
     return [md_path, csv_path, runs_csv, *plots]
 
 
@@ -608,9 +616,9 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> int:
     if sweep.report == "collapse":
         from tokensel.experiments.collapse import report_collapse
 
-        outputs = report_collapse(sweep, runs, records, failed)
+        outputs = report_collapse(sweep, resolved, records, failed)
     else:
-        outputs = report_ablation(sweep, runs, records, failed)
+        outputs = report_ablation(sweep, records, failed)
     minutes, secs = divmod(int(time.time() - started), 60)
     log("\n" + outputs[0].read_text())
     log(f"sweep {sweep.name}: {len(records)}/{len(runs)} runs done, {len(failed)} failed ({minutes}m{secs:02d}s)")

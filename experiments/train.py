@@ -193,29 +193,27 @@ def train(config) -> dict:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # a max_steps stop skipped it
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     seconds = time.time() - started
-    collapse_step = collapse.collapse_step if collapse is not None else None
     if trainer.is_global_zero:
-        write_run_record(run_dir, metrics, seconds, skipped.total, collapse_step, trainer)
-        print_summary(run_dir, metrics, seconds, skipped.total, collapse, collapse_step)
+        write_run_record(run_dir, metrics, seconds, skipped.total, collapse, trainer)
+        print_summary(run_dir, metrics, seconds, skipped.total, collapse)
     return metrics
 
 
-def write_run_record(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse_step: Optional[int],
-                     trainer) -> None:
-    """``metrics.json`` in the run folder: what a sweep reads back (final metrics, wall time, ...)."""
+def write_run_record(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse, trainer) -> None:
+    """``metrics.json`` in the run folder: what a sweep reads back (final metrics, wall time, ...).
+    ``collapse`` is the run's ``CollapseDetector``, or None when it is off."""
     record = {"metrics": metrics, "wall_s": round(seconds, 2), "global_step": trainer.global_step,
               "epoch": trainer.current_epoch, "interrupted": bool(trainer.interrupted), "skipped": skipped,
-              "collapse_step": collapse_step}
+              "collapse_step": collapse.collapse_step if collapse is not None else None}
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
-def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse=None,
-                  collapse_step: Optional[int] = None) -> None:
+def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse=None) -> None:
     shown = [k for k in sorted(metrics) if k.startswith(("train/", "val/")) and k != "val/samples"]
     lines = [f"  {k:<18} {metrics[k]:.4f}" for k in shown]
     if collapse is not None and "train/keep_ratio" in metrics:
-        w = collapse.watch
-        lines.append(f"  collapse           {'none' if collapse_step is None else f'from step {collapse_step}'}"
+        w, step = collapse.watch, collapse.collapse_step
+        lines.append(f"  collapse           {'none' if step is None else f'from step {step}'}"
                      f" (keep ratio < {w.threshold:g} for {w.patience} steps)")
     minutes, secs = divmod(int(round(seconds)), 60)
     print("\n".join([
