@@ -14,26 +14,24 @@ Backends (``selector.vlm.backend``):
   multi-modal projector → frozen LLM with the prompt → answer/caption NTP loss
   (``selectors/vlm_llava.py``).
 
+This module is the interface; ``selectors/vlm_backends.py`` picks a backend by name.
+
 Frozen means: every parameter has ``requires_grad=False``, the module stays in eval mode, it is
 never in the optimizer or a checkpoint, and gradients still flow *through* it to its input tokens.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-BACKENDS = {
-    # backend -> module implementing `required_encoder(cfg)` and `build(cfg)`
-    "coca": "tokensel.selectors.vlm_coca",
-    "llava": "tokensel.selectors.vlm_llava",
-}
+from tokensel.common.errors import ConfigError, TokenselError
+from tokensel.common.precision import check_precision
 
 
-class VLMError(ValueError):
+class VLMError(TokenselError):
     """A user-facing problem with the VLM config (missing path, offline hub id, bad model)."""
 
 
@@ -49,6 +47,15 @@ class VLMConfig:
     max_text_tokens: int = 64  # prompt + target tokens; longer texts are truncated from the prompt's start
     precision: str = "32"  # "32" | "bf16" | "16": the frozen VLM's dtype
     init_seed: int = 0  # random initialisation, when no weights are given
+
+    def __post_init__(self) -> None:
+        check_precision("selector.vlm.precision", self.precision)  # now, before any model is built
+        if self.max_text_tokens < 1:
+            raise ConfigError(f"selector.vlm.max_text_tokens={self.max_text_tokens}: must be at least 1")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return check_precision("selector.vlm.precision", self.precision)
 
 
 @dataclass(frozen=True)
@@ -97,27 +104,3 @@ class FrozenVLM(nn.Module):
         The loss covers the target's tokens only (and the end-of-text token).
         """
         raise NotImplementedError
-
-
-def _backend(name: str):
-    if name not in BACKENDS:
-        raise VLMError(f"selector.vlm.backend={name!r}: expected one of {', '.join(BACKENDS)}")
-    return importlib.import_module(BACKENDS[name])
-
-
-def required_encoder(cfg: VLMConfig) -> EncoderRequirement:
-    """The encoder ``cfg``'s backend needs (cheap: reads configs, builds no model)."""
-    return _backend(cfg.backend).required_encoder(cfg)
-
-
-def build_vlm(cfg: VLMConfig) -> FrozenVLM:
-    """Build the frozen VLM head of ``cfg`` (without its vision encoder).
-
-    Random initialisation (no weights given) is drawn from ``cfg.init_seed`` alone, so a
-    random VLM is the same network in training, evaluation and every DDP rank.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.init_seed)
-        vlm = _backend(cfg.backend).build(cfg)
-    return vlm.freeze()
-

@@ -1,6 +1,6 @@
 """``coca`` backend: open_clip CoCa as a frozen "VLM" giving a caption NTP loss (runs on CPU).
 
-Wiring (framework notes §5.4)::
+Wiring::
 
     patch tokens (B, n, C)        the encoder ``open_clip:<model>`` at layer -1, norm=False: the
          |                        visual trunk's last block output *before* ln_post, CLS dropped
@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokensel.datamodules.encoders import DTYPES, _looks_like_path, register_model_configs, weights_download
+from tokensel.common.hub import looks_like_path, weights_download
+from tokensel.common.open_clip_configs import register_model_configs
 from tokensel.selectors.vlm import EncoderRequirement, FrozenVLM, NTPOutput, VLMConfig, VLMError
 
 log = logging.getLogger("tokensel.vlm.coca")
@@ -78,18 +79,14 @@ def build(cfg: VLMConfig) -> "CoCaVLM":
     import open_clip
 
     _model_config(cfg)
-    if cfg.precision not in DTYPES:
-        raise VLMError(f"selector.vlm.precision={cfg.precision!r}: expected one of {', '.join(DTYPES)}")
-    if cfg.max_text_tokens < 1:
-        raise VLMError(f"selector.vlm.max_text_tokens={cfg.max_text_tokens}: must be at least 1")
     pretrained = cfg.pretrained
-    if pretrained and _looks_like_path(pretrained) and not Path(pretrained).is_file():
+    if pretrained and looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise VLMError(f"selector.vlm.pretrained={pretrained!r}: no such weights file")
     try:
         with weights_download(f"selector.vlm {cfg.model}", pretrained):
             model = open_clip.create_model(cfg.model, pretrained=pretrained or None)
     except (OSError, RuntimeError, ValueError) as err:
-        if pretrained and not _looks_like_path(pretrained):
+        if pretrained and not looks_like_path(pretrained):
             log.debug("hub download for %s:%s failed: %s", cfg.model, pretrained, err)
             raise VLMError(
                 f"selector.vlm.pretrained={pretrained!r}: could not fetch {cfg.model} weights for this tag from the hub "
@@ -109,7 +106,7 @@ def build(cfg: VLMConfig) -> "CoCaVLM":
     if not all(hasattr(tokenizer, a) for a in ("encode", "sot_token_id", "eot_token_id")):
         raise VLMError(f"selector.vlm.model={cfg.model!r}: only open_clip's BPE tokenizer is supported "
                        f"(got {type(tokenizer).__name__})")
-    return CoCaVLM(model, tokenizer, cfg.max_text_tokens, DTYPES[cfg.precision])
+    return CoCaVLM(model, tokenizer, cfg.max_text_tokens, cfg.dtype)
 
 
 class CoCaVLM(FrozenVLM):

@@ -1,6 +1,6 @@
 """``llava`` backend: a Hugging Face LLaVA (``LlavaForConditionalGeneration``) as the frozen VLM.
 
-Wiring (AutoSelect §1: the selector sits after the vision encoder, before the projector)::
+Wiring (AutoSelect, arXiv 2603.07135, Sec. 1: the selector sits after the vision encoder, before the projector)::
 
     tokens (B, n, C)              the encoder ``hf_llava:<model>``: the LLaVA's own vision tower at
          |                        its ``vision_feature_layer``, CLS dropped (what the projector reads)
@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokensel.datamodules.encoders import (DTYPES, hf_model_is_local, hf_source_error, hub_download,
-                                           llava_feature_layer, load_llava_config)
+from tokensel.common.hub import hf_model_is_local, hf_source_error, hub_download, llava_feature_layer, load_llava_config
 from tokensel.selectors.vlm import EncoderRequirement, FrozenVLM, NTPOutput, VLMConfig, VLMError
 
 log = logging.getLogger("tokensel.vlm.llava")
@@ -76,13 +75,9 @@ def required_encoder(cfg: VLMConfig) -> EncoderRequirement:
 def build(cfg: VLMConfig) -> "LlavaVLM":
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    if cfg.precision not in DTYPES:
-        raise VLMError(f"selector.vlm.precision={cfg.precision!r}: expected one of {', '.join(DTYPES)}")
     if cfg.pretrained:
         raise VLMError(f"selector.vlm.pretrained={cfg.pretrained!r}: unused by the llava backend (the weights come "
                        "from selector.vlm.model); leave it empty")
-    if cfg.max_text_tokens < 1:
-        raise VLMError(f"selector.vlm.max_text_tokens={cfg.max_text_tokens}: must be at least 1")
     config = _config(cfg)
     if config.vision_feature_select_strategy == "full" and "clip" in str(config.vision_config.model_type):
         log.warning("%s uses vision_feature_select_strategy='full': its projector also saw the CLS token, "
@@ -90,7 +85,7 @@ def build(cfg: VLMConfig) -> "LlavaVLM":
     try:
         with _quiet_hub(cfg.model, "model"):
             tokenizer = AutoTokenizer.from_pretrained(_source(cfg.model))
-            model = LlavaForConditionalGeneration.from_pretrained(_source(cfg.model), dtype=DTYPES[cfg.precision])
+            model = LlavaForConditionalGeneration.from_pretrained(_source(cfg.model), dtype=cfg.dtype)
     except (OSError, ValueError, KeyError) as err:
         raise VLMError(hf_source_error(f"selector.vlm.model={cfg.model!r}", cfg.model, err)) from None
     try:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from tokensel.datamodules.encoders import EncoderError, build_encoder
-from tokensel.selectors.vlm import VLMConfig, VLMError, build_vlm, required_encoder
+from tokensel.selectors.vlm import VLMConfig, VLMError
+from tokensel.selectors.vlm_backends import build_vlm, required_encoder
 
 CAPTIONS = ["a dog sitting on a red couch next to a window", "two people riding bikes down a busy street",
             "a plate of food with broccoli and rice", "a cat"]
@@ -94,7 +95,7 @@ def test_coca_matches_open_clip_caption_loss():
     """With the CLS token included, an empty prompt gives CoCa's own captioning loss."""
     import open_clip
 
-    from tokensel.datamodules.encoders import register_model_configs
+    from tokensel.common.open_clip_configs import register_model_configs
     from tokensel.selectors.vlm_coca import CoCaVLM
 
     register_model_configs()

@@ -1,0 +1,57 @@
+"""The frozen vision encoder: built by name, run in exactly one place (the datamodule).
+
+Names are ``<library>:<model>``, one file per family:
+
+- ``timm:vit_base_patch16_224`` (``timm_vit.py``: any timm ViT with ``forward_intermediates``);
+- ``open_clip:ViT-L-14-336`` (``open_clip_vit.py``: any open_clip ViT tower; tokensel's own
+  configs, e.g. ``open_clip:coca_tiny``, too);
+- ``hf_llava:/path/to/llava-folder`` or ``hf_llava:llava-hf/llava-1.5-7b-hf`` (``hf_llava.py``:
+  the vision tower of a Hugging Face LLaVA, exactly the features its projector receives).
+
+Weights (``encoder.pretrained``): ``""`` random init (the CPU default and what tests use), a local
+file (``.pth``, ``.bin``, ``.safetensors``), or a hub tag. Without a network a hub tag fails with
+one line naming the tag and how to pass a local file instead; ``HF_HUB_OFFLINE=1`` fails at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from tokensel.common.hub import looks_like_path
+from tokensel.common.precision import check_precision
+from tokensel.common.registry import Registry
+from tokensel.datamodules.encoders.base import Backbone, EncoderError, FrozenEncoder
+from tokensel.datamodules.encoders.hf_llava import build_hf_llava
+from tokensel.datamodules.encoders.open_clip_vit import build_open_clip
+from tokensel.datamodules.encoders.timm_vit import build_timm
+
+__all__ = ["ENCODERS", "EncoderError", "FrozenEncoder", "build_encoder"]
+
+# library -> builder(model_name, pretrained, image_size) -> Backbone
+ENCODERS: Registry[Callable[[str, str, Optional[int]], Backbone]] = Registry("encoder library")
+ENCODERS.register("timm", build_timm)
+ENCODERS.register("open_clip", build_open_clip)
+ENCODERS.register("hf_llava", build_hf_llava)
+
+
+def build_encoder(name: str, pretrained: str = "", layer: int = -1, norm: bool = True,
+                  image_size: Optional[int] = None, precision: str = "32", init_seed: int = 0) -> FrozenEncoder:
+    """Build a :class:`FrozenEncoder` from ``library:model`` (see the module docstring).
+
+    Random initialisation is drawn from ``init_seed`` alone, never from the global RNG, so a
+    random-init encoder is the same network in training, evaluation and every DDP rank.
+    """
+    library, sep, model_name = name.partition(":")
+    if not sep or library not in ENCODERS or not model_name:
+        raise EncoderError(f"encoder.name={name!r}: expected '<library>:<model>' with library one of "
+                           f"{', '.join(ENCODERS.names())}")
+    dtype = check_precision("encoder.precision", precision)
+    if pretrained and looks_like_path(pretrained) and not Path(pretrained).is_file():
+        raise EncoderError(f"encoder.pretrained={pretrained!r}: no such weights file")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        backbone = ENCODERS.get(library)(model_name, pretrained, image_size)
+    return FrozenEncoder(name, backbone, layer, norm, dtype)

@@ -1,0 +1,115 @@
+"""``open_clip:<model>``: any open_clip model with a ViT visual tower (e.g. ``open_clip:ViT-L-14-336``).
+tokensel's own configs (``common/model_configs/``, e.g. ``open_clip:coca_tiny``) resolve too.
+
+Weights (``encoder.pretrained``): ``""`` random init, a local file, or an open_clip tag
+(``openai``, ``laion2b_s32b_b82k``, ...). The language tower is dropped after building.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokensel.common.hub import looks_like_path, weights_download
+from tokensel.common.open_clip_configs import register_model_configs
+from tokensel.datamodules.encoders.base import (Backbone, ClsRow, EncoderError, cls_softmax, first_line, fused_qk,
+                                                hub_tag_error, no_cls_token, pick_block, split_heads)
+from tokensel.datamodules.pipeline import Preprocess
+
+
+class OpenClipViT(Backbone):
+    """An open_clip model's ViT visual tower (``model.visual``); the geometry is read off it."""
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess):
+        super().__init__()
+        self.model = model
+        self.preprocess = preprocess
+        visual = model.visual
+        self.grid = tuple(int(g) for g in visual.grid_size)
+        self.dim = int(visual.transformer.width)
+        self.depth = len(visual.transformer.resblocks)
+
+    def tokens(self, pixels: torch.Tensor, layer: int, norm: bool) -> torch.Tensor:
+        return self.model.visual.forward_intermediates(
+            pixels, indices=[layer], normalize_intermediates=norm, output_fmt="NLC", intermediates_only=True,
+        )["image_intermediates"][0]
+
+    def cls_attention_site(self, name: str, layer: int) -> tuple[nn.Module, ClsRow]:
+        """open_clip ``ResidualAttentionBlock.attn`` (``nn.MultiheadAttention``, input ``ln_1(x)``,
+        ``(L, B, C)`` unless ``batch_first``) or ``CustomResidualAttentionBlock.attn`` (open_clip's
+        ``Attention``, batch-first, optional ``ln_q``/``ln_k``; scaled-cosine attention included)."""
+        visual = self.model.visual
+        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+        if blocks is None:
+            raise EncoderError(f"cls_attention not supported for {name}: its visual tower has no transformer.resblocks")
+        if getattr(visual, "class_embedding", None) is None:
+            raise no_cls_token(name)
+        attn = getattr(pick_block(name, list(blocks), layer), "attn", None)
+        prefix = 1  # forward_intermediates drops one class token
+        if isinstance(attn, nn.MultiheadAttention):
+            return attn, _multihead_cls_row(attn, prefix)
+        if attn is not None and hasattr(attn, "in_proj_weight") and hasattr(attn, "ln_q"):
+            return attn, _custom_cls_row(attn, prefix)
+        raise EncoderError(f"cls_attention not supported for {name}: its blocks' attention is neither "
+                           "nn.MultiheadAttention nor open_clip's Attention")
+
+
+def _multihead_cls_row(attn: nn.MultiheadAttention, prefix: int) -> ClsRow:
+    dim, heads = attn.embed_dim, attn.num_heads
+    if attn._qkv_same_embed_dim:
+        wq, wk = attn.in_proj_weight[:dim], attn.in_proj_weight[dim:2 * dim]
+    else:
+        wq, wk = attn.q_proj_weight, attn.k_proj_weight
+    b = attn.in_proj_bias
+    bq, bk = (None, None) if b is None else (b[:dim], b[dim:2 * dim])
+    scale = float(attn.head_dim) ** -0.5
+
+    def cls_row(x: torch.Tensor) -> torch.Tensor:
+        if not attn.batch_first:
+            x = x.transpose(0, 1)
+        q, k = split_heads(F.linear(x[:, :1], wq, bq), heads), split_heads(F.linear(x, wk, bk), heads)
+        return cls_softmax(q, k, scale, prefix)
+
+    return cls_row
+
+
+def _custom_cls_row(attn: nn.Module, prefix: int) -> ClsRow:
+    heads = int(attn.num_heads)
+
+    def cls_row(x: torch.Tensor) -> torch.Tensor:
+        q, k = fused_qk(x, attn.in_proj_weight, attn.in_proj_bias, x.shape[-1], heads)
+        if attn.logit_scale is not None:  # scaled cosine attention
+            scale = torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp().float().view(1, heads, 1, 1)
+            return cls_softmax(F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1), 1.0, prefix)
+        return cls_softmax(attn.ln_q(q), attn.ln_k(k), float(attn.scale), prefix)
+
+    return cls_row
+
+
+def build_open_clip(model_name: str, pretrained: str, image_size: Optional[int]) -> OpenClipViT:
+    import open_clip
+
+    register_model_configs()
+    if model_name not in open_clip.list_models():
+        raise EncoderError(f"encoder.name='open_clip:{model_name}': open_clip has no such model")
+    kwargs = {"force_image_size": image_size} if image_size else {}
+    try:
+        with weights_download(f"encoder open_clip:{model_name}", pretrained):
+            model = open_clip.create_model(model_name, pretrained=pretrained or None, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if pretrained and not looks_like_path(pretrained):
+            raise hub_tag_error(f"open_clip:{model_name}", pretrained, err) from None
+        raise EncoderError(f"encoder open_clip:{model_name} with pretrained={pretrained!r}: {first_line(err)}") from None
+    visual = model.visual
+    if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "grid_size"):
+        raise EncoderError(f"encoder.name='open_clip:{model_name}': visual tower is not a ViT with patch tokens")
+    for attr in ("transformer", "token_embedding", "ln_final", "text", "text_decoder"):  # the language tower
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    pc = visual.preprocess_cfg
+    H, W = pc["size"] if isinstance(pc["size"], (tuple, list)) else (pc["size"], pc["size"])
+    preprocess = Preprocess((int(H), int(W)), tuple(pc["mean"]), tuple(pc["std"]), pc.get("interpolation", "bicubic"))
+    return OpenClipViT(model, preprocess)
