@@ -1,4 +1,5 @@
-"""ChartQA -> shards: one sample per (chart, question).
+"""ChartQA: one record per (chart, question) ("ChartQA: A Benchmark for Question Answering about
+Charts with Visual and Logical Reasoning", arXiv:2203.10244).
 
 Raw layout (the official release)::
 
@@ -11,22 +12,19 @@ Keys are ``chartqa_<human|augmented>_<i>``, ``i`` the entry's position in its js
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from tokensel.datamodules.convert import Skips, bad_shape, load_json, require_dir, write_shards
-from tokensel.datamodules.shards import (
-    DEFAULT_MAX_SHARD_BYTES,
-    DEFAULT_MAX_SHARD_SAMPLES,
-    ShardEntry,
-    ShardFormatError,
-)
+from tokensel.datamodules.raw_layout import Record, Skips, bad_shape, load_json, require_dir
+from tokensel.datamodules.shards import ShardFormatError
 
 SUBSETS = ("human", "augmented")
 
 
-def chartqa_records(src: Path, split: str) -> list[tuple[str, Path, dict]]:
-    """Check the layout and return ``(key, image path, meta)`` per entry: human first, then augmented."""
+def chartqa_records(src: Path, split: str, skips: Skips) -> list[Record]:
+    """Check the layout and return ``(key, image path, meta)`` per entry: human first, then augmented.
+
+    Every entry has its answer, so nothing is skipped here (``skips`` is for the common signature).
+    """
     folder = src / split
     paths = {subset: folder / f"{split}_{subset}.json" for subset in SUBSETS}
     if not any(path.is_file() for path in paths.values()):
@@ -64,21 +62,3 @@ def chartqa_records(src: Path, split: str) -> list[tuple[str, Path, dict]]:
             }
             records.append((f"chartqa_{subset}_{i}", image_dir / item["imgname"], meta))
     return records
-
-
-def convert_chartqa(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    split: str = "train",
-    max_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    max_samples: int = DEFAULT_MAX_SHARD_SAMPLES,
-    limit: int | None = None,
-    skips: Skips | None = None,
-) -> list[ShardEntry]:
-    """Convert ChartQA ``split`` (train, val, test) under ``src`` into shards of split ``split`` under ``out``.
-
-    Pass ``skips`` to learn how many images were left out and why.
-    """
-    skips = Skips() if skips is None else skips
-    records = chartqa_records(Path(src), split)
-    return write_shards(records, out, split, "chartqa", max_bytes, max_samples, limit, skips)

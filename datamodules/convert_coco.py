@@ -1,4 +1,5 @@
-"""COCO 2017 captions -> shards: one sample per image, with all its captions.
+"""COCO 2017 captions: one record per image, with all its captions ("Microsoft COCO Captions: Data
+Collection and Evaluation Server", arXiv:1504.00325).
 
 Raw layout (the official release)::
 
@@ -9,14 +10,12 @@ Raw layout (the official release)::
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from tokensel.datamodules.convert import Skips, bad_shape, load_json, require_dir, write_shards
-from tokensel.datamodules.shards import DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SAMPLES, ShardEntry
+from tokensel.datamodules.raw_layout import Record, Skips, bad_shape, load_json, require_dir
 
 
-def coco_records(src: Path, split: str, skips: Skips) -> list[tuple[str, Path, dict]]:
+def coco_records(src: Path, split: str, skips: Skips) -> list[Record]:
     """Check the layout and return ``(key, image path, meta)`` per captioned image, in file order."""
     ann_path = src / "annotations" / f"captions_{split}2017.json"
     expected = "a COCO captions json with 'images' and 'annotations' lists"
@@ -45,21 +44,3 @@ def coco_records(src: Path, split: str, skips: Skips) -> list[tuple[str, Path, d
         }
         records.append((f"coco_{image['id']}", image_dir / image["file_name"], meta))
     return records
-
-
-def convert_coco(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    split: str = "train",
-    max_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    max_samples: int = DEFAULT_MAX_SHARD_SAMPLES,
-    limit: int | None = None,
-    skips: Skips | None = None,
-) -> list[ShardEntry]:
-    """Convert COCO 2017 ``split`` (train, val) under ``src`` into shards of split ``split`` under ``out``.
-
-    Pass ``skips`` to learn how many images were left out and why.
-    """
-    skips = Skips() if skips is None else skips
-    records = coco_records(Path(src), split, skips)
-    return write_shards(records, out, split, "coco", max_bytes, max_samples, limit, skips)

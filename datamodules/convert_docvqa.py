@@ -1,25 +1,42 @@
-"""DocVQA (single-page task) -> shards: one sample per question.
+"""DocVQA (single-page task): one record per question ("DocVQA: A Dataset for VQA on Document
+Images", arXiv:2007.00398).
 
-Raw layout (the task release)::
+Raw layout (the single-page release; a split may also sit in its own ``SRC/{split}/``)::
 
-    SRC/{split}/{split}_v1.0.json   {"data": [{"questionId", "question", "image": "documents/x.png",
+    SRC/{split}_v1.0_withQT.json    {"data": [{"questionId", "question", "image": "documents/x.png",
                                                "answers": [...], "docId", ...}]}
-    SRC/{split}/documents/x.png     (``image`` is relative to the json's folder)
+    SRC/documents/x.png             (``image`` is relative to the json's folder)
 
-Entries without ``answers`` (the test split) are skipped and counted.
+The json is the first that exists of ``{split}_v1.0_withQT.json`` then ``{split}_v1.0.json``, each
+looked for in ``SRC/`` then ``SRC/{split}/``; ``annotations=`` (``--annotations``) names it
+outright. Entries without ``answers`` (the test split) are skipped and counted.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from tokensel.datamodules.convert import Skips, bad_shape, load_json, require_dir, write_shards
-from tokensel.datamodules.shards import DEFAULT_MAX_SHARD_BYTES, DEFAULT_MAX_SHARD_SAMPLES, ShardEntry
+from tokensel.datamodules.raw_layout import Record, Skips, bad_shape, load_json, log, require_dir
+from tokensel.datamodules.shards import ShardFormatError
 
 
-def docvqa_records(ann_path: Path, skips: Skips) -> list[tuple[str, Path, dict]]:
+def find_annotations(src: Path, split: str) -> Path:
+    """The DocVQA json of ``split`` under ``src``: the first that exists, ``withQT`` first."""
+    names = (f"{split}_v1.0_withQT.json", f"{split}_v1.0.json")
+    tried = [folder / name for name in names for folder in (src, src / split)]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise ShardFormatError(
+        f"none of {', '.join(map(str, tried))} exists; expected the DocVQA {split} annotations "
+        "(or name the json with --annotations)"
+    )
+
+
+def docvqa_records(src: Path, split: str, skips: Skips, annotations: str | Path | None = None) -> list[Record]:
     """Check the layout and return ``(key, image path, meta)`` per answered question, in file order."""
+    ann_path = Path(annotations) if annotations is not None else find_annotations(src, split)
+    log.info("docvqa/%s: reading %s", split, ann_path)
     expected = "a DocVQA json {'data': [{'questionId', 'question', 'image', 'answers'}, ...]}"
     raw = load_json(ann_path, expected)
     if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
@@ -57,24 +74,3 @@ def docvqa_records(ann_path: Path, skips: Skips) -> list[tuple[str, Path, dict]]
     for folder in sorted({path.parent for _, path, _ in records}):
         require_dir(folder, f"the document images referenced by {ann_path.name}")
     return records
-
-
-def convert_docvqa(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    split: str = "train",
-    max_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    max_samples: int = DEFAULT_MAX_SHARD_SAMPLES,
-    limit: int | None = None,
-    skips: Skips | None = None,
-    annotations: str | os.PathLike | None = None,
-) -> list[ShardEntry]:
-    """Convert DocVQA ``split`` under ``src`` into shards of split ``split`` under ``out``.
-
-    ``annotations`` overrides the json (default ``src/split/split_v1.0.json``); image paths are
-    relative to its folder. Pass ``skips`` to learn how many samples were left out and why.
-    """
-    skips = Skips() if skips is None else skips
-    ann_path = Path(annotations) if annotations is not None else Path(src) / split / f"{split}_v1.0.json"
-    records = docvqa_records(ann_path, skips)
-    return write_shards(records, out, split, "docvqa", max_bytes, max_samples, limit, skips)

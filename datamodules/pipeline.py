@@ -1,8 +1,9 @@
 """Shards → decoded, mixed, batched samples, split by rank and worker.
 
-One class, :class:`ShardStream`, builds the whole reader pipeline (the open_clip ``data.py``
-shape). Each DataLoader worker of each rank is one *reader*; with ``R = world * workers``
-readers:
+One class, :class:`ShardStream`, builds the whole reader pipeline, in the shape of open_clip's
+webdataset loader: webdataset reads the tars and batches (``wds.batched``); what it has no stage
+for, or no stage that gives the same seeded stream, is written here. Each DataLoader worker of each rank is one *reader*;
+with ``R = world * workers`` readers:
 
 - **Disjoint reads.** When a source has at least ``R`` shards, reader ``r`` reads shards
   ``r, r+R, ...`` of an order shuffled per epoch with a seed common to all ranks, so every epoch
@@ -12,7 +13,8 @@ readers:
   exactly ``ceil(ceil(samples_per_epoch / (batch * world)) / workers)`` batches, so every rank
   steps the same number of times even when shards are uneven (DDP would hang otherwise).
 - **Mixing.** Training draws each sample's source with probability proportional to
-  ``data.weights`` (default: each source's sample count, i.e. plain concatenation).
+  ``data.weights`` (default: each source's sample count, i.e. plain concatenation), from the
+  reader's own RNG, so the same seed gives the same stream.
 - **Validation** reads every sample exactly once across all readers, in a fixed order, with a
   partial last batch; metrics are reduced once at epoch end, so nothing is counted twice.
 - **Bad samples** (corrupt image, bad json, missing member, pickled member) are skipped with a
@@ -32,17 +34,28 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from tokensel.datamodules.encoders import Preprocess
 from tokensel.datamodules.shards import IMAGE_EXTS, REFUSED_EXTS, SOURCES, ShardEntry, ShardFormatError, validate_meta
 
 log = logging.getLogger("tokensel.data")
 RESIZE_MODES = ("squash", "pad")
 MAX_SKIPS_IN_A_ROW = 1000  # past this the data is broken, not noisy: stop instead of spinning
 _PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything a data worker needs to turn an image into the encoder's input (picklable).
+    Each encoder family fills one in from its model's own config."""
+
+    size: tuple[int, int]  # (H, W)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # "bicubic" | "bilinear" | "nearest"
 
 
 class SkipSample(Exception):
@@ -54,7 +67,8 @@ def preprocess_image(image: Image.Image, box: Optional[list], pre: Preprocess, r
 
     The whole image is kept (no centre crop, so document margins survive and answer boxes map
     exactly). ``squash`` stretches to the input size; ``pad`` first pads to a square with the
-    mean colour, as LLaVA's ``expand2square``. Returns ``(pixels (3, H, W), box (4,))`` with the
+    mean colour, as LLaVA-1.5's ``expand2square`` ("Improved Baselines with Visual Instruction
+    Tuning", arXiv:2310.03744). Returns ``(pixels (3, H, W), box (4,))`` with the
     box in input pixels, or NaN when there is none.
     """
     w0, h0 = image.size
@@ -127,6 +141,25 @@ def collate(examples: list[dict], n_skipped: int) -> dict:
         "keys": [e["key"] for e in examples],
         "n_skipped": n_skipped,
     }
+
+
+class SkipCount:
+    """The samples one reader skipped; each batch reports those skipped since the previous batch."""
+
+    def __init__(self):
+        self.total = 0
+        self.reported = 0
+
+    def tar_error(self, err: Exception) -> bool:
+        """webdataset's handler for unreadable tar data: warn, count, read on."""
+        self.total += 1
+        log.warning("skipped unreadable shard data: %s", err)
+        return True
+
+    def collate(self, examples: list[dict]) -> dict:
+        """The collation function for ``wds.batched``: :func:`collate` with this batch's skips."""
+        n_skipped, self.reported = self.total - self.reported, self.total
+        return collate(examples, n_skipped)
 
 
 @dataclass(frozen=True)
@@ -222,51 +255,56 @@ class ShardStream(IterableDataset):
         epoch = self.epoch
         self.epoch += 1  # this copy lives in a persistent worker (or the main process)
         reader = self._reader(worker)
+        skipped = SkipCount()
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, reader])
-            samples = self._mixed_samples(reader, epoch, rng)
-            examples = self._shuffled(self._decoded(samples, rng), rng)
-            return islice(self._batched(examples, partial=False), self.batches_per_worker(worker))
+            examples = self._decoded(self._mixed_samples(reader, epoch, rng, skipped), rng, skipped)
+            examples = self._shuffled(examples, rng)
+            batches = wds.batched(self.batch_size, collation_fn=skipped.collate, partial=False)(examples)
+            return islice(batches, self.batches_per_worker(worker))  # the epoch length, as wds's with_epoch
         share = plan_shares([str(self.root / e.path) for e in self.entries], reader, self.readers)
-        return self._batched(self._decoded(self._read(share), None), partial=True)
+        examples = self._decoded(self._read(share, skipped), None, skipped)
+        return wds.batched(self.batch_size, collation_fn=skipped.collate, partial=True)(examples)
 
-    def _read(self, share: ReaderShare) -> Iterator[dict]:
+    def _read(self, share: ReaderShare, skipped: SkipCount) -> Iterator[dict]:
         position = 0
         for path in share.paths:
-            for sample in tarfile_samples([{"url": path}], handler=self._on_tar_error):
+            for sample in tarfile_samples([{"url": path}], handler=skipped.tar_error):
                 if position % share.stride == share.offset:
                     yield sample
                 position += 1
 
-    def _cycle(self, source: str, reader: int, epoch: int) -> Iterator[dict]:
+    def _cycle(self, source: str, reader: int, epoch: int, skipped: SkipCount) -> Iterator[dict]:
         """One source's share for this reader, repeated forever; reshuffled on every pass."""
         paths = [str(self.root / e.path) for e in self.by_source[source]]
         for repeat in range(1 << 62):
             order = np.random.default_rng([self.seed, epoch, repeat, SOURCES.index(source)]).permutation(len(paths))
             share = plan_shares([paths[i] for i in order], reader, self.readers)
             yielded = False
-            for sample in self._read(share):
+            for sample in self._read(share, skipped):
                 yielded = True
                 yield sample
             if not yielded:
                 raise ShardFormatError(f"{self.root}: reader {reader} found no readable {source} samples in {share.paths}")
 
-    def _mixed_samples(self, reader: int, epoch: int, rng: np.random.Generator) -> Iterator[dict]:
+    def _mixed_samples(self, reader: int, epoch: int, rng: np.random.Generator, skipped: SkipCount) -> Iterator[dict]:
+        # Not webdataset's RandomMix: its random_samples draws from the global ``random`` module,
+        # which cannot be seeded per reader, so the same seed would not give the same stream.
         sources = sorted(self.weights)
-        streams = [self._cycle(s, reader, epoch) for s in sources]
+        streams = [self._cycle(s, reader, epoch, skipped) for s in sources]
         probs = np.asarray([self.weights[s] for s in sources])
         probs = probs / probs.sum()
         while True:
             yield next(streams[int(rng.choice(len(streams), p=probs))])
 
-    def _decoded(self, samples: Iterator[dict], rng: Optional[np.random.Generator]) -> Iterator[dict]:
-        self._skipped = 0
+    def _decoded(self, samples: Iterator[dict], rng: Optional[np.random.Generator],
+                 skipped: SkipCount) -> Iterator[dict]:
         in_a_row = 0
         for sample in samples:
             try:
                 example = decode_sample(sample, self.preprocess, self.resize_mode, rng)
             except SkipSample as why:
-                self._skipped += 1
+                skipped.total += 1
                 in_a_row += 1
                 log.warning("skipped sample %s in %s: %s", sample.get("__key__"), sample.get("__url__"), why)
                 if in_a_row >= MAX_SKIPS_IN_A_ROW:
@@ -275,12 +313,9 @@ class ShardStream(IterableDataset):
             in_a_row = 0
             yield example
 
-    def _on_tar_error(self, err: Exception) -> bool:
-        self._skipped = getattr(self, "_skipped", 0) + 1
-        log.warning("skipped unreadable shard data: %s", err)
-        return True
-
     def _shuffled(self, examples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        # Not wds.shuffle: its buffer algorithm (and its random.Random) gives another order for the
+        # same seed, which would change every seeded run this project has measured.
         if self.shuffle_buffer <= 1:
             yield from examples
             return
@@ -291,14 +326,3 @@ class ShardStream(IterableDataset):
                 yield buffer.pop(int(rng.integers(len(buffer))))
         rng.shuffle(buffer)
         yield from buffer
-
-    def _batched(self, examples: Iterator[dict], partial: bool) -> Iterator[dict]:
-        batch: list[dict] = []
-        reported = 0
-        for example in examples:
-            batch.append(example)
-            if len(batch) == self.batch_size:
-                yield collate(batch, self._skipped - reported)
-                reported, batch = self._skipped, []
-        if batch and partial:
-            yield collate(batch, self._skipped - reported)

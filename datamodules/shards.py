@@ -36,6 +36,8 @@ from typing import Any, Iterable
 
 import webdataset as wds
 
+from tokensel.common.errors import TokenselError
+
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "tokensel-shards/1"
 SOURCES = ("coco", "docvqa", "chartqa")
@@ -46,7 +48,7 @@ DEFAULT_MAX_SHARD_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_SHARD_SAMPLES = 5000
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(TokenselError):
     """A user-facing problem with shards or their index. The message names the path."""
 
 

@@ -14,10 +14,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from tokensel.datamodules.convert import Skips
-from tokensel.datamodules.convert_chartqa import convert_chartqa
-from tokensel.datamodules.convert_coco import convert_coco
-from tokensel.datamodules.convert_docvqa import convert_docvqa
+from tokensel.common.errors import UnknownNameError, UsageError
+from tokensel.datamodules.convert import CONVERTERS, convert, main
+from tokensel.datamodules.raw_layout import Skips
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex, validate_meta
 
 
@@ -52,11 +51,13 @@ def make_coco(root: Path, split: str = "val") -> dict[str, bytes]:
     return {"coco_1": images[1], "coco_2": images[2]}
 
 
-def make_docvqa(root: Path) -> dict[str, bytes]:
-    """DocVQA: <split>/<split>_v1.0.json + <split>/documents/*. Returns key -> image bytes (train)."""
-    page_a = write_image(root / "train/documents/abcd0001_1.png", "PNG", (250, 250, 250))
-    page_b = write_image(root / "train/documents/abcd0002_3.jpg", "JPEG", (240, 240, 230))
-    write_json(root / "train/train_v1.0.json", {
+def make_docvqa(root: Path, train_json: str = "train/train_v1.0.json") -> dict[str, bytes]:
+    """DocVQA: <split>/<split>_v1.0.json + <split>/documents/*, or the train json at ``train_json``
+    with documents/ beside it. Returns key -> image bytes (train)."""
+    folder = (root / train_json).parent
+    page_a = write_image(folder / "documents/abcd0001_1.png", "PNG", (250, 250, 250))
+    page_b = write_image(folder / "documents/abcd0002_3.jpg", "JPEG", (240, 240, 230))
+    write_json(root / train_json, {
         "dataset_name": "docvqa", "dataset_split": "train", "dataset_version": "1.0",
         "data": [
             {"questionId": 337, "question": "what is the date?", "image": "documents/abcd0001_1.png",
@@ -101,7 +102,7 @@ def read_split(out: Path, split: str, source: str) -> dict[str, dict]:
 def test_coco_round_trip(tmp_path):
     expected = make_coco(tmp_path / "coco")
     skips = Skips()
-    entries = convert_coco(tmp_path / "coco", tmp_path / "out", split="val", skips=skips)
+    entries = convert("coco", tmp_path / "coco", tmp_path / "out", split="val", skips=skips)
     assert [(e.path, e.count) for e in entries] == [("val/coco-000000.tar", 2)]
     assert ShardIndex.load(tmp_path / "out").counts("val") == {"coco": 2}
     assert skips.counts == {"no captions": 1}
@@ -120,7 +121,7 @@ def test_coco_round_trip(tmp_path):
 
 def test_docvqa_round_trip_and_test_split(tmp_path):
     expected = make_docvqa(tmp_path / "docvqa")
-    entries = convert_docvqa(tmp_path / "docvqa", tmp_path / "out", split="train")
+    entries = convert("docvqa", tmp_path / "docvqa", tmp_path / "out", split="train")
     assert sum(e.count for e in entries) == 3
 
     samples = read_split(tmp_path / "out", "train", "docvqa")
@@ -135,7 +136,7 @@ def test_docvqa_round_trip_and_test_split(tmp_path):
 
     # the test split has no answers: every entry is skipped and counted
     skips = Skips()
-    assert convert_docvqa(tmp_path / "docvqa", tmp_path / "out", split="test", skips=skips) == []
+    assert convert("docvqa", tmp_path / "docvqa", tmp_path / "out", split="test", skips=skips) == []
     assert skips.counts == {"no answers": 1}
 
 
@@ -143,13 +144,54 @@ def test_docvqa_annotations_override(tmp_path):
     make_docvqa(tmp_path / "docvqa")
     ann = tmp_path / "docvqa/train/train_v1.0.json"
     ann.rename(ann.with_name("custom.json"))
-    entries = convert_docvqa(tmp_path / "elsewhere", tmp_path / "out", annotations=ann.with_name("custom.json"))
+    entries = convert("docvqa", tmp_path / "elsewhere", tmp_path / "out", annotations=ann.with_name("custom.json"))
     assert sum(e.count for e in entries) == 3
+
+
+@pytest.mark.parametrize("train_json", [
+    "train_v1.0_withQT.json", "train/train_v1.0_withQT.json", "train_v1.0.json", "train/train_v1.0.json"])
+def test_docvqa_finds_its_json_in_either_layout(tmp_path, caplog, train_json):
+    expected = make_docvqa(tmp_path / "docvqa", train_json)
+    with caplog.at_level(logging.INFO, logger="tokensel.datamodules.convert"):
+        convert("docvqa", tmp_path / "docvqa", tmp_path / "out", split="train")
+    assert read_split(tmp_path / "out", "train", "docvqa").keys() == expected.keys()
+    assert f"reading {tmp_path / 'docvqa' / train_json}" in caplog.text
+
+
+def test_docvqa_prefers_the_withqt_json(tmp_path, caplog):
+    make_docvqa(tmp_path / "docvqa", "train_v1.0_withQT.json")
+    write_json(tmp_path / "docvqa/train/train_v1.0.json", {"data": []})  # the older name, elsewhere
+    with caplog.at_level(logging.INFO, logger="tokensel.datamodules.convert"):
+        entries = convert("docvqa", tmp_path / "docvqa", tmp_path / "out", split="train")
+    assert sum(e.count for e in entries) == 3
+    assert f"reading {tmp_path / 'docvqa/train_v1.0_withQT.json'}" in caplog.text
+
+
+def test_docvqa_without_a_json_names_every_path_tried(tmp_path):
+    src = tmp_path / "raw"
+    (src / "train/documents").mkdir(parents=True)
+    with pytest.raises(ShardFormatError) as err:
+        convert("docvqa", src, tmp_path / "out", split="train")
+    message = str(err.value)
+    assert "\n" not in message
+    tried = ["train_v1.0_withQT.json", "train/train_v1.0_withQT.json", "train_v1.0.json", "train/train_v1.0.json"]
+    positions = [message.index(str(src / name)) for name in tried]
+    assert positions == sorted(positions)  # in the order of preference
+
+
+def test_unknown_source_lists_the_converters(tmp_path):
+    assert set(CONVERTERS.names()) == {"coco", "docvqa", "chartqa"}
+    with pytest.raises(UnknownNameError) as err:
+        convert("imagenet", tmp_path, tmp_path / "out")
+    assert "choose one of: " + ", ".join(CONVERTERS.names()) in str(err.value)
+    with pytest.raises(UsageError) as err:
+        main(["imagenet", str(tmp_path), str(tmp_path / "out")])
+    assert ", ".join(map(repr, CONVERTERS.names())) in str(err.value)
 
 
 def test_chartqa_round_trip(tmp_path):
     expected = make_chartqa(tmp_path / "chartqa")
-    convert_chartqa(tmp_path / "chartqa", tmp_path / "out", split="train")
+    convert("chartqa", tmp_path / "chartqa", tmp_path / "out", split="train")
     samples = read_split(tmp_path / "out", "train", "chartqa")
     assert samples.keys() == expected.keys()
     for key, sample in samples.items():
@@ -162,22 +204,22 @@ def test_chartqa_round_trip(tmp_path):
 
     # either json may be missing
     (tmp_path / "chartqa/train/train_augmented.json").unlink()
-    entries = convert_chartqa(tmp_path / "chartqa", tmp_path / "out", split="train")
+    entries = convert("chartqa", tmp_path / "chartqa", tmp_path / "out", split="train")
     assert sum(e.count for e in entries) == 2
 
 
 @pytest.mark.parametrize(
-    "convert, build, missing",
+    "source, build, missing",
     [
-        (convert_coco, None, "annotations/captions_train2017.json"),
-        (convert_docvqa, None, "train/train_v1.0.json"),
-        (convert_chartqa, None, "train/train_human.json"),
-        (convert_coco, lambda root: make_coco(root, "train"), "train2017"),
-        (convert_docvqa, make_docvqa, "train/documents"),
-        (convert_chartqa, make_chartqa, "train/png"),
+        ("coco", None, "annotations/captions_train2017.json"),
+        ("docvqa", None, "train/train_v1.0.json"),
+        ("chartqa", None, "train/train_human.json"),
+        ("coco", lambda root: make_coco(root, "train"), "train2017"),
+        ("docvqa", make_docvqa, "train/documents"),
+        ("chartqa", make_chartqa, "train/png"),
     ],
 )
-def test_wrong_folder_names_the_missing_path(tmp_path, convert, build, missing):
+def test_wrong_folder_names_the_missing_path(tmp_path, source, build, missing):
     src = tmp_path / "raw"
     if build is not None:  # a complete layout with its image folder removed
         build(src)
@@ -186,27 +228,27 @@ def test_wrong_folder_names_the_missing_path(tmp_path, convert, build, missing):
             path.unlink()
         folder.rmdir()
     with pytest.raises(ShardFormatError) as err:
-        convert(src, tmp_path / "out", split="train")
+        convert(source, src, tmp_path / "out", split="train")
     assert str(src / missing) in str(err.value)
     assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(
-    "convert, path, payload",
+    "source, path, payload",
     [
-        (convert_coco, "annotations/captions_train2017.json", {"images": []}),
-        (convert_docvqa, "train/train_v1.0.json", [{"questionId": 1}]),
-        (convert_chartqa, "train/train_human.json", {"data": []}),
-        (convert_chartqa, "train/train_human.json", [{"imgname": "a.png", "label": "1"}]),
+        ("coco", "annotations/captions_train2017.json", {"images": []}),
+        ("docvqa", "train/train_v1.0.json", [{"questionId": 1}]),
+        ("chartqa", "train/train_human.json", {"data": []}),
+        ("chartqa", "train/train_human.json", [{"imgname": "a.png", "label": "1"}]),
     ],
 )
-def test_json_of_the_wrong_shape_names_the_file(tmp_path, convert, path, payload):
+def test_json_of_the_wrong_shape_names_the_file(tmp_path, source, path, payload):
     src = tmp_path / "raw"
     write_json(src / path, payload)
     for folder in ("train2017", "train/documents", "train/png"):
         (src / folder).mkdir(parents=True, exist_ok=True)
     with pytest.raises(ShardFormatError, match="not the expected layout") as err:
-        convert(src, tmp_path / "out", split="train")
+        convert(source, src, tmp_path / "out", split="train")
     assert str(src / path) in str(err.value)
 
 
@@ -215,17 +257,17 @@ def test_unparseable_json_names_the_file(tmp_path):
     ann.parent.mkdir(parents=True)
     ann.write_text("{not json")
     with pytest.raises(ShardFormatError, match="unreadable json") as err:
-        convert_docvqa(tmp_path / "raw", tmp_path / "out")
+        convert("docvqa", tmp_path / "raw", tmp_path / "out")
     assert str(ann) in str(err.value)
 
 
 def test_a_layout_error_leaves_existing_shards_alone(tmp_path):
     make_chartqa(tmp_path / "chartqa")
-    convert_chartqa(tmp_path / "chartqa", tmp_path / "out")
+    convert("chartqa", tmp_path / "chartqa", tmp_path / "out")
     before = ShardIndex.load(tmp_path / "out").splits
     (tmp_path / "chartqa/train/train_human.json").write_text("[1, 2]")
     with pytest.raises(ShardFormatError):
-        convert_chartqa(tmp_path / "chartqa", tmp_path / "out")
+        convert("chartqa", tmp_path / "chartqa", tmp_path / "out")
     assert ShardIndex.load(tmp_path / "out").splits == before
     assert ShardIndex.load(tmp_path / "out").shards("train")  # and the files are still there
 
@@ -238,7 +280,7 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     missing.unlink()
     skips = Skips()
     with caplog.at_level(logging.WARNING, logger="tokensel.datamodules.convert"):
-        entries = convert_chartqa(tmp_path / "chartqa", tmp_path / "out", skips=skips)
+        entries = convert("chartqa", tmp_path / "chartqa", tmp_path / "out", skips=skips)
     # 5 entries: two use 1234.png, two use two_col_7.png
     assert sum(e.count for e in entries) == 1
     assert skips.counts == {"unreadable image": 2, "missing image": 2}
@@ -251,7 +293,7 @@ def test_non_jpeg_png_images_are_reencoded_as_png(tmp_path):
     make_coco(tmp_path / "coco")
     # a BMP under the COCO file name: not storable as is
     Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "coco/val2017/000000000001.jpg", format="BMP")
-    convert_coco(tmp_path / "coco", tmp_path / "out", split="val")
+    convert("coco", tmp_path / "coco", tmp_path / "out", split="val")
     sample = read_split(tmp_path / "out", "val", "coco")["coco_1"]
     image = Image.open(io.BytesIO(sample["png"]))
     assert image.format == "PNG" and image.getpixel((0, 0)) == (1, 2, 3)
@@ -262,10 +304,10 @@ def test_three_sources_share_one_index(tmp_path):
     make_docvqa(tmp_path / "docvqa")
     make_chartqa(tmp_path / "chartqa")
     out = tmp_path / "out"
-    convert_coco(tmp_path / "coco", out)
-    convert_docvqa(tmp_path / "docvqa", out)
-    convert_chartqa(tmp_path / "chartqa", out)
-    convert_chartqa(tmp_path / "chartqa", out, limit=2)  # re-converting replaces, never duplicates
+    convert("coco", tmp_path / "coco", out)
+    convert("docvqa", tmp_path / "docvqa", out)
+    convert("chartqa", tmp_path / "chartqa", out)
+    convert("chartqa", tmp_path / "chartqa", out, limit=2)  # re-converting replaces, never duplicates
     index = ShardIndex.load(out)
     assert index.counts("train") == {"coco": 2, "docvqa": 3, "chartqa": 2}
     assert sorted(p.name for p in (out / "train").iterdir()) == [
@@ -274,7 +316,7 @@ def test_three_sources_share_one_index(tmp_path):
 
 def test_size_bounded_sharding(tmp_path):
     expected = make_chartqa(tmp_path / "chartqa")
-    entries = convert_chartqa(tmp_path / "chartqa", tmp_path / "out", max_samples=2)
+    entries = convert("chartqa", tmp_path / "chartqa", tmp_path / "out", max_samples=2)
     assert [e.count for e in entries] == [2, 2, 1]
     index = ShardIndex.load(tmp_path / "out")
     assert [(e.path, e.count) for e in index.shards("train")] == [
@@ -285,7 +327,7 @@ def test_size_bounded_sharding(tmp_path):
     assert set(read_split(tmp_path / "out", "train", "chartqa")) == set(expected)
 
     # a byte bound below two samples puts one sample in each shard
-    entries = convert_chartqa(tmp_path / "chartqa", tmp_path / "out", max_bytes=3000)
+    entries = convert("chartqa", tmp_path / "chartqa", tmp_path / "out", max_bytes=3000)
     assert [e.count for e in entries] == [1] * 5
 
 

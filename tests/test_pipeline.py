@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tokensel.datamodules.encoders import Preprocess
+from tokensel.datamodules.pipeline import Preprocess
 from tokensel.datamodules.pipeline import ShardStream, preprocess_image
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex
 

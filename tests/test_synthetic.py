@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tokensel.common.cli import run_main
 from tokensel.datamodules.shards import SOURCES, ShardIndex, validate_meta
 from tokensel.datamodules.synthetic import PARAMS_NAME, ensure_default_corpus, generate_corpus, main
 
@@ -155,3 +156,11 @@ def test_cli_skips_an_up_to_date_corpus(tmp_path, capsys):
     assert main(args + ["--seed", "3"]) == 0
     assert "generated in" in capsys.readouterr().out
     assert json.loads((tmp_path / PARAMS_NAME).read_text())["seed"] == 3
+
+
+def test_cli_mistakes_are_one_error_line(tmp_path, capsys):
+    assert run_main(main, ["--out", str(tmp_path), "--train-coco", "-1"]) == 2
+    assert run_main(main, ["--out", str(tmp_path), "--no-such-option"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert "'coco': -1" in lines[0] and "--no-such-option" in lines[1]
