@@ -1,4 +1,5 @@
-"""Flag budget-regulariser collapse: the keep ratio stuck near zero (``gumbel-ae-selector.md``, App. B.2).
+"""Flag budget-regulariser collapse: the keep ratio stuck near zero (*Adaptive Vision Token Selection
+for Multi-Modal Inference*, arXiv 2503.16660, App. B.2).
 
 With the plain ``alpha1 * L_pr`` term the optimiser can fall into the minimum ``L_pr = 0``
 (App. B.1): every token is dropped and the reconstruction learns to ignore the mask. The paper

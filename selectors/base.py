@@ -24,17 +24,30 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
+from tokensel.common.errors import ConfigError
 from tokensel.datamodules.batch import FeatureBatch, FeatureDims
-from tokensel.selectors.inference import SelectorNet
+from tokensel.selectors.inference import SelectionContext, SelectorNet
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
 
 
+def check_all(checks: list[tuple[bool, str]]) -> None:
+    """Raise :class:`ConfigError` with the message of the first failed ``(ok, message)`` check."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 @dataclass
 class SelectorConfig:
-    """Fields every ``selector.*`` config has; objectives extend it."""
+    """Fields every ``selector.*`` config has; objectives extend it.
 
+    ``optim_defaults``: the objective's own ``optim.*`` defaults (e.g. vp_noise trains with AdamW
+    at 2e-4), applied under any YAML, so a run never silently gets another objective's optimiser.
+    """
+
+    optim_defaults: ClassVar[dict] = {}
     name: str = "?"
 
 
@@ -55,18 +68,14 @@ class OptimConfig:
     stages: List[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optim.name={self.name!r}: expected one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule={self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr}: must be positive")
-        if not 0 <= self.warmup < 1:
-            raise ValueError(f"optim.warmup={self.warmup}: must be in [0, 1)")
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas={list(self.betas)}: expected two numbers")
-        if any(s <= 0 for s in self.stages):
-            raise ValueError(f"optim.stages={list(self.stages)}: lengths must be positive")
+        check_all([
+            (self.name in OPTIMIZERS, f"optim.name={self.name!r}: expected one of {', '.join(OPTIMIZERS)}"),
+            (self.schedule in SCHEDULES, f"optim.schedule={self.schedule!r}: expected one of {', '.join(SCHEDULES)}"),
+            (self.lr > 0, f"optim.lr={self.lr}: must be positive"),
+            (0 <= self.warmup < 1, f"optim.warmup={self.warmup}: must be in [0, 1)"),
+            (len(self.betas) == 2, f"optim.betas={list(self.betas)}: expected two numbers"),
+            (all(s > 0 for s in self.stages), f"optim.stages={list(self.stages)}: lengths must be positive"),
+        ])
 
 
 def lr_multiplier(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -137,8 +146,9 @@ class SelectorModule(L.LightningModule):
     def parse_hparams(cls, hp: dict) -> tuple[Any, FeatureDims]:
         return cls.config_cls(**hp["selector"]), FeatureDims.from_dict(hp["dims"])
 
-    def select(self, features: torch.Tensor, budget: int | float) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.net.select(features, budget)
+    def select(self, features: torch.Tensor, budget: int | float, *,
+               context: Optional[SelectionContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.select(features, budget, context=context)
 
     def training_step(self, batch: FeatureBatch, batch_idx: int) -> torch.Tensor:
         out = self.step(batch)

@@ -1,11 +1,9 @@
 """Training-free token selectors: the baselines every trained selector is compared with.
 
-They answer the same call as a trained selector (:class:`~tokensel.selectors.inference.SelectorNet`)::
+They are :class:`~tokensel.selectors.inference.SelectorNet` s with no weights and answer the same
+call as a trained selector::
 
-    indices, kept = selector.select(features, budget, cls_attention=None)  # (B, k) sorted, (B, k, C)
-
-``budget`` is a count or a keep ratio, resolved by :func:`resolve_budget` (so 0, negatives and
-more than N raise :class:`BudgetError`). All selectors are batched and have no weights.
+    indices, kept = selector.select(features, budget, context=SelectionContext(cls_attention=...))
 
 ========================  ===============================================================================
 name                      rule
@@ -19,58 +17,39 @@ name                      rule
                           ``data.cls_attention_layer`` so that ``FeatureBatch.cls_attention`` is filled.
 ========================  ===============================================================================
 
-Build one by name with :func:`build_baseline` (``BASELINES`` lists the names). The methods are
-re-derived from the papers' formulas (``/work/shared/notes/peers.md`` §2); no code was copied.
+Build one by name with :func:`build_baseline`; ``BASELINES`` is their registry. The rules are
+re-derived from the papers' formulas; no code was copied.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from tokensel.selectors.inference import SelectorNet, gather_tokens, resolve_budget
+from tokensel.common.registry import Registry
+from tokensel.selectors.inference import SelectionContext, SelectorNet
+
+BASELINES: Registry[type] = Registry("baseline")
 
 
 class TrainingFreeSelector(SelectorNet):
-    """Base of the training-free selectors: no weights, nothing to train.
-
-    Subclasses implement :meth:`positions` (any order; :meth:`select` sorts them) or, for plain
-    top-k rules, :meth:`scores`. ``needs_cls_attention`` says whether :meth:`select` needs the
-    encoder's CLS attention (``FeatureBatch.cls_attention``).
-    """
+    """Base of the training-free selectors: no weights, nothing to train. A subclass is built
+    from the token grid and a seed (:meth:`build`); most need neither."""
 
     name: str = ""
-    needs_cls_attention: bool = False
 
-    def scores(self, features: torch.Tensor, cls_attention: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-token scores ``(B, N)``; higher means keep (only for top-k rules)."""
-        raise NotImplementedError(f"{type(self).__name__} has no per-token scores; use select()")
-
-    def positions(self, features: torch.Tensor, k: int, cls_attention: Optional[torch.Tensor]) -> torch.Tensor:
-        """``(B, k)`` distinct token positions to keep, in any order. Default: top-k of :meth:`scores`."""
-        return self.scores(features, cls_attention).topk(k, dim=-1).indices
-
-    @torch.no_grad()
-    def select(self, features: torch.Tensor, budget: int | float,
-               cls_attention: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep ``budget`` tokens: ``(indices (B, k) long sorted by position, kept (B, k, C))``.
-
-        ``cls_attention`` ``(B, N)`` is used only by selectors with ``needs_cls_attention``; the
-        others ignore it, so a caller may always pass ``batch.cls_attention``.
-        """
-        if features.dim() != 3:
-            raise ValueError(f"features must be (B, N, C), got shape {tuple(features.shape)}")
-        k = resolve_budget(budget, features.shape[1])
-        indices = self.positions(features, k, cls_attention).long().sort(dim=-1).values
-        return indices, gather_tokens(features, indices)
+    @classmethod
+    def build(cls, grid: tuple[int, int], seed: int) -> "TrainingFreeSelector":
+        return cls()
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
 
 
+@BASELINES.register("random")
 class RandomSelector(TrainingFreeSelector):
     """``k`` tokens uniformly at random, without replacement, per sample.
 
@@ -87,10 +66,14 @@ class RandomSelector(TrainingFreeSelector):
         self.generator = torch.Generator()
         self.reset()
 
+    @classmethod
+    def build(cls, grid, seed):
+        return cls(seed)
+
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)
 
-    def positions(self, features, k, cls_attention):
+    def positions(self, features, k, context):
         B, N, _ = features.shape
         noise = torch.rand(B, N, generator=self.generator)
         return noise.topk(k, dim=-1).indices.to(features.device)
@@ -123,6 +106,7 @@ def uniform_grid_positions(grid: tuple[int, int], k: int) -> list[int]:
     return sorted(chosen)
 
 
+@BASELINES.register("uniform")
 class UniformSelector(TrainingFreeSelector):
     """A spatially even grid of ``k`` tokens over the ``(h, w)`` token grid (raster order).
 
@@ -150,7 +134,11 @@ class UniformSelector(TrainingFreeSelector):
         self.grid = (h, w)
         self._cache: dict[int, torch.Tensor] = {}
 
-    def positions(self, features, k, cls_attention):
+    @classmethod
+    def build(cls, grid, seed):
+        return cls(grid)
+
+    def positions(self, features, k, context):
         B, N, _ = features.shape
         if N != self.grid[0] * self.grid[1]:
             raise ValueError(f"uniform selector built for grid {self.grid} ({self.grid[0] * self.grid[1]} tokens), "
@@ -163,12 +151,13 @@ class UniformSelector(TrainingFreeSelector):
         return f"name='uniform', grid={self.grid}"
 
 
+@BASELINES.register("l2norm")
 class L2NormSelector(TrainingFreeSelector):
     """The ``k`` tokens with the largest feature L2 norm (PACT's ``prune_with_norm`` baseline)."""
 
     name = "l2norm"
 
-    def scores(self, features, cls_attention=None):
+    def scores(self, features, context=None):
         return features.float().norm(dim=-1)
 
 
@@ -178,6 +167,7 @@ def cosine_distance(features: torch.Tensor) -> torch.Tensor:
     return 1.0 - x @ x.transpose(1, 2)
 
 
+@BASELINES.register("divprune")
 class DivPruneSelector(TrainingFreeSelector):
     """DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
     Models", CVPR 2025): greedy max–min diversity on the cosine distance ``D = 1 − cos``.
@@ -193,7 +183,7 @@ class DivPruneSelector(TrainingFreeSelector):
 
     name = "divprune"
 
-    def positions(self, features, k, cls_attention):
+    def positions(self, features, k, context):
         B, N, _ = features.shape
         if k == N:
             return torch.arange(N, device=features.device).expand(B, N)
@@ -214,37 +204,29 @@ class DivPruneSelector(TrainingFreeSelector):
         return chosen
 
 
+@BASELINES.register("cls_attention")
 class CLSAttentionSelector(TrainingFreeSelector):
     """Top-k by the frozen encoder's CLS->patch attention (head mean) at one block: the EViT
     rule (Liang et al., "Not All Patches are What You Need", ICLR 2022) applied once, as
     FasterVLM does, and VisionZip's dominant tokens (Yang et al., CVPR 2025) without the CLS
     token and contextual merging. Needs ``cls_attention`` (B, N), i.e. ``batch.cls_attention``
-    from a datamodule with ``data.cls_attention_layer`` set (e.g. -2, VisionZip's layer)."""
+    from a datamodule with ``data.cls_attention_layer`` set (e.g. -2, VisionZip's layer), passed
+    as ``context=SelectionContext(cls_attention=batch.cls_attention)``."""
 
     name = "cls_attention"
     needs_cls_attention = True
 
-    def scores(self, features, cls_attention=None):
+    def scores(self, features, context=None):
+        cls_attention = context.cls_attention if context is not None else None
         if cls_attention is None:
             raise ValueError("cls_attention selector needs data.cls_attention_layer set "
-                             "(no cls_attention was passed to select())")
+                             "(no context.cls_attention was passed to select())")
         if tuple(cls_attention.shape) != tuple(features.shape[:2]):
             raise ValueError(f"cls_attention has shape {tuple(cls_attention.shape)}, "
                              f"expected (B, N) = {tuple(features.shape[:2])}")
         return cls_attention.to(features.device).float()
 
 
-BASELINES: dict[str, Callable[[tuple[int, int], int], TrainingFreeSelector]] = {
-    "random": lambda grid, seed: RandomSelector(seed),
-    "uniform": lambda grid, seed: UniformSelector(grid),
-    "l2norm": lambda grid, seed: L2NormSelector(),
-    "divprune": lambda grid, seed: DivPruneSelector(),
-    "cls_attention": lambda grid, seed: CLSAttentionSelector(),
-}
-
-
 def build_baseline(name: str, grid: tuple[int, int], seed: int = 0) -> TrainingFreeSelector:
     """The training-free selector ``name`` for features on an ``(h, w)`` grid (in eval mode)."""
-    if name not in BASELINES:
-        raise ValueError(f"unknown baseline {name!r}: choose from {', '.join(BASELINES)}")
-    return BASELINES[name](tuple(grid), seed).eval()
+    return BASELINES.get(name).build(tuple(grid), seed).eval()

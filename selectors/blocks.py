@@ -126,7 +126,7 @@ class ImageDecoder(nn.Module):
 
 
 class DiagonalDenoiser(nn.Module):
-    """Train-only Denoiser of AutoSelect (``autoselect-method.md`` §5): one pre-LN Transformer block
+    """Train-only Denoiser of AutoSelect (DiffPrune, arXiv 2605.28051, Sec. 4.4): one pre-LN Transformer block
     whose attention mask is the identity, so every token is transformed on its own.
 
     The attention and MLP output projections are zero-initialised: the block starts as the exact

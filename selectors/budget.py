@@ -1,6 +1,14 @@
-"""The budget side of every selector: mask estimators, the kept proportion, regularisers.
+"""The budget side of every selector: what a budget is, mask estimators, the kept proportion,
+regularisers, the soft top-K and the VP noise gate.
 
-Equation numbers refer to ``gumbel-ae-selector.md`` (Sec. 4, App. B.1).
+- Budgets (the one place they are parsed and checked): :func:`check_budget`, :func:`parse_budgets`,
+  :func:`resolve_budget`.
+- Gumbel-softmax auto-encoder: *Adaptive Vision Token Selection for Multi-Modal Inference*
+  (arXiv 2503.16660), Sec. 4 and App. B.1; equation numbers below are that paper's.
+- Soft top-K and VP gate: AutoSelect, *The Model Knows Which Tokens Matter: Automatic Token
+  Selection via Noise Gating* (arXiv 2603.07135), with the method details of DiffPrune (*Beyond
+  Surrogate Gradients: Fully Differentiable Token Pruning for Vision-Language Models*, arXiv
+  2605.28051, Sec. 4); the soft top-K in LapSum's closed form (arXiv 2503.06242).
 """
 
 from __future__ import annotations
@@ -9,8 +17,54 @@ import math
 
 import torch
 
+from tokensel.common.errors import TokenselError
+
 ESTIMATORS = ("gumbel", "straight_through")
 REGULARISERS = ("maxmin", "plain")
+KEEP_RATIO_REDUCTIONS = ("batch", "image")
+Budget = int | float  # a token count K (int >= 1) or a keep ratio (float in (0, 1])
+
+
+class BudgetError(TokenselError):
+    """A budget that cannot be met (0, negative, a ratio above 1, or more tokens than there are)."""
+
+
+def check_budget(value, where: str = "budget", text: str | None = None) -> Budget:
+    """``value`` if it is a token count (int >= 1) or a keep ratio (float in (0, 1]); else a
+    :class:`BudgetError` naming ``where`` and the value as the user wrote it (``text``)."""
+    shown = repr(text if text is not None else value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BudgetError(f"{where}: {shown} is neither a keep ratio in (0, 1] nor a token count")
+    if isinstance(value, float) and value > 1:
+        raise BudgetError(f"{where}: {shown} is a ratio above 1; write token counts as integers")
+    if value <= 0:
+        raise BudgetError(f"{where}: {shown} must be positive")
+    return value
+
+
+def parse_budgets(text: str, where: str = "BUDGETS") -> list[Budget]:
+    """``"0.1,0.25,64"`` -> ``[0.1, 0.25, 64]``: integers are counts, decimals are ratios."""
+    budgets: list[Budget] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = int(item) if item.lstrip("-").isdigit() else float(item)
+        except ValueError:
+            raise BudgetError(f"{where}: {item!r} is neither a keep ratio nor a token count") from None
+        budgets.append(check_budget(value, where, item))
+    return budgets
+
+
+def resolve_budget(budget: Budget, num_tokens: int) -> int:
+    """Tokens to keep: an ``int`` is a count in ``[1, N]``; a ``float`` is a ratio in ``(0, 1]``
+    and rounds to the nearest count (at least 1)."""
+    check_budget(budget, f"budget={budget!r}")
+    if isinstance(budget, int):
+        if budget > num_tokens:
+            raise BudgetError(f"budget={budget}: need 1 <= k <= N={num_tokens}")
+        return budget
+    return max(1, min(num_tokens, round(budget * num_tokens)))
 
 
 def binary_keep_mask(logits: torch.Tensor, estimator: str, tau: float = 1.0, noise: bool = True) -> torch.Tensor:
@@ -37,9 +91,10 @@ def binary_keep_mask(logits: torch.Tensor, estimator: str, tau: float = 1.0, noi
     return y[..., 1]
 
 
-def keep_ratio(mask: torch.Tensor) -> torch.Tensor:
-    """``L^pr`` (Eq. 7): the mean of the mask over tokens, averaged over the batch."""
-    return mask.mean()
+def keep_ratio(mask: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """``L^pr`` (Eq. 7): the mean of the mask over tokens; averaged over the batch (a scalar), or
+    one value per image ``(B,)`` with ``per_image=True``."""
+    return mask.float().mean(dim=1) if per_image else mask.mean()
 
 
 def budget_regulariser(l_pr: torch.Tensor, kind: str, p: float, q: float, alpha1: float, alpha2: float) -> torch.Tensor:
@@ -49,11 +104,13 @@ def budget_regulariser(l_pr: torch.Tensor, kind: str, p: float, q: float, alpha1
       ``alpha1`` above ``p`` (pushes the ratio down), ``-alpha2`` below ``q`` (pushes it up) and
       zero strictly inside ``(q, p)``.
     - ``plain`` (App. B.1): ``alpha1 * L_pr``, which always pushes the ratio down.
+
+    ``l_pr`` may be one ratio per image ``(B,)``: the term is then taken per image and averaged.
     """
     if kind == "maxmin":
-        return alpha1 * torch.clamp(l_pr, min=p) - alpha2 * torch.clamp(l_pr, max=q)
+        return (alpha1 * torch.clamp(l_pr, min=p) - alpha2 * torch.clamp(l_pr, max=q)).mean()
     if kind == "plain":
-        return alpha1 * l_pr
+        return (alpha1 * l_pr).mean()
     raise ValueError(f"regulariser={kind!r}, expected one of {REGULARISERS}")
 
 
@@ -67,7 +124,7 @@ def replace_dropped(features: torch.Tensor, mask: torch.Tensor, masked_embedding
 
 
 def _laplace_cdf(x: torch.Tensor) -> torch.Tensor:
-    """The standard Laplace CDF ``F`` (``autoselect-method.md`` §3), piecewise so ``exp`` never overflows."""
+    """The standard Laplace CDF ``F`` (LapSum, arXiv 2503.06242), piecewise so ``exp`` never overflows."""
     half_tail = 0.5 * torch.exp(-x.abs())
     return torch.where(x <= 0, half_tail, 1.0 - half_tail)
 
@@ -118,7 +175,7 @@ class _SoftTopK(torch.autograd.Function):
 
 
 def soft_topk(scores: torch.Tensor, k: int | torch.Tensor, tau: float) -> torch.Tensor:
-    """Budgeted soft top-K ``alpha = Phi_K(scores / tau)`` (``autoselect-method.md`` Eq. 4, LapSum form).
+    """Budgeted soft top-K ``alpha = Phi_K(scores / tau)`` (DiffPrune Sec. 4.2, Eq. 4, in LapSum form).
 
     ``alpha_i = F(z_i - b)``, ``z = scores / tau``, ``F`` the standard Laplace CDF and ``b`` the per-row
     shift with ``sum(alpha) = k``. ``scores`` is ``(B, N)``, finite; ``k`` an int or a ``(B,)`` tensor,
@@ -142,13 +199,14 @@ def soft_topk(scores: torch.Tensor, k: int | torch.Tensor, tau: float) -> torch.
 
 
 def cosine_tau(step: int, start: float = 2.0, end: float = 0.1, steps: int = 2000) -> float:
-    """Cosine-annealed temperature (``autoselect-method.md`` §14.3), held at ``end`` after ``steps``."""
+    """Cosine-annealed temperature, held at ``end`` after ``steps`` (DiffPrune Sec. 4.2 and App. A:
+    2.0 -> 0.1 over 2000 steps)."""
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(step, steps) / steps))
 
 
 def vp_noise_gate(x: torch.Tensor, alpha: torch.Tensor, noise: torch.Tensor | None = None,
                   min_alpha: float = 1e-6) -> torch.Tensor:
-    """VP noise gate (``autoselect-method.md`` Eq. 5): ``sqrt(alpha) x + sqrt(1 - alpha) eps``.
+    """VP noise gate (DiffPrune Sec. 4.3, Eq. 5; AutoSelect): ``sqrt(alpha) x + sqrt(1 - alpha) eps``.
 
     ``x`` is ``(B, N, C)``, ``alpha`` ``(B, N)`` (broadcast over channels); ``eps ~ N(0, I)`` is drawn
     fresh unless ``noise`` is given. ``alpha`` and ``1 - alpha`` are clamped to ``[min_alpha, 1]``

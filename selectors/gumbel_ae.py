@@ -1,6 +1,7 @@
-"""``gumbel_ae`` and ``straight_through``: the auto-encoder selector of Sections 3–4.
+"""``gumbel_ae`` and ``straight_through``: the auto-encoder selector of *Adaptive Vision Token
+Selection for Multi-Modal Inference* (arXiv 2503.16660), Sections 3–4.
 
-Spec: ``gumbel-ae-selector.md``. The Feature Selector S (``depth`` Transformer layers and a
+The Feature Selector S (``depth`` Transformer layers and a
 two-way keep head) gives a hard keep mask M; dropped tokens become one shared learnable
 ``E_masked`` (Eq. 5); the Feature Reconstructor R^f (4 layers) restores F^rec and the Image
 Reconstructor R^im decodes I^rec from it (Eq. 6). The loss is Eq. 8::
@@ -24,6 +25,12 @@ Where the paper is silent (each is a ``selector.*`` key):
   ``E_masked`` tokens carry no position of their own (as MAE's decoder does).
 - Validation uses the noiseless mask (the argmax of the logits): Gumbel noise is a training
   device, and inference ranks the same logits.
+- ``keep_ratio_reduction="batch"``: Eq. 7 defines ``L_pr`` for one image, and Eq. 8 is written
+  for one image. We apply the regulariser to the batch mean of ``L_pr`` by default, so that one
+  image may keep more tokens than ``p`` and another fewer than ``q`` as long as the batch stays
+  in the band: the paper's selector is *adaptive* (the number of kept tokens follows the image's
+  content), and a per-image band would force every image into ``[q, p]``.
+  ``keep_ratio_reduction="image"`` applies Eq. 8's term to each image's ``L_pr`` and averages.
 """
 
 from __future__ import annotations
@@ -36,10 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokensel.datamodules.batch import FeatureBatch, FeatureDims
-from tokensel.selectors.base import SelectorConfig, SelectorModule, StepOutput
+from tokensel.selectors.base import SelectorConfig, SelectorModule, StepOutput, check_all
 from tokensel.selectors.blocks import ImageDecoder, KeepHead, TransformerStack, sincos_2d
-from tokensel.selectors.budget import ESTIMATORS, REGULARISERS, binary_keep_mask, budget_regulariser, keep_ratio, replace_dropped
-from tokensel.selectors.inference import SelectorNet
+from tokensel.selectors.budget import (ESTIMATORS, KEEP_RATIO_REDUCTIONS, REGULARISERS, binary_keep_mask,
+                                       budget_regulariser, keep_ratio, replace_dropped)
+from tokensel.selectors.inference import SelectionContext, SelectorNet
 from tokensel.selectors.registry import register_selector
 
 DISTANCES = ("mse", "l2")
@@ -61,6 +69,7 @@ class GumbelAEConfig(SelectorConfig):
     estimator: str = "gumbel"  # "gumbel" | "straight_through" (App. B.1)
     tau: float = 1.0
     regulariser: str = "maxmin"  # "maxmin" (Eq. 4) | "plain" (alpha1 * L_pr)
+    keep_ratio_reduction: str = "batch"  # "batch": the regulariser on the batch mean of L_pr | "image"
     p: float = 0.6
     q: float = 0.1
     alpha1: float = 0.1
@@ -74,6 +83,8 @@ class GumbelAEConfig(SelectorConfig):
             (self.estimator in ESTIMATORS, f"selector.estimator={self.estimator!r}: expected one of {', '.join(ESTIMATORS)}"),
             (self.regulariser in REGULARISERS, f"selector.regulariser={self.regulariser!r}: expected one of {', '.join(REGULARISERS)}"),
             (self.distance in DISTANCES, f"selector.distance={self.distance!r}: expected one of {', '.join(DISTANCES)}"),
+            (self.keep_ratio_reduction in KEEP_RATIO_REDUCTIONS, f"selector.keep_ratio_reduction="
+             f"{self.keep_ratio_reduction!r}: expected one of {', '.join(KEEP_RATIO_REDUCTIONS)}"),
             (self.depth >= 1, f"selector.depth={self.depth}: must be at least 1"),
             (self.reconstructor_depth >= 1, f"selector.reconstructor_depth={self.reconstructor_depth}: must be at least 1"),
             (self.image_decoder_depth >= 0, f"selector.image_decoder_depth={self.image_decoder_depth}: must be >= 0"),
@@ -81,9 +92,7 @@ class GumbelAEConfig(SelectorConfig):
             (self.tau > 0, f"selector.tau={self.tau}: must be positive"),
             (self.width is None or self.width % 4 == 0, f"selector.width={self.width}: must be divisible by 4"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_all(checks)
 
 
 def reconstruction_distance(pred: torch.Tensor, target: torch.Tensor, kind: str, channel_dim: int) -> torch.Tensor:
@@ -98,6 +107,7 @@ class TokenAutoEncoder(SelectorNet):
 
     def __init__(self, cfg: GumbelAEConfig, dims: FeatureDims):
         super().__init__()
+        self.config, self.dims = cfg, dims
         c = dims.dim
         width = cfg.width or c
 
@@ -123,8 +133,16 @@ class TokenAutoEncoder(SelectorNet):
         """(B, N, 2) drop/keep logits of the Feature Selector."""
         return self.keep_head(self.selector(self.selector_in(features)))
 
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
+    def scores(self, features: torch.Tensor, context: Optional[SelectionContext] = None) -> torch.Tensor:
         return KeepHead.score(self.keep_logits(features))
+
+    @property
+    def sampler_layers(self) -> int:
+        return self.config.depth
+
+    def image_from_kept(self, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``I^rec`` from the kept tokens alone, the dropped ones replaced by ``E_masked`` (Eq. 5-6)."""
+        return self.reconstruct(replace_dropped(features, keep.float(), self.masked_embedding))[1].clamp(0, 1)
 
     def reconstruct(self, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 6: ``F^rec = R^f(F^pr)``, ``I^rec = R^im(F^rec)``."""
@@ -133,8 +151,8 @@ class TokenAutoEncoder(SelectorNet):
         return f_rec, self.image_decoder(f_rec)
 
 
-@register_selector("gumbel_ae", GumbelAEConfig)
 @register_selector("straight_through", GumbelAEConfig, estimator="straight_through")
+@register_selector("gumbel_ae", GumbelAEConfig)
 class GumbelAESelector(SelectorModule):
     """The auto-encoder objective of Eq. 8 (see the module docstring)."""
 
@@ -155,7 +173,8 @@ class GumbelAESelector(SelectorModule):
         feat = reconstruction_distance(f_rec, features, cfg.distance, channel_dim=-1)
         img = reconstruction_distance(i_rec, batch.image, cfg.distance, channel_dim=1)
         l_pr = keep_ratio(mask)
-        reg = budget_regulariser(l_pr, cfg.regulariser, cfg.p, cfg.q, cfg.alpha1, cfg.alpha2)
+        per_image = keep_ratio(mask, per_image=True) if cfg.keep_ratio_reduction == "image" else l_pr
+        reg = budget_regulariser(per_image, cfg.regulariser, cfg.p, cfg.q, cfg.alpha1, cfg.alpha2)
         loss = cfg.feature_weight * feat + cfg.image_weight * img + reg
         keep_prob = torch.softmax(logits.float(), dim=-1)[..., 1].mean()
         scalars = {"loss": loss, "feat_recon": feat, "img_recon": img, "keep_ratio": l_pr,

@@ -1,41 +1,44 @@
 """Inference: keep the top-K tokens, in positional order. No Lightning needed.
 
-Every selector (trained or training-free) answers the same call::
+Every selector, trained or training-free, is a :class:`SelectorNet` and answers one call::
 
-    indices, kept = selector.select(features, budget)   # (B, k) sorted by position, (B, k, C)
+    indices, kept = selector.select(features, budget, context=None)   # (B, k) sorted by position, (B, k, C)
 
-``budget`` is a token count (``int``) or a keep ratio (``float`` in (0, 1]).
+``budget`` is a token count (``int``) or a keep ratio (``float`` in (0, 1]); see
+:func:`~tokensel.selectors.budget.resolve_budget`. ``context`` is a :class:`SelectionContext`
+holding whatever a selector needs beyond the features (today: the encoder's CLS attention, for
+the ``cls_attention`` baseline); selectors that need nothing ignore it.
 
-A trained selector loads from its checkpoint in two lines::
+What an evaluation may ask of a selector beyond ``select`` is an optional method with a default
+here, never a ``hasattr`` probe: :meth:`SelectorNet.image_from_kept` (image reconstruction from
+the kept tokens, auto-encoders only), :attr:`SelectorNet.sampler_layers` (its own Transformer
+layers, for FLOPs) and :attr:`SelectorNet.vlm_config` (the frozen VLM it was trained against).
 
-    from tokensel.selectors.inference import load_selector
-    selector = load_selector("runs/gumbel_ae/version_0/checkpoints/last.ckpt")
+A trained selector loads from its checkpoint with :func:`tokensel.selectors.catalog.load_selector`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from tokensel.common.errors import TokenselError
+from tokensel.selectors.budget import Budget, resolve_budget
 
-class BudgetError(ValueError):
-    """A budget that cannot be met (0, negative, or more tokens than there are)."""
 
+@dataclass
+class SelectionContext:
+    """What a selector may need beyond the patch features; every field is optional.
 
-def resolve_budget(budget: int | float, num_tokens: int) -> int:
-    """Tokens to keep: an ``int`` is a count in ``[1, N]``; a ``float`` is a ratio in ``(0, 1]``
-    and rounds to the nearest count (at least 1)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise BudgetError(f"budget={budget!r}: expected a token count (int) or a keep ratio (float)")
-    if isinstance(budget, int):
-        if not 1 <= budget <= num_tokens:
-            raise BudgetError(f"budget={budget}: need 1 <= k <= N={num_tokens}")
-        return budget
-    if not 0.0 < budget <= 1.0:
-        raise BudgetError(f"keep ratio {budget}: need 0 < ratio <= 1")
-    return max(1, min(num_tokens, round(budget * num_tokens)))
+    - ``cls_attention``: ``(B, N)`` the frozen encoder's CLS->patch attention
+      (``FeatureBatch.cls_attention``, filled when ``data.cls_attention_layer`` is set).
+    """
+
+    cls_attention: Optional[torch.Tensor] = None
 
 
 def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,25 +52,52 @@ def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
 
 
 class SelectorNet(nn.Module):
-    """Base of every selector network used at inference: subclasses implement :meth:`scores`."""
+    """Base of every selector. Subclasses implement :meth:`scores` (a top-K rule) or
+    :meth:`positions` (any other rule, e.g. greedy diversity)."""
 
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
+    needs_cls_attention: bool = False
+
+    def scores(self, features: torch.Tensor, context: Optional[SelectionContext] = None) -> torch.Tensor:
         """Per-token scores ``(B, N)``; higher means keep."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no per-token scores; use select()")
+
+    def positions(self, features: torch.Tensor, k: int, context: Optional[SelectionContext]) -> torch.Tensor:
+        """``(B, k)`` distinct positions to keep, in any order. Default: the top-k :meth:`scores`."""
+        return self.scores(features, context).topk(k, dim=-1).indices
 
     @torch.no_grad()
-    def select(self, features: torch.Tensor, budget: int | float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep the top-``budget`` tokens: ``(indices (B, k) sorted by position, kept (B, k, C))``."""
+    def select(self, features: torch.Tensor, budget: Budget, *,
+               context: Optional[SelectionContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep ``budget`` tokens: ``(indices (B, k) long, sorted by position, kept (B, k, C))``."""
+        if features.dim() != 3:
+            raise ValueError(f"features must be (B, N, C), got shape {tuple(features.shape)}")
         k = resolve_budget(budget, features.shape[1])
-        indices = topk_positions(self.scores(features), k)
+        indices = self.positions(features, k, context).long().sort(dim=-1).values
         return indices, gather_tokens(features, indices)
 
+    # ---- optional: what an evaluation may ask beyond select() -----------------------------------
+    def image_from_kept(self, features: torch.Tensor, keep: torch.Tensor) -> Optional[torch.Tensor]:
+        """The image ``(B, 3, S, S)`` in [0, 1] reconstructed from the kept tokens (``keep`` a
+        ``(B, N)`` bool mask), for selectors that reconstruct; None for the others."""
+        return None
 
-class CheckpointError(ValueError):
+    @property
+    def sampler_layers(self) -> int:
+        """Transformer layers the selector runs on every token at inference (0: none), for FLOPs."""
+        return 0
+
+    @property
+    def vlm_config(self) -> Optional[Any]:
+        """The ``selector.vlm`` config of the frozen VLM this selector was trained against, if any."""
+        return None
+
+
+class CheckpointError(TokenselError):
     """A checkpoint that is not a tokensel selector checkpoint, or does not fit the features."""
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A selector checkpoint, read with ``weights_only=True`` (no pickled objects run)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -79,27 +109,3 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if "selector" not in hp or "dims" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a tokensel selector checkpoint (no selector/dims hyper-parameters)")
     return ckpt
-
-
-def load_selector(path: str | Path, map_location: str | torch.device = "cpu") -> SelectorNet:
-    """Rebuild a trained selector network from a training checkpoint, in eval mode.
-
-    Only the selector network's weights are read; no Trainer, optimizer or encoder is built.
-    The network keeps ``.config`` (its selector config) and ``.dims`` (the feature geometry it
-    was trained on).
-    """
-    from tokensel.selectors.registry import get_entry  # the registry imports the objectives
-
-    ckpt = read_checkpoint(path, map_location)
-    hp = ckpt["hyper_parameters"]
-    entry = get_entry(hp["selector"]["name"])
-    module_cls = entry.module_cls
-    config, dims = module_cls.parse_hparams(hp)
-    net = module_cls.build_net(config, dims)
-    prefix = "net."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match {entry.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    net.config, net.dims = config, dims
-    return net.eval()

@@ -1,6 +1,9 @@
 """``vp_noise``: AutoSelect / DiffPrune, trained only by a frozen VLM's next-token loss.
 
-Spec: ``autoselect-method.md``. Per batch of frozen patch tokens X (Eq. 2):
+AutoSelect: *The Model Knows Which Tokens Matter: Automatic Token Selection via Noise Gating*
+(arXiv 2603.07135); DiffPrune: *Beyond Surrogate Gradients: Fully Differentiable Token Pruning for
+Vision-Language Models* (arXiv 2605.28051), whose Sec. 4 gives the method's details; equation
+numbers are DiffPrune's. Per batch of frozen patch tokens X (Eq. 2):
 
 1. the Scorer S (``depth`` Transformer blocks + a linear head) gives one logit per token;
 2. the budgeted soft top-K gives weights ``alpha = Phi_K(S(X) / tau)`` with ``sum(alpha) = K``
@@ -26,23 +29,27 @@ Where the paper is silent (each is a ``selector.*`` key):
   at K in {64, 128, 192} of 576.
 - ``width=None``: the Scorer runs at the feature width (1024 for LLaVA's CLIP-L, as the paper).
 - Samples with empty text are skipped and counted (``data/empty_text``).
+- The optimiser defaults are the paper's (DiffPrune App. A: AdamW, lr 2e-4, cosine decay) plus a
+  3 % warm-up (not given), in ``VPNoiseConfig.optim_defaults``, so they hold under any YAML.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from tokensel.datamodules.batch import FeatureBatch, FeatureDims
-from tokensel.selectors.base import SelectorConfig, SelectorModule, StepOutput
+from tokensel.common.errors import TokenselError
+from tokensel.selectors.base import SelectorConfig, SelectorModule, StepOutput, check_all
 from tokensel.selectors.blocks import DiagonalDenoiser, TransformerStack
-from tokensel.selectors.budget import alpha_entropy, cosine_tau, soft_topk, vp_noise_gate
-from tokensel.selectors.inference import BudgetError, SelectorNet, gather_tokens, topk_positions
+from tokensel.selectors.budget import BudgetError, alpha_entropy, cosine_tau, soft_topk, vp_noise_gate
+from tokensel.selectors.inference import SelectionContext, SelectorNet, gather_tokens, topk_positions
 from tokensel.selectors.registry import register_selector
-from tokensel.selectors.vlm import VLMConfig, VLMError, build_vlm, required_encoder
+from tokensel.selectors.vlm import VLMConfig
+from tokensel.selectors.vlm_backends import build_vlm, required_encoder
 
 GATE_NORMS = ("standardize", "none")
 
@@ -51,6 +58,7 @@ GATE_NORMS = ("standardize", "none")
 class VPNoiseConfig(SelectorConfig):
     """``selector.*`` for vp_noise."""
 
+    optim_defaults: ClassVar[dict] = {"name": "adamw", "lr": 2e-4, "schedule": "cosine", "warmup": 0.03}
     name: str = "vp_noise"
     depth: int = 2  # Scorer Transformer blocks (the paper: 2)
     width: Optional[int] = None  # None: the feature width (the paper: 1024 = CLIP-L)
@@ -78,12 +86,12 @@ class VPNoiseConfig(SelectorConfig):
             (self.gate_norm in GATE_NORMS, f"selector.gate_norm={self.gate_norm!r}: expected one of {', '.join(GATE_NORMS)}"),
             (0.0 < self.gate_momentum <= 1.0, f"selector.gate_momentum={self.gate_momentum}: need 0 < m <= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_all(checks)
 
     def budget(self, num_tokens: int) -> int:
-        """K for ``num_tokens`` tokens: ``k`` if set, else ``round(keep_ratio * N)``; 0 < K < N."""
+        """K for ``num_tokens`` tokens: ``k`` if set, else ``round(keep_ratio * N)``. Stricter than
+        :func:`~tokensel.selectors.budget.resolve_budget`: the soft top-K needs 0 < K < N, so a
+        ratio is never rounded up to one token."""
         k = self.k if self.k is not None else round(self.keep_ratio * num_tokens)
         if not 0 < k < num_tokens:
             raise BudgetError(f"selector.k={k}: vp_noise needs 0 < K < N={num_tokens} tokens")
@@ -93,7 +101,7 @@ class VPNoiseConfig(SelectorConfig):
         """The backend's encoder must be the run's encoder: a one-line reason if not."""
         try:
             need = required_encoder(self.vlm)
-        except VLMError as err:
+        except TokenselError as err:
             return str(err)
         enc = run_config.encoder
         reason = need.mismatch(enc.name, enc.layer, enc.norm)
@@ -107,13 +115,22 @@ class TokenScorer(SelectorNet):
 
     def __init__(self, cfg: VPNoiseConfig, dims: FeatureDims):
         super().__init__()
+        self.config, self.dims = cfg, dims
         width = cfg.width or dims.dim
         self.proj = nn.Linear(dims.dim, width) if width != dims.dim else nn.Identity()
         self.blocks = TransformerStack(width, cfg.depth, cfg.head_dim, cfg.mlp_ratio)
         self.head = nn.Linear(width, 1)
 
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
+    def scores(self, features: torch.Tensor, context: Optional[SelectionContext] = None) -> torch.Tensor:
         return self.head(self.blocks(self.proj(features))).squeeze(-1)
+
+    @property
+    def sampler_layers(self) -> int:
+        return self.config.depth
+
+    @property
+    def vlm_config(self) -> VLMConfig:
+        return self.config.vlm
 
 
 class RunningStandardizer(nn.Module):

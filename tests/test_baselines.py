@@ -3,16 +3,21 @@
 import pytest
 import torch
 
-from tokensel.datamodules.encoders import EncoderError, FrozenEncoder, Preprocess, build_encoder
+from tokensel.datamodules.encoders import EncoderError, FrozenEncoder, build_encoder
+from tokensel.datamodules.encoders.hf_llava import HFVisionTower
+from tokensel.datamodules.encoders.open_clip_vit import OpenClipViT
+from tokensel.datamodules.encoders.timm_vit import TimmViT
+from tokensel.datamodules.pipeline import Preprocess
 from tokensel.selectors.baselines import (BASELINES, CLSAttentionSelector, DivPruneSelector, L2NormSelector,
                                           RandomSelector, TrainingFreeSelector, UniformSelector, build_baseline)
-from tokensel.selectors.inference import BudgetError
+from tokensel.selectors.budget import BudgetError
+from tokensel.selectors.inference import SelectionContext
 
 
 def run(selector, features, budget, cls_attention=None):
     if selector.needs_cls_attention and cls_attention is None:
         cls_attention = torch.rand(features.shape[:2])
-    return selector.select(features, budget, cls_attention=cls_attention)
+    return selector.select(features, budget, context=SelectionContext(cls_attention=cls_attention))
 
 
 # ---- every baseline: the shared contract ---------------------------------------------------------
@@ -142,15 +147,15 @@ def test_l2norm_picks_the_largest_norms():
 def test_cls_attention_picks_the_top_attention_and_needs_it():
     features = torch.randn(2, 6, 4)
     attn = torch.tensor([[0.1, 0.3, 0.05, 0.2, 0.0, 0.25], [0.5, 0.0, 0.1, 0.1, 0.2, 0.05]])
-    indices, kept = CLSAttentionSelector().select(features, 2, cls_attention=attn)
+    indices, kept = CLSAttentionSelector().select(features, 2, context=SelectionContext(cls_attention=attn))
     assert indices.tolist() == [[1, 5], [0, 4]]
     assert torch.equal(kept[1], features[1, [0, 4]])
     with pytest.raises(ValueError, match="data.cls_attention_layer"):
         CLSAttentionSelector().select(features, 2)
     with pytest.raises(ValueError, match="shape"):
-        CLSAttentionSelector().select(features, 2, cls_attention=attn[:, :5])
+        CLSAttentionSelector().select(features, 2, context=SelectionContext(cls_attention=attn[:, :5]))
     # the others ignore it
-    assert torch.equal(L2NormSelector().select(features, 2, cls_attention=attn)[0],
+    assert torch.equal(L2NormSelector().select(features, 2, context=SelectionContext(cls_attention=attn))[0],
                        L2NormSelector().select(features, 2)[0])
 
 
@@ -189,7 +194,7 @@ def test_cls_attention_errors_name_the_encoder():
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, class_token=False, global_pool="avg", num_classes=0)
     pre = Preprocess((32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic")
-    enc = FrozenEncoder("timm:vit_tiny_no_cls", model, "timm", -1, True, pre, (2, 2), 192)
+    enc = FrozenEncoder("timm:vit_tiny_no_cls", TimmViT(model, pre), -1, True)
     with pytest.raises(EncoderError, match="timm:vit_tiny_no_cls.*no CLS token"):
         enc.forward_with_cls_attention(torch.randn(1, 3, 32, 32), -2)
     with pytest.raises(EncoderError, match="cls_attention_layer=12"):
@@ -222,8 +227,7 @@ def test_open_clip_custom_block_with_qk_norm():
     torch.manual_seed(0)
     visual = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=4, mlp_ratio=2.0, qk_norm=True)
     pre = Preprocess((32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic")
-    enc = FrozenEncoder("open_clip:custom", torch.nn.ModuleDict({"visual": visual}), "open_clip", -1, False, pre,
-                        (4, 4), 32)
+    enc = FrozenEncoder("open_clip:custom", OpenClipViT(torch.nn.ModuleDict({"visual": visual}), pre), -1, False)
     block = visual.transformer.resblocks[0]
     seen = []
     handle = block.ln_1.register_forward_hook(lambda m, i, out: seen.append(out))
@@ -243,13 +247,11 @@ def test_open_clip_custom_block_with_qk_norm():
 def test_hf_clip_tower_cls_attention_matches_its_eager_attentions():
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from tokensel.datamodules.encoders import HFVisionTower
-
     torch.manual_seed(0)
     tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=3, num_attention_heads=4))
     pre = Preprocess((32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic")
-    enc = FrozenEncoder("hf_llava:tiny", HFVisionTower(tower, (4, 4), False), "hf_llava", -2, False, pre, (4, 4), 32)
+    enc = FrozenEncoder("hf_llava:tiny", HFVisionTower(tower, pre), -2, False)
     x = torch.randn(2, 3, 32, 32)
     features, cls_attn = enc.forward_with_cls_attention(x, -2)
     assert torch.equal(features, enc(x))
@@ -257,7 +259,7 @@ def test_hf_clip_tower_cls_attention_matches_its_eager_attentions():
     with torch.no_grad():
         reference = tower(pixel_values=x, output_attentions=True).attentions[-2][:, :, 0, 1:].mean(dim=1)
     assert torch.allclose(cls_attn, reference, atol=1e-5, rtol=0)
-    normed = FrozenEncoder("hf_llava:tiny", HFVisionTower(tower, (4, 4), False), "hf_llava", -2, True, pre, (4, 4), 32)
+    normed = FrozenEncoder("hf_llava:tiny", HFVisionTower(tower, pre), -2, True)
     features_normed, cls_attn_normed = normed.forward_with_cls_attention(x, -2)  # post_layernorm: transformers 4 and 5
     assert features_normed.shape == (2, 16, 32) and torch.allclose(cls_attn_normed, cls_attn)
 
@@ -274,8 +276,8 @@ def test_datamodule_fills_cls_attention_only_on_request(tiny_corpus):
     batch = datamodule.encode(raw)
     assert batch.cls_attention.shape == (4, 16) and torch.equal(batch.features, plain.features)
     assert torch.equal(batch.head(2).cls_attention, batch.cls_attention[:2]) and plain.head(2).cls_attention is None
-    indices, _ = build_baseline("cls_attention", datamodule.dims.grid).select(batch.features, 4,
-                                                                             cls_attention=batch.cls_attention)
+    indices, _ = build_baseline("cls_attention", datamodule.dims.grid).select(
+        batch.features, 4, context=SelectionContext(cls_attention=batch.cls_attention))
     assert indices.shape == (4, 4)
     bad = DataConfig(root=str(tiny_corpus), batch_size=4, num_workers=0, cls_attention_layer=12)
     with pytest.raises(EncoderError, match="cls_attention_layer=12"):

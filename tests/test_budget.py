@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tokensel.selectors.budget import binary_keep_mask, budget_regulariser, keep_ratio, replace_dropped
-from tokensel.selectors.inference import BudgetError, gather_tokens, resolve_budget, topk_positions
+from tokensel.selectors.budget import BudgetError, resolve_budget
+from tokensel.selectors.inference import gather_tokens, topk_positions
 
 
 def test_gumbel_mask_is_binary_and_gradients_reach_the_logits():
@@ -125,3 +126,25 @@ def test_budgets_resolve_counts_and_ratios_and_reject_bad_ones():
     for bad in (0, -3, 577, 0.0, 1.5, "8", True):
         with pytest.raises(BudgetError):
             resolve_budget(bad, 576)
+
+
+def test_per_image_keep_ratio_regularises_each_image():
+    # two images: one keeps everything, one nothing; the batch mean (0.5) sits inside (q, p)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    assert keep_ratio(mask).item() == 0.5
+    assert keep_ratio(mask, per_image=True).tolist() == [1.0, 0.0]
+    batch = budget_regulariser(keep_ratio(mask), "maxmin", 0.6, 0.1, 0.1, 0.1)
+    image = budget_regulariser(keep_ratio(mask, per_image=True), "maxmin", 0.6, 0.1, 0.1, 0.1)
+    assert batch.item() == pytest.approx(0.1 * 0.6 - 0.1 * 0.1)  # in the band: the floor value
+    # per image: (0.1 * 1.0 - 0.1 * 0.1 + 0.1 * 0.6 - 0.1 * 0.0) / 2
+    assert image.item() == pytest.approx((0.1 - 0.01 + 0.06 - 0.0) / 2)
+
+
+def test_budget_lists_parse_counts_and_ratios_with_one_line_errors():
+    from tokensel.selectors.budget import parse_budgets
+
+    assert parse_budgets("0.1, 0.25,64") == [0.1, 0.25, 64]
+    for text, words in (("0", ["'0'", "positive"]), ("2.5", ["'2.5'", "ratio above 1"]), ("x", ["'x'"])):
+        with pytest.raises(BudgetError) as err:
+            parse_budgets(text)
+        assert all(w in str(err.value) for w in words) and "\n" not in str(err.value)

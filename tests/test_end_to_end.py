@@ -55,7 +55,7 @@ def test_run_writes_panels_hparams_config_and_selector_only_checkpoints(trained_
 
 
 def test_checkpoint_selects_without_lightning(trained_run):
-    from tokensel.selectors.inference import load_selector
+    from tokensel.selectors.catalog import load_selector
 
     run_dir, _, _ = trained_run
     selector = load_selector(run_dir / "checkpoints" / "last.ckpt")

@@ -9,13 +9,13 @@ from tokensel.datamodules.batch import FeatureBatch, FeatureDims
 from tokensel.selectors.base import OptimConfig, lr_multiplier
 from tokensel.selectors.blocks import ImageDecoder
 from tokensel.selectors.gumbel_ae import GumbelAEConfig
-from tokensel.selectors.registry import get_entry, list_selectors
+from tokensel.selectors.catalog import selector_entry, trained_names
 
 DIMS = FeatureDims(num_tokens=16, dim=32, grid=(4, 4), image_size=24)
 
 
 def make_module(name="gumbel_ae", **overrides):
-    entry = get_entry(name)
+    entry = selector_entry(name)
     config = entry.make_config()
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -32,9 +32,9 @@ def make_batch(n=3):
 
 
 def test_registry_lists_both_objectives():
-    assert {"gumbel_ae", "straight_through"} <= set(list_selectors())
-    assert get_entry("straight_through").make_config().estimator == "straight_through"
-    assert get_entry("gumbel_ae").make_config().estimator == "gumbel"
+    assert {"gumbel_ae", "straight_through"} <= set(trained_names())
+    assert selector_entry("straight_through").make_config().estimator == "straight_through"
+    assert selector_entry("gumbel_ae").make_config().estimator == "gumbel"
 
 
 @pytest.mark.parametrize("name", ["gumbel_ae", "straight_through"])

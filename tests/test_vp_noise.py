@@ -9,8 +9,8 @@ import torch
 from conftest import FAST_ARGS, read_scalars, run_module
 from tokensel.datamodules.batch import FeatureDims
 from tokensel.experiments.config import ConfigError, load_config
-from tokensel.selectors.inference import BudgetError
-from tokensel.selectors.registry import get_entry
+from tokensel.selectors.budget import BudgetError
+from tokensel.selectors.catalog import selector_entry
 
 VP_FAST = [a for a in FAST_ARGS if not a.startswith(("selector.", "encoder.image_size"))] + [
     "selector.depth=1", "selector.tau_steps=10", "optim.lr=1e-3",
@@ -29,7 +29,7 @@ def encoder():
 
 
 def make_module(encoder, **overrides):
-    entry = get_entry("vp_noise")
+    entry = selector_entry("vp_noise")
     config = entry.make_config()
     config.vlm.model = "coca_tiny"
     config.depth = 1
@@ -112,7 +112,7 @@ def test_frozen_encoder_and_vlm_are_bit_identical_after_training(tiny_corpus, tm
                                                           "trainer.max_steps=3"])
     L.seed_everything(0)
     datamodule = FeatureDataModule(config.data, config.encoder)
-    entry = get_entry("vp_noise")
+    entry = selector_entry("vp_noise")
     module = entry.module_cls(selector=asdict(config.selector), dims=datamodule.dims.as_dict(), optim=asdict(config.optim))
     encoder_before, vlm_before, scorer_before = state(datamodule.encoder), state(module.vlm), state(module.net)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -143,7 +143,7 @@ from test_vlm import tiny_llava  # noqa: E402,F401  (the fixture: a tiny random 
 
 @pytest.mark.slow
 def test_llava_backend_trains_end_to_end_and_the_scorer_loads_without_lightning(tiny_llava, tiny_corpus, tmp_path):
-    from tokensel.selectors.inference import load_selector
+    from tokensel.selectors.catalog import load_selector
 
     args = VP_FAST + [f"data.root={tiny_corpus}", f"run.root={tmp_path}", "trainer.max_steps=3",
                       f"encoder.name=hf_llava:{tiny_llava}", "encoder.layer=-2", "encoder.norm=false",
