@@ -20,7 +20,6 @@ scaled linearly; such ratios are marked ``~``. Calls slower than 2 s get 3 timed
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from tokensel.common.cli import ArgumentParser, run_main
 
 GEOMETRIES = {"llava15": 1, "llava_next": 5}  # crops of 576 tokens per image
 TOKENS, WIDTH, GRID = 576, 1024, (24, 24)
@@ -62,24 +63,33 @@ def median_ms(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool) -
 
 
 def build_selectors(names: list[str], device: torch.device) -> dict:
+    """Every named selector at the LLaVA geometry: baselines as they are, trained objectives at
+    their default config with random weights (``catalog.build_net``)."""
     from tokensel.datamodules.batch import FeatureDims
-    from tokensel.selectors.baselines import BASELINES, build_baseline
-    from tokensel.selectors.gumbel_ae import GumbelAEConfig, TokenAutoEncoder
-    from tokensel.selectors.vp_noise import TokenScorer, VPNoiseConfig
+    from tokensel.selectors.catalog import all_names, baseline_names, build_baseline, build_net
 
     dims = FeatureDims(TOKENS, WIDTH, GRID, 64)
-    out = {}
-    for name in names:
-        if name in BASELINES:
-            out[name] = build_baseline(name, GRID, seed=0)
-        elif name == "gumbel_ae":
-            out[name] = TokenAutoEncoder(GumbelAEConfig(), dims).eval().to(device)
-        elif name == "vp_noise":
-            out[name] = TokenScorer(VPNoiseConfig(), dims).eval().to(device)
-        else:
-            raise SystemExit(f"error: --selectors: unknown {name!r}; choose from "
-                             f"{', '.join(sorted(BASELINES))}, gumbel_ae, vp_noise")
-    return out
+    unknown = [n for n in names if n not in all_names()]
+    if unknown:
+        from tokensel.common.errors import UsageError
+
+        raise UsageError(f"--selectors: unknown {', '.join(unknown)}; choose from {', '.join(all_names())}")
+    return {n: (build_baseline(n, GRID, seed=0) if n in baseline_names() else build_net(n, dims).to(device))
+            for n in names}
+
+
+def one_net_per_objective() -> list[str]:
+    """Trained selector names, one per network class (``straight_through`` times the same network
+    as ``gumbel_ae``)."""
+    from tokensel.selectors.catalog import selector_entry, trained_names
+
+    seen, names = set(), []
+    for name in trained_names():
+        module_cls = selector_entry(name).module_cls
+        if module_cls not in seen:
+            seen.add(module_cls)
+            names.append(name)
+    return names
 
 
 class EncoderTimer:
@@ -104,9 +114,10 @@ class EncoderTimer:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.selectors.baselines import BASELINES
+    from tokensel.selectors.catalog import baseline_names
+    from tokensel.selectors.inference import SelectionContext
 
-    parser = argparse.ArgumentParser(prog="python -m tokensel.experiments.bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m tokensel.experiments.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--selectors", default="")
@@ -118,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    names = [s for s in args.selectors.split(",") if s] or sorted(BASELINES) + ["gumbel_ae", "vp_noise"]
+    names = [s for s in args.selectors.split(",") if s] or baseline_names() + one_net_per_objective()
     selectors = build_selectors(names, device)
     batches = [int(b) for b in args.batches.split(",")]
     max_images = args.encoder_max_images or (10**9 if cuda else 4)
@@ -133,11 +144,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for batch in batches:
             enc_ms, scaled = encoder_ms(batch * crops)
             features = torch.randn(batch * crops, TOKENS, WIDTH, device=device)
-            attention = torch.rand(batch * crops, TOKENS, device=device)
+            context = SelectionContext(cls_attention=torch.rand(batch * crops, TOKENS, device=device))
             for name, selector in selectors.items():
-                extra = {"cls_attention": attention} if name in BASELINES else {}
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    ms, runs = median_ms(lambda: selector.select(features, args.keep, **extra), args.warmup,
+                    ms, runs = median_ms(lambda: selector.select(features, args.keep, context=context), args.warmup,
                                          args.repeats, cuda)
                 ratio = f"{'~' if scaled else ''}{ms / enc_ms:.2%}"
                 lines.append(f"| {geometry} ({crops}x{TOKENS}x{WIDTH}) | {batch} | {name} | {ms:.2f} | {runs} | "
@@ -154,4 +164,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -1,4 +1,5 @@
-"""The regulariser collapse study of App. B.1–B.3 (``gumbel-ae-selector.md``): ``make collapse``.
+"""The regulariser collapse study of App. B.1–B.3 of *Adaptive Vision Token Selection for
+Multi-Modal Inference* (arXiv 2503.16660): ``make collapse``.
 
     make collapse [SEEDS=0,1,2] [ARGS="trainer.max_steps=600 ..."]
 
@@ -25,18 +26,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from tokensel.experiments.report import (failed_runs_section, markdown_table, new_figure, read_scalars, save_figure,
+                                         write_table)
+from tokensel.experiments.stats import aggregate
+
 FINAL_WINDOW = 10  # logged steps averaged for the final training keep ratio
 CURVES = ("train/keep_ratio", "train/feat_recon", "train/img_recon", "train/reg")
-
-
-def read_curves(run_dir: Path, tags: tuple[str, ...] = CURVES) -> dict[str, list[tuple[int, float]]]:
-    """The ``tags`` scalars of one TensorBoard run folder: tag -> [(step, value)] in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    present = set(acc.Tags()["scalars"])
-    return {t: sorted((e.step, e.value) for e in acc.Scalars(t)) for t in tags if t in present}
 
 
 def objective_label(axis_values: dict) -> str:
@@ -67,8 +62,6 @@ def summary_rows(records: list[dict], curves: dict[str, dict]) -> list[dict]:
 
 def objective_rows(rows: list[dict]) -> list[dict]:
     """Per objective: mean ± std over seeds, and how many seeds collapsed (mean step of those)."""
-    from tokensel.experiments.sweep import aggregate
-
     numeric = [{k: v for k, v in r.items() if k != "collapse_step"} for r in rows]
     out = aggregate(numeric, ["objective"], exclude=("seed", "steps"))
     for agg in out:
@@ -81,12 +74,8 @@ def objective_rows(rows: list[dict]) -> list[dict]:
 
 def plot_collapse(curves: dict[str, dict], records: list[dict], path: Path, p: float, q: float,
                   threshold: float, dpi: int = 110) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_keep, ax_rec) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = new_figure(1, 2, width=5.5, height=4.0, dpi=dpi)
+    ax_keep, ax_rec = axes[0]
     colours: dict[str, str] = {}
     for rec in records:
         label = objective_label(rec["axes"])
@@ -113,10 +102,7 @@ def plot_collapse(curves: dict[str, dict], records: list[dict], path: Path, p: f
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("regulariser collapse (App. B.1): one line per seed; dotted verticals: detected collapse", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _sum_curves(a: list, b: list) -> list[tuple[int, float]]:
@@ -127,11 +113,8 @@ def _sum_curves(a: list, b: list) -> list[tuple[int, float]]:
 def report_collapse(sweep, resolved_base: dict, records: list[dict], failed: list[dict]) -> list[Path]:
     """The study's table and plot (see the module docstring); returns their paths, table first.
     ``resolved_base`` is the sweep's shared config (``sweep.check_grid``)."""
-    from tokensel.experiments.metrics import markdown_table, write_table
-    from tokensel.experiments.sweep import failed_runs_section
-
     sel, run_cfg = resolved_base["selector"], resolved_base["run"]
-    curves = {rec["run_id"]: read_curves(sweep.folder / "runs" / rec["run_id"] / "train") for rec in records}
+    curves = {rec["run_id"]: read_scalars(sweep.folder / "runs" / rec["run_id"] / "train", CURVES) for rec in records}
     rows = summary_rows(records, curves)
     per_objective = objective_rows(rows)
     run_keys, objective_keys = ("objective", "seed"), ("objective",)

@@ -9,8 +9,9 @@ Layers, later wins:
    itself, that it extends;
 3. ``key=value`` overrides from the command line (``make train ARGS="..."``).
 
-Everything is checked (unknown keys, wrong types, out-of-range values) before any model is
-built; a problem raises :class:`ConfigError` with a one-line message naming the key.
+Everything is checked (unknown keys, wrong types, out-of-range values, ``trainer.*`` values
+Lightning would refuse, a GPU asked for where there is none) before any model is built; a
+problem raises :class:`ConfigError` with a one-line message naming the key.
 """
 
 from __future__ import annotations
@@ -23,16 +24,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from tokensel.common.errors import ConfigError
 from tokensel.datamodules.datamodule import DataConfig, EncoderConfig
 from tokensel.selectors.base import OptimConfig
-from tokensel.selectors.registry import UnknownSelectorError, get_entry
+from tokensel.selectors.catalog import selector_entry
 
+__all__ = ["ConfigError", "TrainConfig", "load_config", "read_yaml", "parse_overrides", "flatten", "to_container"]
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 DEFAULT_SELECTOR = "gumbel_ae"
-
-
-class ConfigError(ValueError):
-    """A user mistake in the config: the message is one line and names the key or file."""
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 
 @dataclass
@@ -143,10 +143,7 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
     if len(names) > 1:
         raise ConfigError(f"conflicting selectors: {' vs '.join(sorted(names))} (SELECTOR, --config and selector.name disagree)")
     name = names.pop() if names else DEFAULT_SELECTOR
-    try:
-        entry = get_entry(name)
-    except UnknownSelectorError as err:
-        raise ConfigError(str(err)) from None
+    entry = selector_entry(name)
     if file_cfg is None:
         default = EXPERIMENTS_DIR / f"{name}.yaml"
         config_file = str(default) if default.is_file() else None
@@ -154,7 +151,8 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
     required = [k for k, v in flatten(file_cfg).items() if v == "???" and OmegaConf.select(cli, k) is None]
     if required:  # OmegaConf's merge would keep the default instead of failing on '???'
         raise ConfigError(f"{config_file}: {required[0]} is required (???): pass {required[0]}=... (make ARGS=\"{required[0]}=...\")")
-    schema = OmegaConf.structured(TrainConfig(selector=entry.make_config()))
+    schema = OmegaConf.structured(TrainConfig(selector=entry.make_config(),
+                                              optim=OptimConfig(**entry.config_cls.optim_defaults)))
     for layer, source in ((file_cfg, config_file), (cli, "overrides")):
         try:
             schema = OmegaConf.merge(schema, layer)
@@ -197,10 +195,46 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError(f"run.collapse_patience={config.run.collapse_patience}: must be >= 0 (0 turns it off)")
     if config.trainer.max_epochs < 1 and config.trainer.max_steps < 1:
         raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
+    check_trainer(config.trainer)
     check = getattr(config.selector, "check_run", None)  # an objective's own cross-checks
     reason = check(config) if check is not None else None
     if reason:
         raise ConfigError(reason)
+
+
+def check_trainer(trainer: TrainerConfig) -> None:
+    """The ``trainer.*`` values Lightning would refuse only once the models are built."""
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    precisions = [p for group in typing.get_args(_PRECISION_INPUT) for p in typing.get_args(group)]
+    if trainer.precision not in precisions and str(trainer.precision) not in map(str, precisions):
+        raise ConfigError(f"trainer.precision={trainer.precision!r}: expected one of "
+                          f"{', '.join(str(p) for p in precisions if isinstance(p, str))}")
+    if str(trainer.accelerator) not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={trainer.accelerator!r}: expected one of {', '.join(ACCELERATORS)}")
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if str(trainer.strategy) not in strategies:
+        raise ConfigError(f"trainer.strategy={trainer.strategy!r}: expected auto, ddp, ddp_spawn, fsdp, ... "
+                          "(Lightning's strategy names)")
+
+
+def check_hardware(trainer: TrainerConfig) -> None:
+    """What this machine can run: a GPU where ``trainer.accelerator`` asks for one, and enough of
+    them for ``trainer.devices``. Checked when a run starts, not when a config is read (a sweep of
+    GPU presets can be checked on a laptop)."""
+    import torch
+
+    accelerator = str(trainer.accelerator)
+    gpus = torch.cuda.device_count()
+    mps = accelerator == "gpu" and torch.backends.mps.is_available()
+    if accelerator in ("gpu", "cuda") and not gpus and not mps:
+        raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no GPU "
+                          "(torch.cuda.is_available() is False); use trainer.accelerator=cpu or auto")
+    if accelerator in ("gpu", "cuda") and isinstance(trainer.devices, int) and trainer.devices > max(gpus, mps):
+        raise ConfigError(f"trainer.devices={trainer.devices}: this machine has {gpus} GPU(s)")
 
 
 def to_container(config: TrainConfig) -> dict:

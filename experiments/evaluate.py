@@ -17,7 +17,11 @@ it, so every row of a group sees the same tokens. ``key=value`` overrides (``dat
 ``encoder.*``) apply to every group; a checkpoint that does not fit the features is a one-line
 error naming the mismatch.
 
-Metrics per selector x budget (mean ± 95 % CI over samples; see ``metrics.py``):
+Every selector answers the same ``select(features, budget, context=...)``; what a row needs beyond
+it comes from the selector's optional methods (``image_from_kept``, ``sampler_layers``,
+``vlm_config``; see ``selectors/inference.py``), never from its kind.
+
+Metrics per selector x budget (mean ± 95 % CI over samples; ``metrics.py``, ``stats.py``):
 
 - ``recall``: the share of the answer box's tokens that are kept (samples with a box only;
   ``n/a`` when the split has none);
@@ -26,7 +30,7 @@ Metrics per selector x budget (mean ± 95 % CI over samples; see ``metrics.py``)
   (where the group's encoder is the one the VLM needs; ``n/a`` elsewhere);
 - ``psnr``: the auto-encoder selectors' image reconstruction from the kept tokens;
 - LLM and sampler FLOPs for a named VLM geometry (``--geometry``, LLaVA-NeXT by default; the
-  LLM's FFN counts LLaMA's three gated matrices, see ``metrics.llm_flops``; the sampler counts
+  LLM's FFN counts LLaMA's three gated matrices, see ``flops.llm_flops``; the sampler counts
   the selector's own layers at the encoder width) and the prefill reduction.
 
 Output: ``results.csv``, ``results.md``, one PNG per metric (per encoder group, in a subfolder
@@ -35,7 +39,6 @@ when there are several) and TensorBoard scalars in the eval folder, whose path i
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -44,33 +47,17 @@ from typing import Optional
 
 import torch
 
+from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
+from tokensel.common.errors import TokenselError
+
 DEFAULT_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)  # the Gumbel paper's Table 1 keep ratios
 LLAVA15_COUNTS = (64, 128, 192)  # AutoSelect's budgets, for 576-token encoders
 METRICS = ("recall", "coverage", "ntp_increase", "psnr")
 FLOPS_COLUMNS = ("llm_tflops_kept", "sampler_tflops", "total_tflops", "prefill_reduction")
 
 
-class EvalError(ValueError):
+class EvalError(TokenselError):
     """A user mistake on the eval command line: one line, exit status 2."""
-
-
-def parse_budgets(text: Optional[str]) -> Optional[list]:
-    """``"0.1,0.25,64"`` -> ``[0.1, 0.25, 64]``: floats in (0, 1] are ratios, integers counts."""
-    if not text:
-        return None
-    budgets: list = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            value = int(item) if item.isdigit() else float(item)
-        except ValueError:
-            raise EvalError(f"BUDGETS: {item!r} is neither a keep ratio nor a token count") from None
-        if isinstance(value, float) and value > 1:
-            raise EvalError(f"BUDGETS: {item!r} is a ratio above 1; write token counts as integers")
-        if value <= 0:
-            raise EvalError(f"BUDGETS: {item!r} must be positive")
-        budgets.append(value)
-    return budgets
 
 
 def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
@@ -85,7 +72,8 @@ def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
 
 def load_trained(path: Path):
     """(name, network, run config) of a checkpoint; one-line errors for foreign files."""
-    from tokensel.selectors.inference import load_selector, read_checkpoint
+    from tokensel.selectors.catalog import load_selector
+    from tokensel.selectors.inference import read_checkpoint
 
     hp = read_checkpoint(path)["hyper_parameters"]
     if not hp.get("config"):
@@ -145,16 +133,18 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
                    seed: int, geometry: str, log=print) -> list[dict]:
     """All rows of one encoder group (see the module docstring)."""
     from tokensel.datamodules.datamodule import FeatureDataModule
-    from tokensel.experiments.metrics import (GEOMETRIES, MetricAccumulator, evidence_recall, flops_report,
-                                              keep_mask, psnr, token_coverage)
-    from tokensel.selectors.baselines import BASELINES, build_baseline
-    from tokensel.selectors.budget import replace_dropped
-    from tokensel.selectors.inference import CheckpointError, resolve_budget
-    from tokensel.selectors.vlm import VLMConfig, build_vlm, required_encoder
+    from tokensel.experiments.flops import GEOMETRIES, flops_report
+    from tokensel.experiments.metrics import evidence_recall, keep_mask, psnr, token_coverage
+    from tokensel.experiments.stats import MetricAccumulator
+    from tokensel.selectors.catalog import baseline_names, build_baseline
+    from tokensel.selectors.budget import resolve_budget
+    from tokensel.selectors.inference import CheckpointError, SelectionContext
+    from tokensel.selectors.vlm import VLMConfig
+    from tokensel.selectors.vlm_backends import build_vlm, required_encoder
 
     config = group["config"]
-    wanted_baselines = [s for s in selectors if s in BASELINES]
-    if "cls_attention" in wanted_baselines and config.data.cls_attention_layer is None:
+    baselines = [build_baseline(n, (1, 1)) for n in selectors if n in baseline_names()]  # what they need
+    if any(b.needs_cls_attention for b in baselines) and config.data.cls_attention_layer is None:
         config.data.cls_attention_layer = -2
     datamodule = FeatureDataModule(config.data, config.encoder, seed)
     if not datamodule.has_val:
@@ -164,12 +154,12 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
         if net.dims.as_dict() != dims.as_dict():
             raise CheckpointError(f"{name} was trained on features {net.dims.as_dict()}, "
                                   f"the eval encoder {config.encoder.name} gives {dims.as_dict()}")
-    candidates = [(n, build_baseline(n, dims.grid, seed), "baseline") for n in wanted_baselines]
-    candidates += [(n, net, "trained") for n, net, _ in group["trained"] if n in selectors]
+    candidates = [(n, build_baseline(n, dims.grid, seed)) for n in selectors if n in baseline_names()]
+    candidates += [(n, net) for n, net, _ in group["trained"] if n in selectors]
     budget_list = resolve_budget_list(budgets, dims.num_tokens)
     ks = [resolve_budget(b, dims.num_tokens) for b in budget_list]
 
-    vlm_cfg = next((copy.deepcopy(net.config.vlm) for n, net, _ in group["trained"] if hasattr(net.config, "vlm")),
+    vlm_cfg = next((copy.deepcopy(net.vlm_config) for _, net, _ in group["trained"] if net.vlm_config is not None),
                    VLMConfig(backend="coca", model="coca_tiny"))
     need = required_encoder(vlm_cfg)
     vlm = None
@@ -180,7 +170,7 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
         f"{vlm_cfg.backend}:{vlm_cfg.model}" + ("" if vlm is not None else " n/a (the VLM needs another encoder)"))
 
     unique_ks = sorted(set(ks))  # a ratio and a count may name the same K: measure it once
-    acc = {(name, k): MetricAccumulator() for name, _, _ in candidates for k in unique_ks}
+    acc = {(name, k): MetricAccumulator() for name, _ in candidates for k in unique_ks}
     seen = 0
     with torch.no_grad():
         for raw in datamodule.val_dataloader():
@@ -191,12 +181,10 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
                 batch = batch.head(max_samples - seen)
             seen += len(batch)
             full = vlm.ntp_loss(batch.features, batch.prompt, batch.target).per_sample if vlm is not None else None
-            for name, selector, kind in candidates:
+            context = SelectionContext(cls_attention=batch.cls_attention)
+            for name, selector in candidates:
                 for k in unique_ks:
-                    if kind == "baseline":
-                        indices, kept = selector.select(batch.features, k, cls_attention=batch.cls_attention)
-                    else:
-                        indices, kept = selector.select(batch.features, k)
+                    indices, kept = selector.select(batch.features, k, context=context)
                     mask = keep_mask(indices, dims.num_tokens)
                     a = acc[(name, k)]
                     if batch.answer_tokens is not None:
@@ -204,22 +192,19 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
                     a.add("coverage", token_coverage(batch.features, mask))
                     if full is not None:
                         a.add("ntp_increase", vlm.ntp_loss(kept, batch.prompt, batch.target).per_sample - full)
-                    if hasattr(selector, "reconstruct"):
-                        selected = replace_dropped(batch.features, mask.float(), selector.masked_embedding)
-                        a.add("psnr", psnr(selector.reconstruct(selected)[1].clamp(0, 1), batch.image))
+                    image = selector.image_from_kept(batch.features, mask)
+                    if image is not None:
+                        a.add("psnr", psnr(image, batch.image))
             log(f"[eval] {seen} held-out samples", end="\r")
     log(f"[eval] {seen} held-out samples from {datamodule.root}")
     geo = GEOMETRIES[geometry]
     rows = []
-    for name, selector, kind in candidates:
+    for name, selector in candidates:
         for budget, k in zip(budget_list, ks):
             ratio = k / dims.num_tokens
             summary = acc[(name, k)].summary()
-            sampler_layers = getattr(getattr(selector, "config", None), "depth", 0) if kind == "trained" else 0
-            # The sampler term counts our selector's own layers at the encoder's width (GELU MLP,
-            # two matrices), which is how gumbel_ae and vp_noise are built; baselines add none.
-            flops = flops_report(geo, ratio, sampler_layers=sampler_layers, sampler_d=geo.vision_d,
-                                 sampler_m=geo.vision_m, sampler_ffn_matrices=2)
+            # The sampler term: the selector's own layers at the encoder's width (baselines: none).
+            flops = flops_report(geo, ratio, sampler_layers=selector.sampler_layers)
             row = {"encoder": config.encoder.name, "selector": name, "budget": str(budget), "keep_ratio": ratio,
                    "k": k, "samples": seen}
             for metric in METRICS:
@@ -242,22 +227,17 @@ def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.datamodules.encoders import EncoderError
-    from tokensel.datamodules.shards import ShardFormatError
-    from tokensel.experiments.config import ConfigError, load_config
-    from tokensel.experiments.metrics import plot_metrics, write_table
-    from tokensel.experiments.train import quiet_known_warnings
-    from tokensel.selectors.baselines import BASELINES
-    from tokensel.selectors.inference import BudgetError, CheckpointError
-    from tokensel.selectors.registry import list_selectors
-    from tokensel.selectors.vlm import VLMError
+    from tokensel.experiments.config import load_config
+    from tokensel.experiments.report import plot_metrics, write_table
+    from tokensel.selectors.budget import parse_budgets
+    from tokensel.selectors.catalog import all_names, baseline_names, trained_names
 
-    parser = argparse.ArgumentParser(prog="python -m tokensel.experiments.evaluate",
-                                     description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m tokensel.experiments.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--selectors", default="", help="comma list (default: all baselines + trained runs)")
     parser.add_argument("--ckpts", default="", help="comma list of checkpoints (default: newest per selector)")
     parser.add_argument("--budgets", default="", help="comma list of keep ratios (0-1] and/or token counts")
-    parser.add_argument("--geometry", default="llava_next", help="VLM geometry for FLOPs: llava_next | llava15")
+    parser.add_argument("--geometry", default="llava_next", choices=("llava_next", "llava15"),
+                        help="VLM geometry for FLOPs")
     parser.add_argument("--max-samples", type=int, default=None, help="cap on held-out samples")
     parser.add_argument("--out", default=None, help="eval folder (default: eval/<time>)")
     parser.add_argument("--seed", type=int, default=0)
@@ -265,38 +245,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings()
     started = time.time()
-    try:
-        base = load_config("gumbel_ae", overrides=[o for o in args.overrides if o.startswith(("data.", "run."))])
-        trained_names = list_selectors()
-        chosen = [s.strip() for s in args.selectors.split(",") if s.strip()] or None
-        unknown = [s for s in chosen or [] if s not in BASELINES and s not in trained_names]
-        if unknown:
-            raise EvalError(f"SELECTORS: unknown {', '.join(unknown)}; choose from "
-                            f"{', '.join(sorted(BASELINES))}, {', '.join(trained_names)}")
-        ckpt_paths = [Path(p.strip()) for p in args.ckpts.split(",") if p.strip()]
-        if not ckpt_paths:
-            wanted = [n for n in trained_names if chosen is None or n in chosen]
-            ckpt_paths = newest_checkpoints(Path(base.run.root), wanted)
-        trained = [load_trained(p) for p in ckpt_paths]
-        if chosen is None:
-            chosen = sorted(BASELINES) + sorted({name for name, _, _ in trained})
-        missing = [s for s in chosen if s in trained_names and s not in {n for n, _, _ in trained}]
-        if missing:
-            raise EvalError(f"no checkpoint for {', '.join(missing)} under {base.run.root}/; train it or pass CKPTS=")
-        if args.geometry not in ("llava_next", "llava15"):
-            raise EvalError(f"--geometry={args.geometry!r}: expected llava_next or llava15")
-        budgets = parse_budgets(args.budgets)
-        if base.data.root is None:
-            from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
-            from tokensel.datamodules.synthetic import ensure_default_corpus
+    base = load_config("gumbel_ae", overrides=[o for o in args.overrides if o.startswith(("data.", "run."))])
+    chosen = [s.strip() for s in args.selectors.split(",") if s.strip()] or None
+    unknown = [s for s in chosen or [] if s not in all_names()]
+    if unknown:
+        raise EvalError(f"SELECTORS: unknown {', '.join(unknown)}; choose from {', '.join(all_names())}")
+    ckpt_paths = [Path(p.strip()) for p in args.ckpts.split(",") if p.strip()]
+    if not ckpt_paths:
+        wanted = [n for n in trained_names() if chosen is None or n in chosen]
+        ckpt_paths = newest_checkpoints(Path(base.run.root), wanted)
+    trained = [load_trained(p) for p in ckpt_paths]
+    if chosen is None:
+        chosen = baseline_names() + sorted({name for name, _, _ in trained})
+    missing = [s for s in chosen if s in trained_names() and s not in {n for n, _, _ in trained}]
+    if missing:
+        raise EvalError(f"no checkpoint for {', '.join(missing)} under {base.run.root}/; train it or pass CKPTS=")
+    budgets = parse_budgets(args.budgets) or None
+    if base.data.root is None:
+        from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
+        from tokensel.datamodules.synthetic import ensure_default_corpus
 
-            ensure_default_corpus(DEFAULT_DATA_ROOT)
-        rows = []
-        for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):
-            rows += evaluate_group(group, chosen, budgets, args.max_samples, args.seed, args.geometry)
-    except (EvalError, ConfigError, ShardFormatError, EncoderError, CheckpointError, BudgetError, VLMError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        ensure_default_corpus(DEFAULT_DATA_ROOT)
+    rows = []
+    for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):
+        rows += evaluate_group(group, chosen, budgets, args.max_samples, args.seed, args.geometry)
     out_dir = Path(args.out or f"eval/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_table(rows, out_dir, "results")
@@ -313,4 +285,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -9,30 +9,23 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
+
+from tokensel.common.cli import ArgumentParser, run_main
+from tokensel.common.errors import UsageError
+from tokensel.experiments.report import new_figure, read_scalars, save_figure
 
 DEFAULT_TAGS = ("loss", "feat_recon", "img_recon", "keep_ratio")
 
 
-def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def plot_run(run_dir: str | Path, out: str | Path, names: tuple[str, ...] = DEFAULT_TAGS) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Write ``out`` (see the module docstring); a folder without those scalars raises UsageError."""
     scalars = read_scalars(run_dir)
     names = tuple(n for n in names if f"train/{n}" in scalars or f"val/{n}" in scalars)
     if not names:
-        raise SystemExit(f"error: no train/ or val/ scalars under {run_dir}")
-    fig = Figure(figsize=(3.2 * len(names), 2.6), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(1, len(names), i + 1)
+        raise UsageError(f"no train/ or val/ scalars under {run_dir}")
+    fig, axes = new_figure(1, len(names), width=3.2, height=2.6)
+    for ax, name in zip(axes[0], names):
         for stage, style in (("train", "-"), ("val", "o-")):
             points = scalars.get(f"{stage}/{name}", [])
             if points:
@@ -41,30 +34,24 @@ def plot_run(run_dir: str | Path, out: str | Path, names: tuple[str, ...] = DEFA
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, metadata={"Software": None})
-    return out
+    return save_figure(fig, Path(out))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else list(argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(" ".join(__doc__.strip().splitlines()[:2]))
-        return 0 if args else 2
-    names = DEFAULT_TAGS
-    for arg in [a for a in args if a.startswith("--tags")]:
-        args.remove(arg)
-        names = tuple(arg.partition("=")[2].split(","))
-    run_dir = Path(args[0])
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = ArgumentParser(prog="python -m tokensel.experiments.plot_run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a TensorBoard run folder (e.g. runs/gumbel_ae/version_0)")
+    parser.add_argument("out", nargs="?", default=None, help="the PNG to write (default: RUN_DIR/scalars.png)")
+    parser.add_argument("--tags", default=",".join(DEFAULT_TAGS),
+                        help="comma list of scalar names without train/ or val/ (default: %(default)s)")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        print(f"error: run folder {str(run_dir)!r} does not exist", file=sys.stderr)
-        return 2
-    out = plot_run(run_dir, args[1] if len(args) > 1 else run_dir / "scalars.png", names)
+        raise UsageError(f"run folder {str(run_dir)!r} does not exist")
+    names = tuple(t for t in args.tags.split(",") if t)
+    out = plot_run(run_dir, args.out or run_dir / "scalars.png", names)
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -35,19 +35,18 @@ that differs, so one table never mixes base configs.
 Output in ``<out>/<name>/`` (the paths are printed): ``results.csv``/``results.md`` (one row
 per grid point x budget, mean ± std over seeds), ``runs.csv`` (every run x budget), one PNG
 per swept axis, and TensorBoard (training curves under ``runs/``, hparams under ``hparams/``).
+
+This module reads, checks and expands the sweep file and drives the runs; ``sweep_runner.py``
+runs each one, ``sweep_report.py`` (``report: ablation``) or ``collapse.py`` (``report:
+collapse``) writes the report.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import itertools
 import json
 import math
 import re
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -56,15 +55,20 @@ from typing import Any, Optional
 
 import yaml
 
+from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
+from tokensel.common.errors import TokenselError
+from tokensel.experiments.collapse import report_collapse
+from tokensel.experiments.sweep_report import label, report_ablation, short_keys
+from tokensel.experiments.sweep_runner import execute, is_done, read_status, write_hparams
+
 SWEEP_KEYS = ("name", "selector", "base", "config", "axes", "seeds", "budgets", "eval_max_samples",
               "val_metrics", "report", "out")
 REPORTS = ("ablation", "collapse")
 OWNED_KEYS = ("seed", "run.root", "run.name", "run.version", "run.resume")  # set per run by the sweep
-EVAL_METRICS = ("recall", "coverage", "psnr", "ntp_increase")
 SWEEP_DEFAULTS = {"trainer.enable_progress_bar": False}  # runs log to a file; the sweep prints progress
 
 
-class SweepError(ValueError):
+class SweepError(TokenselError):
     """A mistake in a sweep file or command line: one line, naming the file and key."""
 
 
@@ -126,7 +130,8 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
     from omegaconf import OmegaConf
 
     from tokensel.experiments.config import EXPERIMENTS_DIR, ConfigError, flatten, parse_overrides
-    from tokensel.selectors.registry import list_selectors
+    from tokensel.selectors.budget import check_budget
+    from tokensel.selectors.catalog import trained_names
 
     path = Path(path)
     if not path.is_file():
@@ -143,8 +148,8 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
         raise SweepError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(SWEEP_KEYS)}")
 
     selector = raw.get("selector") or "gumbel_ae"
-    if selector not in list_selectors():
-        raise SweepError(f"{path}: selector={selector!r} is not registered; choose from {', '.join(list_selectors())}")
+    if selector not in trained_names():
+        raise SweepError(f"{path}: selector={selector!r} is not registered; choose from {', '.join(trained_names())}")
     base = raw.get("base")
     if base is not None:
         base = (path.parent / str(base)).resolve()
@@ -192,8 +197,7 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
     if not isinstance(budgets, list) or not budgets:
         raise SweepError(f"{path}: budgets must be a non-empty list of keep ratios or token counts")
     for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0 or (isinstance(b, float) and b > 1):
-            raise SweepError(f"{path}: budgets: {b!r} is neither a keep ratio in (0, 1] nor a token count")
+        check_budget(b, f"{path}: budgets")
 
     max_samples = raw.get("eval_max_samples")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
@@ -212,26 +216,15 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
                  out=Path(out or raw.get("out") or "sweeps"))
 
 
-def _short_keys(keys: list[str]) -> dict[str, str]:
-    """Run-name labels: each key's last part (``selector.depth`` -> ``depth``) unless two clash."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
-
-
-def _label(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", text).strip("-") or "x"
-
-
 def expand(sweep: Sweep) -> list[Run]:
     """The run list: every combination of axis values (first axis slowest), then every seed."""
     keys = list(sweep.axes)
-    short = _short_keys(keys)
+    short = short_keys(keys)
     runs = []
     for combo in itertools.product(*(sweep.axes[k] for k in keys)):
         values = dict(zip(keys, combo))
         for seed in sweep.seeds:
-            run_id = "_".join([f"{short[k]}={_label(v)}" for k, v in values.items()] + [f"seed={seed}"])
+            run_id = "_".join([f"{short[k]}={label(v)}" for k, v in values.items()] + [f"seed={seed}"])
             runs.append(Run(run_id, values, seed, [as_override(k, v) for k, v in values.items()]))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
@@ -319,265 +312,6 @@ def prepare_folder(sweep: Sweep, resolved_base: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# running
-# ---------------------------------------------------------------------------------------------
-
-def read_status(run: Run, sweep: Sweep) -> Optional[dict]:
-    return _read_json(run.folder(sweep) / "status.json")
-
-
-def is_done(run: Run, sweep: Sweep) -> bool:
-    status = read_status(run, sweep)
-    return bool(status) and status.get("status") == "done" and status.get("overrides") == run.overrides
-
-
-def _wait(process: subprocess.Popen) -> int:
-    """Wait for a child; on Ctrl-C let it finish its own shutdown (it saves last.ckpt) first."""
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        try:  # a terminal's Ctrl-C reached the child too; a signal sent to this process alone did not
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        raise
-
-
-def _run_logged(cmd: list[str], log_path: Path) -> int:
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        return _wait(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-
-
-def error_line(log_path: Path) -> str:
-    """The line that says why a run failed: our one-line ``error:``, else the last line."""
-    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    return (errors or lines or ["no output"])[-1][:500]
-
-
-def read_eval(csv_path: Path) -> dict[str, dict[str, float]]:
-    """``results.csv`` of one eval -> ``{budget: {metric: mean}}`` (missing metrics: nan)."""
-    out = {}
-    with open(csv_path) as fh:
-        for row in csv.DictReader(fh):
-            out[row["budget"]] = {m: float(row[f"{m}_mean"]) if row.get(f"{m}_mean") else math.nan
-                                  for m in EVAL_METRICS}
-    return out
-
-
-def execute(sweep: Sweep, run: Run, base_yaml: Path, log=print) -> dict:
-    """Train, then evaluate, one run; write and return its ``status.json`` record."""
-    folder = run.folder(sweep)
-    folder.mkdir(parents=True, exist_ok=True)
-    train_dir = folder / "train"
-    record = {"run_id": run.run_id, "axes": run.axis_values, "seed": run.seed, "overrides": run.overrides}
-
-    def finish(status: str, **extra) -> dict:
-        record.update(status=status, finished=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
-        (folder / "status.json").write_text(json.dumps(record, indent=1))
-        return record
-
-    trained = _read_json(train_dir / "metrics.json")
-    if not trained or trained.get("interrupted"):
-        cmd = [sys.executable, "-m", "tokensel.experiments.train", "--config", str(base_yaml), *run.overrides,
-               f"seed={run.seed}", f"run.root={sweep.folder / 'runs'}", f"run.name={run.run_id}", "run.version=train"]
-        if (train_dir / "checkpoints" / "last.ckpt").is_file():
-            cmd.append("run.resume=last")
-            log("  resuming from its last.ckpt")
-        if _run_logged(cmd, folder / "train.log") != 0:
-            return finish("failed", stage="train", error=error_line(folder / "train.log"))
-        trained = _read_json(train_dir / "metrics.json")
-        if not trained or trained.get("interrupted"):
-            return finish("failed", stage="train", error="training stopped before its end (interrupted)")
-    ckpt = train_dir / "checkpoints" / "last.ckpt"
-    evaluation = {}
-    eval_s = 0.0
-    if sweep.report == "ablation":
-        started = time.time()
-        cmd = [sys.executable, "-m", "tokensel.experiments.evaluate", "--selectors", sweep.selector, "--ckpts",
-               str(ckpt), "--budgets", ",".join(str(b) for b in sweep.budgets), "--out", str(folder / "eval")]
-        if sweep.eval_max_samples:
-            cmd += ["--max-samples", str(sweep.eval_max_samples)]
-        if _run_logged(cmd, folder / "eval.log") != 0:
-            return finish("failed", stage="eval", error=error_line(folder / "eval.log"))
-        evaluation = read_eval(folder / "eval" / "results.csv")
-        eval_s = round(time.time() - started, 2)
-    return finish("done", train_s=trained["wall_s"], eval_s=eval_s, global_step=trained["global_step"],
-                  metrics=trained["metrics"], collapse_step=trained.get("collapse_step"), eval=evaluation)
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_hparams(sweep: Sweep, run: Run, record: dict) -> None:
-    """TensorBoard hparams for one finished run: its axis values and seed against its results."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in run.axis_values.items()}
-    hparams["seed"] = run.seed
-    metrics = {f"sweep/{m}@{b}": v for b, row in record.get("eval", {}).items() for m, v in row.items()
-               if not math.isnan(v)}
-    metrics.update({f"sweep/{k}": v for k, v in record["metrics"].items() if k.startswith("val/")})
-    metrics["sweep/train_s"] = record["train_s"]
-    folder = sweep.folder / "hparams" / run.run_id
-    shutil.rmtree(folder, ignore_errors=True)  # a re-evaluated run replaces its entry
-    with SummaryWriter(str(folder)) as writer:
-        writer.add_hparams(hparams, metrics, run_name=".")
-
-
-# ---------------------------------------------------------------------------------------------
-# the ablation report
-# ---------------------------------------------------------------------------------------------
-
-def mean_std(values: list[float]) -> tuple[float, float, int]:
-    """``(mean, sample std, n)`` of the finite values; std is nan for n = 1, both nan for n = 0."""
-    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    n = len(xs)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else math.nan
-    return mean, std, n
-
-
-def run_rows(records: list[dict], val_metrics: Optional[list[str]]) -> list[dict]:
-    """One flat row per finished run x budget: axis values, seed, eval metrics, val scalars, wall time."""
-    rows = []
-    for rec in records:
-        vals = {k: v for k, v in rec["metrics"].items() if k.startswith("val/") and k != "val/samples"
-                and (val_metrics is None or k in val_metrics)}
-        for budget, scores in (rec["eval"] or {"-": {}}).items():
-            rows.append({**rec["axes"], "seed": rec["seed"], "budget": budget,
-                         **{m: scores.get(m, math.nan) for m in EVAL_METRICS}, **vals,
-                         "train_s": rec["train_s"], "eval_s": rec.get("eval_s", 0.0)})
-    return rows
-
-
-def aggregate(rows: list[dict], group_keys: list[str], exclude: tuple[str, ...] = ("seed",)) -> list[dict]:
-    """Rows grouped by ``group_keys`` (first-seen order); every other numeric column becomes
-    ``(mean, std, n)`` over the group's rows (the seeds), via :func:`mean_std`."""
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(json.dumps([row.get(k) for k in group_keys]), []).append(row)
-    value_cols: list[str] = []
-    for row in rows:
-        value_cols += [c for c in row if c not in group_keys and c not in exclude and c not in value_cols]
-    out = []
-    for members in groups.values():
-        agg = {k: members[0].get(k) for k in group_keys}
-        for col in value_cols:
-            nums = [m[col] for m in members if isinstance(m.get(col), (int, float)) and not isinstance(m.get(col), bool)]
-            if nums or all(col not in m for m in members):
-                agg[col] = mean_std(nums)
-        out.append(agg)
-    return out
-
-
-def plot_axes(sweep: Sweep, agg_rows: list[dict], dpi: int = 100) -> list[Path]:
-    """Per swept axis: each metric against the axis value, one line per budget, ± std over seeds.
-    With several axes, one PNG per combination of the other axes' values."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in (*EVAL_METRICS, *sorted({c for r in agg_rows for c in r if c.startswith("val/")}))
-               if any(r.get(m, (math.nan, 0, 0))[2] for r in agg_rows)]
-    paths = []
-    keys = list(sweep.axes)
-    for axis in keys:
-        others = [k for k in keys if k != axis]
-        for combo in itertools.product(*(sweep.axes[k] for k in others)):
-            fixed = dict(zip(others, combo))
-            rows = [r for r in agg_rows if all(r.get(k) == v for k, v in fixed.items())]
-            values = sweep.axes[axis]
-            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            xs_of = {json.dumps(v): (v if numeric else i) for i, v in enumerate(values)}
-            ncols = min(4, max(1, len(metrics)))
-            nrows = math.ceil(max(1, len(metrics)) / ncols)
-            fig, panels = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
-            for ax in panels.flat[len(metrics):]:
-                ax.axis("off")
-            budgets = list(dict.fromkeys(r["budget"] for r in rows))
-            for ax, metric in zip(panels.flat, metrics):
-                # training's val/* scalars do not depend on the eval budget: one line
-                for budget in (budgets if metric in EVAL_METRICS else budgets[:1]):
-                    pts = sorted((xs_of[json.dumps(r[axis])], *r[metric][:2]) for r in rows
-                                 if r["budget"] == budget and r.get(metric, (0, 0, 0))[2])
-                    if not pts:
-                        continue
-                    x, mean, std = zip(*pts)
-                    err = [0 if math.isnan(s) else s for s in std]
-                    label = f"budget {budget}" if metric in EVAL_METRICS and budget != "-" else None
-                    ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=label,
-                                color=None if label else "k")
-                ax.set_title(metric, fontsize=10)
-                ax.set_xlabel(axis)
-                if not numeric or all(isinstance(v, int) for v in values):
-                    ax.set_xticks([xs_of[json.dumps(v)] for v in values], [str(v) for v in values])
-                ax.grid(alpha=0.3)
-            if metrics and panels[0][0].get_legend_handles_labels()[1]:
-                panels[0][0].legend(fontsize=8)
-            where = ", ".join(f"{k}={v}" for k, v in fixed.items())
-            fig.suptitle(f"sweep {sweep.name}: {axis}" + (f" ({where})" if where else "")
-                         + f" — mean ± std over seeds {sweep.seeds}", fontsize=10)
-            fig.tight_layout()
-            suffix = "".join(f"__{_short_keys(others)[k]}={_label(v)}" for k, v in fixed.items())
-            path = sweep.folder / f"{_label(axis)}{suffix}.png"
-            fig.savefig(path, dpi=dpi)
-            plt.close(fig)
-            paths.append(path)
-    return paths
-
-
-def failed_runs_section(failed: list[dict]) -> list[str]:
-    """Markdown lines listing failed runs with their stage and error (none: no lines)."""
-    if not failed:
-        return []
-    return ["", "## Failed runs", ""] + [f"- `{f['run_id']}` ({f.get('stage', '?')}): {f.get('error', '')}"
-                                         for f in failed]
-
-
-def report_ablation(sweep: Sweep, records: list[dict], failed: list[dict]) -> list[Path]:
-    from tokensel.experiments.metrics import markdown_table, write_table
-
-    keys = list(sweep.axes)
-    rows = run_rows(records, sweep.val_metrics)
-    all_rows = rows + [{**f["axes"], "seed": f["seed"], "status": "failed", "error": f.get("error", "")}
-                       for f in failed]
-    runs_csv = sweep.folder / "runs.csv"
-    cols = list(dict.fromkeys(c for r in all_rows for c in r))
-    with open(runs_csv, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(all_rows)
-    agg = aggregate(rows, keys + ["budget"], exclude=("seed", "eval_s"))
-    plots = plot_axes(sweep, agg)
-    empty = [c for c in (agg[0] if agg else {}) if all(isinstance(r.get(c), tuple) and not r[c][2] for r in agg)]
-    for row in agg:  # readable cells: axis values as text; no column that no run could fill
-        row.update({k: (row[k] if isinstance(row[k], str) else json.dumps(row[k])) for k in keys})
-        for c in empty:
-            row.pop(c)
-    csv_path, _ = write_table(agg, sweep.folder, "results", spread="std", key_columns=keys + ["budget"],
-                              markdown=False)
-    md_path = sweep.folder / "results.md"
-    md_path.write_text(markdown_table(agg, title=f"sweep {sweep.name}: {sweep.selector}, seeds {sweep.seeds}",
-                                      spread="std", key_columns=keys + ["budget"])
-                       + "".join(line + "\n" for line in failed_runs_section(failed)))
-    return [md_path, csv_path, runs_csv, *plots]
-
-
-# ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
 
@@ -614,8 +348,6 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> int:
     records = [s for r, s in statuses if s and s.get("status") == "done" and s.get("overrides") == r.overrides]
     failed = [s for r, s in statuses if s and s.get("status") == "failed"]
     if sweep.report == "collapse":
-        from tokensel.experiments.collapse import report_collapse
-
         outputs = report_collapse(sweep, resolved, records, failed)
     else:
         outputs = report_ablation(sweep, records, failed)
@@ -629,30 +361,23 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import ConfigError
-    from tokensel.experiments.train import quiet_known_warnings
-
-    parser = argparse.ArgumentParser(prog="python -m tokensel.experiments.sweep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m tokensel.experiments.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", nargs="?", help="the sweep YAML (experiments/sweeps/*.yaml)")
     parser.add_argument("--seeds", default="", help="comma list; replaces the file's seeds")
     parser.add_argument("--out", default=None, help="parent folder of the sweep folder (default: the file's out)")
     parser.add_argument("--dry-run", action="store_true", help="check the grid and list its runs; run nothing")
     parser.add_argument("overrides", nargs="*", help="train-config key=value for every run")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_intermixed_args(argv)
     quiet_known_warnings()
-    try:
-        if not args.sweep:
-            raise SweepError("no sweep file: make sweep SWEEP=experiments/sweeps/depth.yaml")
-        bad = [o for o in args.overrides if "=" not in o]
-        if bad:
-            raise SweepError(f"{bad[0]!r} is not key=value (ARGS= takes train-config overrides)")
-        seeds = parse_seeds(args.seeds, "SEEDS") if args.seeds.strip() else None
-        sweep = read_sweep(args.sweep, seeds, args.out, args.overrides)
-        return run_sweep(sweep, args.dry_run)
-    except (SweepError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if not args.sweep:
+        raise SweepError("no sweep file: make sweep SWEEP=experiments/sweeps/depth.yaml")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise SweepError(f"{bad[0]!r} is not key=value (ARGS= takes train-config overrides)")
+    seeds = parse_seeds(args.seeds, "SEEDS") if args.seeds.strip() else None
+    sweep = read_sweep(args.sweep, seeds, args.out, args.overrides)
+    return run_sweep(sweep, args.dry_run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -18,42 +18,35 @@ import os
 import re
 import sys
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
-USAGE = "usage: python -m tokensel.experiments.train [SELECTOR] [--config FILE.yaml] [key=value ...]"
+from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
+from tokensel.common.errors import ConfigError
+
 VERSION_ENV = "TOKENSEL_RUN_VERSION"  # lets DDP child ranks write into the parent's run folder
 
 
 def parse_cli(argv: list[str]) -> tuple[Optional[str], Optional[str], list[str]]:
     """Split argv into (selector, config file, key=value overrides)."""
-    from tokensel.experiments.config import ConfigError
-
-    selector = config_file = None
-    overrides: list[str] = []
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print(USAGE)
-            raise SystemExit(0)
-        if arg == "--config" or arg.startswith("--config="):
-            config_file = arg.partition("=")[2] or (args.pop(0) if args else None)
-            if not config_file:
-                raise ConfigError("--config needs a YAML file")
-        elif arg.startswith("-"):
-            raise ConfigError(f"unknown option {arg!r}; {USAGE}")
-        elif "=" in arg:
+    parser = ArgumentParser(prog="python -m tokensel.experiments.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="a train YAML (default: experiments/<selector>.yaml)")
+    parser.add_argument("args", nargs="*", metavar="[SELECTOR] key=value", help="the selector, then config overrides")
+    ns = parser.parse_intermixed_args(argv)
+    if ns.config is not None and not ns.config:
+        raise ConfigError("--config needs a YAML file")
+    selector, overrides = None, []
+    for arg in ns.args:
+        if "=" in arg:
             overrides.append(arg)
-        elif selector is None:
+        elif selector is None and not overrides:
             selector = arg
         else:
             raise ConfigError(f"unexpected argument {arg!r}; overrides are key=value")
-    return selector, config_file, overrides
+    return selector, ns.config, overrides
 
 
 def is_rank_zero_process() -> bool:
@@ -68,8 +61,6 @@ def next_version(folder: Path) -> str:
 
 def resolve_run(config, run_name: str) -> tuple[str, Optional[str]]:
     """The run's version folder name and the checkpoint to resume from (if any)."""
-    from tokensel.experiments.config import ConfigError
-
     run = config.run
     folder = Path(run.root) / run_name
     resume = run.resume
@@ -92,7 +83,6 @@ def resolve_run(config, run_name: str) -> tuple[str, Optional[str]]:
 
 
 def check_resume_compatible(ckpt_path: str, selector_name: str, dims: dict) -> None:
-    from tokensel.experiments.config import ConfigError
     from tokensel.selectors.inference import read_checkpoint
 
     hp = read_checkpoint(ckpt_path)["hyper_parameters"]
@@ -102,28 +92,10 @@ def check_resume_compatible(ckpt_path: str, selector_name: str, dims: dict) -> N
         raise ConfigError(f"run.resume: {ckpt_path} was trained on features {hp['dims']}, these are {dims}")
 
 
-class _DropLightningAdverts(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage() and "litmodels" not in record.getMessage()
-
-
-def quiet_known_warnings() -> None:
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch"):
-        logging.getLogger(name).addFilter(_DropLightningAdverts())
-    for pattern in (
-        r".*IterableDataset.*has `__len__` defined.*",
-        r".*does not have many workers.*",
-        r".*smaller than the logging interval.*",
-        r".*when logging on epoch level in distributed setting.*",
-        r".*Found \d+ module\(s\) in eval mode.*",
-        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
-    ):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
 def train(config) -> dict:
     """Fit one selector from a checked config; returns the final metrics. Raises user errors."""
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -134,10 +106,11 @@ def train(config) -> dict:
     from tokensel.callbacks.progress import ProgressBar
     from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
     from tokensel.datamodules.synthetic import ensure_default_corpus, read_params
-    from tokensel.experiments.config import to_container
-    from tokensel.selectors.registry import get_entry
+    from tokensel.experiments.config import check_hardware, to_container
+    from tokensel.selectors.catalog import selector_entry
 
     started = time.time()
+    check_hardware(config.trainer)
     if config.data.root is None and is_rank_zero_process():
         if read_params(DEFAULT_DATA_ROOT) is None:
             print(f"no data.root given: generating the default corpus in {DEFAULT_DATA_ROOT}/ (once)", flush=True)
@@ -150,7 +123,7 @@ def train(config) -> dict:
     dims = datamodule.dims.as_dict()
     if ckpt_path:
         check_resume_compatible(ckpt_path, config.selector.name, dims)
-    entry = get_entry(config.selector.name)
+    entry = selector_entry(config.selector.name)
     full_config = to_container(config)
     module = entry.module_cls(selector=asdict(config.selector), dims=dims, optim=asdict(config.optim),
                               config=full_config)
@@ -179,7 +152,10 @@ def train(config) -> dict:
     trainer_kwargs = {k: v for k, v in asdict(config.trainer).items() if v is not None}
     if not datamodule.has_val:
         trainer_kwargs["limit_val_batches"] = 0
-    trainer = L.Trainer(logger=logger, callbacks=callbacks, **trainer_kwargs)
+    try:
+        trainer = L.Trainer(logger=logger, callbacks=callbacks, **trainer_kwargs)
+    except (MisconfigurationException, ValueError) as err:  # a trainer.* value Lightning refuses
+        raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
@@ -222,28 +198,20 @@ def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, co
         *lines,
         f"  skipped samples    {skipped}",
         f"run folder:   {run_dir}",
-        f"checkpoints:  {run_dir / 'checkpoints'} (last.ckpt; load with tokensel.selectors.inference.load_selector)",
+        f"checkpoints:  {run_dir / 'checkpoints'} (last.ckpt; load with tokensel.selectors.catalog.load_selector)",
         f"TensorBoard:  .venv/bin/tensorboard --logdir {run_dir.parent}   (or: make tensorboard)",
     ]), flush=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.datamodules.encoders import EncoderError
-    from tokensel.datamodules.shards import ShardFormatError
-    from tokensel.experiments.config import ConfigError, load_config
-    from tokensel.selectors.inference import BudgetError, CheckpointError
+    from tokensel.experiments.config import load_config
 
     quiet_known_warnings()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        selector, config_file, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-        config = load_config(selector, config_file, overrides)
-        train(config)
-    except (ConfigError, ShardFormatError, EncoderError, CheckpointError, BudgetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    selector, config_file, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    train(load_config(selector, config_file, overrides))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

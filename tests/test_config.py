@@ -22,6 +22,27 @@ def test_straight_through_is_gumbel_ae_with_another_estimator():
     assert plain.selector.regulariser == "plain"
 
 
+def test_vp_noise_optimiser_defaults_hold_under_any_config(tmp_path):
+    # a YAML that says nothing about optim.* must not fall back to the auto-encoders' Adam at 1e-5
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("selector:\n  name: vp_noise\nencoder:\n  name: open_clip:coca_ViT-B-32\n  norm: false\n")
+    cfg = load_config(config_file=str(bare))
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.warmup) == ("adamw", 2e-4, 0.03)
+    ae = load_config(config_file=str(REPO / "experiments/paper/llava_next.yaml"), overrides=["data.root=/x"])
+    assert (ae.optim.name, ae.optim.lr) == ("adam", 1e-5)
+
+
+def test_trainer_values_are_checked_before_anything_is_built():
+    for override, words in (("trainer.precision=fp7", ["trainer.precision='fp7'", "bf16-mixed"]),
+                            ("trainer.accelerator=quantum", ["trainer.accelerator='quantum'", "cpu"]),
+                            ("trainer.strategy=magic", ["trainer.strategy='magic'", "ddp"])):
+        with pytest.raises(ConfigError) as err:
+            load_config("gumbel_ae", overrides=[override])
+        assert all(w in str(err.value) for w in words)
+    # a GPU preset is a valid config on a laptop; the run itself is refused (test_user_errors.py)
+    assert load_config("gumbel_ae", overrides=["trainer.accelerator=gpu"]).trainer.accelerator == "gpu"
+
+
 def test_paper_preset_is_a_config_not_code():
     preset = str(REPO / "experiments/paper/llava_next.yaml")
     with pytest.raises(ConfigError, match=r"data.root is required \(\?\?\?\)"):  # never the synthetic default

@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from conftest import FAST_ARGS, REPO
-from tokensel.experiments.sweep import (SweepError, aggregate, check_grid, expand, first_difference, main, mean_std,
-                                        prepare_folder, read_sweep)
+from tokensel.common.cli import run_main
+from tokensel.experiments.stats import aggregate, mean_std
+from tokensel.experiments.sweep import (SweepError, check_grid, expand, first_difference, main, prepare_folder,
+                                        read_sweep)
 
 
 def write_sweep(tmp_path: Path, **spec) -> Path:
@@ -77,7 +79,7 @@ def test_shipped_sweeps_expand_and_check(tmp_path):
 ])
 def test_bad_sweep_file_is_one_line_error_before_any_run(tmp_path, capsys, spec, message):
     path = write_sweep(tmp_path, **spec)
-    assert main([str(path)]) == 2
+    assert run_main(main, [str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "sweeps").exists()
@@ -85,9 +87,9 @@ def test_bad_sweep_file_is_one_line_error_before_any_run(tmp_path, capsys, spec,
 
 def test_bad_seeds_and_missing_file(tmp_path, capsys):
     path = write_sweep(tmp_path, axes={"selector.depth": [1]})
-    assert main([str(path), "--seeds", "0,x"]) == 2
+    assert run_main(main, [str(path), "--seeds", "0,x"]) == 2
     assert "SEEDS: '0,x' is not a comma list" in capsys.readouterr().err
-    assert main([str(tmp_path / "missing.yaml")]) == 2
+    assert run_main(main, [str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

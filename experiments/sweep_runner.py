@@ -1,0 +1,136 @@
+"""The sweep's runner: each run of the grid is one ``python -m tokensel.experiments.train`` process,
+then one ``python -m tokensel.experiments.evaluate`` process on its ``last.ckpt``
+(``experiments/sweep.py`` documents the sweep). A run's folder keeps its logs (``train.log``,
+``eval.log``) and a ``status.json`` record: ``done`` (with its metrics) or ``failed`` (with the
+stage and the error line), which is what resuming a sweep reads.
+
+``sweep`` and ``run`` below are ``sweep.Sweep`` and ``sweep.Run`` objects.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+EVAL_METRICS = ("recall", "coverage", "psnr", "ntp_increase")  # the eval's results.csv columns a sweep reads
+
+
+def read_status(run, sweep) -> Optional[dict]:
+    return _read_json(run.folder(sweep) / "status.json")
+
+
+def is_done(run, sweep) -> bool:
+    status = read_status(run, sweep)
+    return bool(status) and status.get("status") == "done" and status.get("overrides") == run.overrides
+
+
+def _wait(process: subprocess.Popen) -> int:
+    """Wait for a child; on Ctrl-C let it finish its own shutdown (it saves last.ckpt) first."""
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        try:  # a terminal's Ctrl-C reached the child too; a signal sent to this process alone did not
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        raise
+
+
+def _run_logged(cmd: list[str], log_path: Path) -> int:
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        return _wait(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+
+
+def error_line(log_path: Path) -> str:
+    """The line that says why a run failed: our one-line ``error:``, else the last line."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or ["no output"])[-1][:500]
+
+
+def read_eval(csv_path: Path) -> dict[str, dict[str, float]]:
+    """``results.csv`` of one eval -> ``{budget: {metric: mean}}`` (missing metrics: nan)."""
+    out = {}
+    with open(csv_path) as fh:
+        for row in csv.DictReader(fh):
+            out[row["budget"]] = {m: float(row[f"{m}_mean"]) if row.get(f"{m}_mean") else math.nan
+                                  for m in EVAL_METRICS}
+    return out
+
+
+def execute(sweep, run, base_yaml: Path, log=print) -> dict:
+    """Train, then evaluate, one run; write and return its ``status.json`` record."""
+    folder = run.folder(sweep)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_dir = folder / "train"
+    record = {"run_id": run.run_id, "axes": run.axis_values, "seed": run.seed, "overrides": run.overrides}
+
+    def finish(status: str, **extra) -> dict:
+        record.update(status=status, finished=time.strftime("%Y-%m-%d %H:%M:%S"), **extra)
+        (folder / "status.json").write_text(json.dumps(record, indent=1))
+        return record
+
+    trained = _read_json(train_dir / "metrics.json")
+    if not trained or trained.get("interrupted"):
+        cmd = [sys.executable, "-m", "tokensel.experiments.train", "--config", str(base_yaml), *run.overrides,
+               f"seed={run.seed}", f"run.root={sweep.folder / 'runs'}", f"run.name={run.run_id}", "run.version=train"]
+        if (train_dir / "checkpoints" / "last.ckpt").is_file():
+            cmd.append("run.resume=last")
+            log("  resuming from its last.ckpt")
+        if _run_logged(cmd, folder / "train.log") != 0:
+            return finish("failed", stage="train", error=error_line(folder / "train.log"))
+        trained = _read_json(train_dir / "metrics.json")
+        if not trained or trained.get("interrupted"):
+            return finish("failed", stage="train", error="training stopped before its end (interrupted)")
+    ckpt = train_dir / "checkpoints" / "last.ckpt"
+    evaluation = {}
+    eval_s = 0.0
+    if sweep.report == "ablation":
+        started = time.time()
+        cmd = [sys.executable, "-m", "tokensel.experiments.evaluate", "--selectors", sweep.selector, "--ckpts",
+               str(ckpt), "--budgets", ",".join(str(b) for b in sweep.budgets), "--out", str(folder / "eval")]
+        if sweep.eval_max_samples:
+            cmd += ["--max-samples", str(sweep.eval_max_samples)]
+        if _run_logged(cmd, folder / "eval.log") != 0:
+            return finish("failed", stage="eval", error=error_line(folder / "eval.log"))
+        evaluation = read_eval(folder / "eval" / "results.csv")
+        eval_s = round(time.time() - started, 2)
+    return finish("done", train_s=trained["wall_s"], eval_s=eval_s, global_step=trained["global_step"],
+                  metrics=trained["metrics"], collapse_step=trained.get("collapse_step"), eval=evaluation)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_hparams(sweep, run, record: dict) -> None:
+    """TensorBoard hparams for one finished run: its axis values and seed against its results."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    hparams = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in run.axis_values.items()}
+    hparams["seed"] = run.seed
+    metrics = {f"sweep/{m}@{b}": v for b, row in record.get("eval", {}).items() for m, v in row.items()
+               if not math.isnan(v)}
+    metrics.update({f"sweep/{k}": v for k, v in record["metrics"].items() if k.startswith("val/")})
+    metrics["sweep/train_s"] = record["train_s"]
+    folder = sweep.folder / "hparams" / run.run_id
+    shutil.rmtree(folder, ignore_errors=True)  # a re-evaluated run replaces its entry
+    with SummaryWriter(str(folder)) as writer:
+        writer.add_hparams(hparams, metrics, run_name=".")

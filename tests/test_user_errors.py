@@ -1,0 +1,64 @@
+"""Every entry point answers a user mistake with one ``error:`` line naming the key, file or value,
+exit status 2, and no traceback (``common/cli.py``). The real modules run as subprocesses, as
+``make`` runs them."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_module
+
+TRAIN = "tokensel.experiments.train"
+
+
+def bad_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("selector:\n  depth: [1, 2\n")
+    return str(path)
+
+
+def garbage_ckpt(tmp_path):
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(b"not a checkpoint at all")
+    return str(path)
+
+
+# (module, argv builder, words the one error line must contain)
+CASES = {
+    "train: no GPU here": (TRAIN, lambda c, t: ["gumbel_ae", "trainer.accelerator=gpu", f"data.root={c}"],
+                           ["trainer.accelerator=gpu", "no GPU"]),
+    "train: bad precision": (TRAIN, lambda c, t: ["gumbel_ae", "trainer.precision=fp7", f"data.root={c}"],
+                             ["trainer.precision='fp7'", "bf16-mixed"]),
+    "train: bad VLM precision": (TRAIN, lambda c, t: ["vp_noise", "selector.vlm.precision=64", f"data.root={c}"],
+                                 ["selector.vlm.precision='64'", "bf16"]),
+    "train: YAML syntax error": (TRAIN, lambda c, t: ["--config", bad_yaml(t)], ["broken.yaml", "not valid YAML"]),
+    "train: unknown selector": (TRAIN, lambda c, t: ["gumbl_ae"], ["unknown selector 'gumbl_ae'", "gumbel_ae"]),
+    "train: garbage checkpoint": (TRAIN, lambda c, t: ["gumbel_ae", f"run.resume={garbage_ckpt(t)}", f"data.root={c}",
+                                                       f"run.root={t}/runs"], ["garbage.ckpt", "not a readable checkpoint"]),
+    "train: unknown option": (TRAIN, lambda c, t: ["--confg", "x.yaml"], ["--confg"]),
+    "eval: unknown baseline": ("tokensel.experiments.evaluate", lambda c, t: ["--selectors", "tome", f"data.root={c}"],
+                               ["SELECTORS", "tome", "divprune"]),
+    "eval: missing checkpoint": ("tokensel.experiments.evaluate",
+                                 lambda c, t: ["--ckpts", f"{t}/nowhere.ckpt", f"data.root={c}"],
+                                 ["nowhere.ckpt", "no such checkpoint"]),
+    "sweep: missing file": ("tokensel.experiments.sweep", lambda c, t: [f"{t}/nope.yaml"], ["nope.yaml", "does not exist"]),
+    "bench: unknown selector": ("tokensel.experiments.bench", lambda c, t: ["--selectors", "tome"], ["tome", "divprune"]),
+    "convert: wrong folder": ("tokensel.datamodules.convert", lambda c, t: ["coco", f"{t}/no_coco", f"{t}/out"],
+                              ["no_coco"]),
+    "convert: unknown source": ("tokensel.datamodules.convert", lambda c, t: ["imagenet", f"{t}", f"{t}/out"],
+                                ["imagenet", "coco"]),
+    "data generator: bad count": ("tokensel.datamodules.synthetic", lambda c, t: ["--out", f"{t}/d", "--train-coco", "x"],
+                                  ["--train-coco", "'x'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_mistake_is_one_line_and_exit_status_2(case, tiny_corpus, tmp_path):
+    module, argv, words = CASES[case]
+    result = run_module(module, *argv(tiny_corpus, tmp_path), timeout=300)
+    assert result.returncode == 2, result.stdout[-1500:] + result.stderr[-1500:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
