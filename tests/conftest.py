@@ -25,6 +25,14 @@ FAST_ARGS = [
 ]
 
 
+LLAVA_CAPTIONS = ["a dog sitting on a red couch next to a window", "two people riding bikes down a busy street",
+                  "a plate of food with broccoli and rice", "a cat"]
+# LLaVA-1.5's conversation, as a chat template (the real llava-hf processors ship their own)
+LLAVA_CHAT_TEMPLATE = ("{% for message in messages %}USER: {% for c in message['content'] %}{% if c['type'] == 'image' %}"
+                       "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                       "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A generated corpus in the real shard format, with uneven shards per source."""
@@ -57,3 +65,43 @@ def read_image_tags(run_dir: Path) -> list[str]:
     acc = EventAccumulator(str(run_dir), size_guidance={"images": 0})
     acc.Reload()
     return acc.Tags()["images"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory):
+    """A tiny random LLaVA (CLIP 32px/8px patches, 2-layer Llama) with a byte-level BPE tokenizer
+    trained here, saved like a hub folder: config, safetensors, tokenizer, preprocessor config."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+    corpus = LLAVA_CAPTIONS + ["USER: ASSISTANT: Provide a one-sentence caption for the provided image.",
+                         "what is the total revenue in 2020? the answer is 42"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llava_tiny")
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    images.save_pretrained(folder)
+    LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
