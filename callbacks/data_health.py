@@ -5,6 +5,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from tokensel.callbacks.per_rank import gather, mine
+
+KEY = "skipped_per_rank"  # checkpoint key: one count per rank
+
 
 class SkippedSamples(L.Callback):
     """Sums ``FeatureBatch.n_skipped`` over training and validation batches.
@@ -32,8 +36,10 @@ class SkippedSamples(L.Callback):
         self.total = int(trainer.strategy.reduce(local, reduce_op="sum").item())
         pl_module.log("data/skipped_total", float(self.total), on_step=False, on_epoch=True)
 
-    def state_dict(self) -> dict:
-        return {"local": self.local}
+    # every rank's own count (the callback state would hold rank 0's only), so a resume neither
+    # loses nor repeats a count
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[KEY] = gather(trainer, self.local)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.local = int(state_dict.get("local", 0))
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        self.local = int(mine(trainer, checkpoint.get(KEY)) or 0)

@@ -3,9 +3,10 @@
 - :func:`cache_root`: ``$TOKENSEL_CACHE``, default ``~/.cache/tokensel``; converted packaged weights
   live in its ``weights/`` folder (``datamodules/encoders/packaged.py``);
 - :func:`file_sha256`: the hex sha256 of a file, read in chunks;
-- :func:`atomic_write`: write a file through a temporary sibling and one ``os.replace``, so a reader
-  never sees half a file and two processes writing the same entry cannot corrupt it (each rename is
-  of a complete file; the last one wins).
+- :func:`atomic_write`: write a file through a temporary sibling, ``fsync`` and one ``os.replace``,
+  so a reader never sees half a file and two processes writing the same entry cannot corrupt it
+  (each rename is of a complete file; the last one wins). Checkpoints are written through it too
+  (``common/checkpoint_files.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 CACHE_ENV = "TOKENSEL_CACHE"
+TEMP_SUFFIX = ".tmp"
 
 
 def cache_root() -> Path:
@@ -34,18 +36,44 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    On any error the temporary file is removed and ``path`` is left as it was.
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (``.<name>.*.tmp``), ``fsync`` it,
+    rename it to ``path`` and ``fsync`` the folder: a kill or a power loss at any moment leaves the
+    previous file or the new one, never part of one. On an error the temporary file is removed and
+    ``path`` is left as it was; a kill mid-write can leave it (``remove_stale_temps`` clears them).
     """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
-        tmp.chmod(0o644)  # mkstemp makes it private; a cache may be shared
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)  # mkstemp makes it private; a cache or a run folder may be shared
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory fds (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that a killed :func:`atomic_write` left in ``folder``."""
+    stale = [p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -24,3 +24,8 @@ class UsageError(TokenselError):
 
 class UnknownNameError(ConfigError):
     """A name that no :class:`~tokensel.common.registry.Registry` holds; lists the names it does."""
+
+
+class CheckpointError(TokenselError):
+    """A checkpoint that cannot be used: missing, damaged, holding pickled objects, not a tokensel
+    selector checkpoint, or not fitting the features."""

@@ -4,6 +4,10 @@ It owns the frozen encoder. Workers decode and preprocess with the encoder's own
 mean and std (``pipeline.py``); after Lightning moves a batch to the device,
 ``on_after_batch_transfer`` runs the encoder once, under ``no_grad``, and hands the selector a
 ``FeatureBatch``. Selectors never see the encoder, so it is in no optimizer and no checkpoint.
+
+A checkpoint records where the training stream is (the epoch, and the batches of it each rank has
+trained on; ``loaders.py``), so a resumed run reads on from the next batch, not from the start of
+the epoch.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from tokensel.datamodules.batch import FeatureBatch, FeatureDims, boxes_to_token_mask
 from tokensel.datamodules.encoders import FrozenEncoder, build_encoder
+from tokensel.datamodules.loaders import StreamLoader, ValLoader
 from tokensel.datamodules.pipeline import ShardStream
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex
 
@@ -85,6 +90,10 @@ class FeatureDataModule(L.LightningDataModule):
             self.encoder.check_cls_attention(data.cls_attention_layer)
         self.dims = FeatureDims(self.encoder.num_tokens, self.encoder.dim, self.encoder.grid, data.recon_size)
         self.rank, self.world = 0, 1
+        self._train_loader: Optional[StreamLoader] = None
+        self._val_loader: Optional[ValLoader] = None
+        self._loaded_position: dict = {}  # from a checkpoint, for the next train loader
+        self._validated_before_resume = False
         # Build the streams once here so bad weights or modes fail before training starts.
         self._stream(train=True)
 
@@ -97,25 +106,48 @@ class FeatureDataModule(L.LightningDataModule):
             self.rank, self.world = self.trainer.global_rank, self.trainer.world_size
 
     # ---- loaders ----------------------------------------------------------------------------
-    def _stream(self, train: bool, epoch: int = 0) -> ShardStream:
+    def _stream(self, train: bool) -> ShardStream:
         cfg = self.cfg
         return ShardStream(
             self.root, self.train_entries if train else self.val_entries, train=train,
             batch_size=cfg.batch_size if train else (cfg.val_batch_size or cfg.batch_size),
             preprocess=self.encoder.preprocess, resize_mode=cfg.resize_mode, rank=self.rank, world=self.world,
-            num_workers=cfg.num_workers, seed=self.seed, epoch=epoch, weights=cfg.weights,
+            num_workers=cfg.num_workers, seed=self.seed, weights=cfg.weights,
             samples_per_epoch=cfg.samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer,
         )
 
-    def _loader(self, stream: ShardStream) -> DataLoader:
+    def _loader_kwargs(self) -> dict:
         workers = self.cfg.num_workers
-        return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=torch.cuda.is_available())
+        return dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        # On resume, continue the epoch sequence of shard orders where the run left off.
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return self._loader(self._stream(train=True, epoch=epoch))
+        self._train_loader = StreamLoader(self._stream(train=True), self._trainer_epoch, self._trainer_progress,
+                                          **self._loader_kwargs())
+        self._train_loader.load_state_dict(self._loaded_position)
+        self._loaded_position = {}
+        return self._train_loader
+
+    def _trainer_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _trainer_progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.num_training_batches
+
+    # Lightning restores a stateful loader only when it builds the loader after restoring its loops;
+    # it builds ours earlier (the LR schedule asks for estimated_stepping_batches), so the position
+    # also travels in the datamodule's own checkpoint state, which is restored first.
+    def state_dict(self) -> dict:
+        if self._train_loader is None:
+            return {}
+        return {"train_position": self._train_loader.state_dict(),
+                "validated": self._val_loader is not None and self._val_loader.iterated}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loaded_position = dict(state_dict.get("train_position", {}))
+        self._validated_before_resume = bool(state_dict.get("validated", False))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_val:
@@ -126,7 +158,8 @@ class FeatureDataModule(L.LightningDataModule):
                 f"{self.root}: split {self.cfg.val_split!r} has too few samples for {stream.readers} readers "
                 f"({self.world} ranks x {stream.workers} workers); lower data.num_workers"
             )
-        return self._loader(stream)
+        self._val_loader = ValLoader(stream, self._validated_before_resume, **self._loader_kwargs())
+        return self._val_loader
 
     # ---- the one place the encoder runs -----------------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> FeatureBatch:

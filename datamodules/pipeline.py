@@ -18,7 +18,15 @@ with ``R = world * workers`` readers:
 - **Validation** reads every sample exactly once across all readers, in a fixed order, with a
   partial last batch; metrics are reduced once at epoch end, so nothing is counted twice.
 - **Bad samples** (corrupt image, bad json, missing member, pickled member) are skipped with a
-  warning naming the shard and key, and counted: each batch carries ``n_skipped``.
+  warning naming the shard and key, and counted: each batch carries ``n_skipped``. A shard that
+  yields fewer samples than its ``index.json`` entry (truncated, or unreadable past some point)
+  is warned about with both counts, and the samples it lost are counted the same way.
+- **Resume mid-epoch.** :meth:`ShardStream.seek` sets the epoch of the next pass and how many of
+  its batches this rank has already trained on; each reader re-creates its seeded stream and
+  drops the examples of those batches before batching them, without preprocessing them (their
+  images are still decoded: whether one decodes decides what follows in the stream). The
+  position lives in shared memory, so the main process moves persistent DataLoader workers too
+  (as open_clip's ``SharedEpoch`` does).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing as mp
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -92,13 +101,9 @@ def preprocess_image(image: Image.Image, box: Optional[list], pre: Preprocess, r
     return pixels, torch.tensor([(x0 + dx) * sx, (y0 + dy) * sy, (x1 + dx) * sx, (y1 + dy) * sy], dtype=torch.float32)
 
 
-def decode_sample(sample: dict, pre: Preprocess, resize_mode: str, rng: Optional[np.random.Generator]) -> dict:
-    """One raw tar sample → one example, or ``SkipSample``. Only jpg/png/json are ever decoded.
-
-    Text: COCO gives an empty prompt and one caption as target; DocVQA/ChartQA give the
-    question as prompt and an answer as target. With ``rng`` (training) the caption/answer is
-    drawn at random, else the first is used.
-    """
+def parse_sample(sample: dict) -> tuple[Image.Image, dict]:
+    """One raw tar sample → ``(RGB image, its json meta)``, or ``SkipSample``. Only jpg/png/json
+    are ever decoded; a pickled member is refused."""
     refused = sorted(k for k in sample if k.rsplit(".", 1)[-1] in REFUSED_EXTS)
     if refused:
         raise SkipSample(f"refusing to unpickle member(s) {', '.join(refused)}")
@@ -121,14 +126,37 @@ def decode_sample(sample: dict, pre: Preprocess, resize_mode: str, rng: Optional
         image = image.convert("RGB")
     except Exception as err:  # PIL raises many types for corrupt data
         raise SkipSample(f"corrupt image ({type(err).__name__}: {err})") from None
-    pixels, box = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
+    return image, meta
+
+
+def decode_sample(sample: dict, pre: Preprocess, resize_mode: str, rng: Optional[np.random.Generator],
+                  pixels: bool = True) -> dict:
+    """One raw tar sample → one example (:func:`parse_sample`, then the encoder's preprocessing).
+
+    Text: COCO gives an empty prompt and one caption as target; DocVQA/ChartQA give the
+    question as prompt and an answer as target. With ``rng`` (training) the caption/answer is
+    drawn at random, else the first is used. With ``pixels=False`` the sample is checked and its
+    text drawn, but the example keeps the raw sample instead of pixels (:func:`with_pixels`).
+    """
+    image, meta = parse_sample(sample)
     if meta["source"] == "coco":
         options, prompt = meta["captions"], ""
     else:
         options, prompt = meta["answers"], meta["question"]
     target = options[int(rng.integers(len(options)))] if rng is not None else options[0]
-    return {"pixels": pixels, "box": box, "prompt": prompt, "target": target,
-            "source": meta["source"], "key": sample["__key__"]}
+    example = {"prompt": prompt, "target": target, "source": meta["source"], "key": sample["__key__"]}
+    if not pixels:
+        return {**example, "raw": sample}
+    example["pixels"], example["box"] = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
+    return example
+
+
+def with_pixels(example: dict, pre: Preprocess, resize_mode: str) -> dict:
+    """An example of ``decode_sample(..., pixels=False)`` with its pixels (others unchanged)."""
+    if "raw" in example:
+        image, meta = parse_sample(example.pop("raw"))
+        example["pixels"], example["box"] = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
+    return example
 
 
 def collate(examples: list[dict], n_skipped: int) -> dict:
@@ -151,8 +179,8 @@ class SkipCount:
         self.reported = 0
 
     def tar_error(self, err: Exception) -> bool:
-        """webdataset's handler for unreadable tar data: warn, count, read on."""
-        self.total += 1
+        """webdataset's handler for unreadable tar data: warn and read on. Not counted here: the
+        rest of that shard is lost, and :meth:`ShardStream._read` counts what it lost."""
         log.warning("skipped unreadable shard data: %s", err)
         return True
 
@@ -179,6 +207,21 @@ def plan_shares(paths: list[str], reader: int, readers: int) -> ReaderShare:
     return ReaderShare(tuple(paths), stride=readers, offset=reader)
 
 
+class StreamPosition:
+    """Where the next pass of a stream starts: its epoch, and the batches of it that the rank has
+    already trained on. In shared memory, so DataLoader workers see what the main process sets."""
+
+    def __init__(self, epoch: int = 0, batches: int = 0):
+        self._epoch = mp.Value("q", epoch)
+        self._batches = mp.Value("q", batches)
+
+    def set(self, epoch: int, batches: int = 0) -> None:
+        self._epoch.value, self._batches.value = epoch, batches
+
+    def get(self) -> tuple[int, int]:
+        return self._epoch.value, self._batches.value
+
+
 def share_count(entries: list[ShardEntry], reader: int, readers: int) -> int:
     """Samples that ``plan_shares`` gives a reader, from the index counts (no I/O)."""
     if len(entries) >= readers:
@@ -191,7 +234,8 @@ class ShardStream(IterableDataset):
     """The reader pipeline of one split for one rank (see the module docstring).
 
     Build it in the datamodule's ``setup()``, where the rank and world size are known, and wrap
-    it in ``DataLoader(stream, batch_size=None, num_workers=W, persistent_workers=W > 0)``.
+    it in ``DataLoader(stream, batch_size=None, num_workers=W, persistent_workers=W > 0)``. A
+    training pass reads epoch ``epoch`` until :meth:`seek` names another.
     """
 
     def __init__(self, root: str | Path, entries: list[ShardEntry], *, train: bool, batch_size: int,
@@ -211,8 +255,9 @@ class ShardStream(IterableDataset):
         self.rank, self.world = rank, world
         self.workers = max(1, num_workers)
         self.seed = seed
-        self.epoch = epoch
+        self.position = StreamPosition(epoch)
         self.shuffle_buffer = shuffle_buffer
+        self.counts = {str(self.root / e.path): e.count for e in self.entries}
         self.by_source = {s: [e for e in self.entries if e.source == s] for s in SOURCES}
         self.by_source = {s: es for s, es in self.by_source.items() if es}
         counts = {s: sum(e.count for e in es) for s, es in self.by_source.items()}
@@ -247,32 +292,57 @@ class ShardStream(IterableDataset):
         return sum(self.batches_per_worker(w) for w in range(self.workers))
 
     # ---- iteration ---------------------------------------------------------------------------
+    def seek(self, epoch: int, batches: int = 0) -> None:
+        """Make the next pass read training epoch ``epoch``, without the first ``batches`` batches
+        of this rank (trained on before a resume). Call it before ``iter(DataLoader)``; a pass
+        without one reads the same epoch as the last. Validation ignores it."""
+        self.position.set(epoch, batches)
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         if info is not None and info.num_workers != self.workers:
             raise RuntimeError(f"ShardStream built for {self.workers} workers, DataLoader has {info.num_workers}")
-        epoch = self.epoch
-        self.epoch += 1  # this copy lives in a persistent worker (or the main process)
-        reader = self._reader(worker)
         skipped = SkipCount()
-        if self.train:
-            rng = np.random.default_rng([self.seed, epoch, reader])
-            examples = self._decoded(self._mixed_samples(reader, epoch, rng, skipped), rng, skipped)
-            examples = self._shuffled(examples, rng)
-            batches = wds.batched(self.batch_size, collation_fn=skipped.collate, partial=False)(examples)
-            return islice(batches, self.batches_per_worker(worker))  # the epoch length, as wds's with_epoch
-        share = plan_shares([str(self.root / e.path) for e in self.entries], reader, self.readers)
-        examples = self._decoded(self._read(share, skipped), None, skipped)
-        return wds.batched(self.batch_size, collation_fn=skipped.collate, partial=True)(examples)
+        if not self.train:
+            reader = self._reader(worker)
+            share = plan_shares([str(self.root / e.path) for e in self.entries], reader, self.readers)
+            examples = self._decoded(self._read(share, skipped), None, skipped)
+            return wds.batched(self.batch_size, collation_fn=skipped.collate, partial=True)(examples)
+        epoch, done = self.position.get()
+        # The DataLoader takes batch i from worker i % W. After ``done`` batches the next one is
+        # role ``done % W``'s, so worker w plays role (w + done) % W and skips that role's share.
+        role = (worker + done) % self.workers
+        drop = len(range(role, done, self.workers)) * self.batch_size
+        reader = self._reader(role)
+        rng = np.random.default_rng([self.seed, epoch, reader])
+        lazy = drop + max(self.shuffle_buffer, 1) - 1 if drop else 0  # may still be in the buffer
+        examples = self._decoded(self._mixed_samples(reader, epoch, rng, skipped), rng, skipped, lazy)
+        examples = self._fast_forward(self._shuffled(examples, rng), drop, skipped)
+        batches = wds.batched(self.batch_size, collation_fn=skipped.collate, partial=False)(examples)
+        # the epoch length, as wds's with_epoch
+        return islice(batches, max(self.batches_per_worker(role) - drop // self.batch_size, 0))
 
     def _read(self, share: ReaderShare, skipped: SkipCount) -> Iterator[dict]:
+        """The share's samples. Positions follow the index counts, so a shard that ends early
+        (truncated, unreadable) leaves the others' assignment unchanged; what it lost of this
+        share is warned about and counted as skipped."""
         position = 0
         for path in share.paths:
+            start, read = position, 0
             for sample in tarfile_samples([{"url": path}], handler=skipped.tar_error):
                 if position % share.stride == share.offset:
                     yield sample
                 position += 1
+                read += 1
+            expected = self.counts.get(path, read)
+            if read < expected:
+                first = start + read
+                lost = len(range(first + (share.offset - first) % share.stride, start + expected, share.stride))
+                skipped.total += lost
+                log.warning("shard %s yielded %d of the %d samples index.json lists; %d of them lost here",
+                            path, read, expected, lost)
+            position = start + max(read, expected)
 
     def _cycle(self, source: str, reader: int, epoch: int, skipped: SkipCount) -> Iterator[dict]:
         """One source's share for this reader, repeated forever; reshuffled on every pass."""
@@ -297,12 +367,14 @@ class ShardStream(IterableDataset):
         while True:
             yield next(streams[int(rng.choice(len(streams), p=probs))])
 
-    def _decoded(self, samples: Iterator[dict], rng: Optional[np.random.Generator],
-                 skipped: SkipCount) -> Iterator[dict]:
+    def _decoded(self, samples: Iterator[dict], rng: Optional[np.random.Generator], skipped: SkipCount,
+                 lazy: int = 0) -> Iterator[dict]:
+        """Decoded examples; the first ``lazy`` keep their raw sample instead of pixels."""
         in_a_row = 0
+        position = 0
         for sample in samples:
             try:
-                example = decode_sample(sample, self.preprocess, self.resize_mode, rng)
+                example = decode_sample(sample, self.preprocess, self.resize_mode, rng, pixels=position >= lazy)
             except SkipSample as why:
                 skipped.total += 1
                 in_a_row += 1
@@ -311,7 +383,17 @@ class ShardStream(IterableDataset):
                     raise ShardFormatError(f"{self.root}: {in_a_row} unusable samples in a row; last: {why}") from None
                 continue
             in_a_row = 0
+            position += 1
             yield example
+
+    def _fast_forward(self, examples: Iterator[dict], drop: int, skipped: SkipCount) -> Iterator[dict]:
+        """Drop the first ``drop`` examples: trained on, and their skips reported, before a resume."""
+        for position, example in enumerate(examples):
+            if position < drop:
+                if position == drop - 1:
+                    skipped.reported = skipped.total
+                continue
+            yield with_pixels(example, self.preprocess, self.resize_mode)
 
     def _shuffled(self, examples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         # Not wds.shuffle: its buffer algorithm (and its random.Random) gives another order for the

@@ -66,7 +66,10 @@ class RunConfig:
     version: Optional[str] = None  # None: the next version_N
     resume: Optional[str] = None  # "last": this run folder's last.ckpt (newest run if no version); or a path
     panels_every_n_steps: int = 50  # image panels; 0 turns them off
-    checkpoint_every_n_steps: int = 0  # 0: at every epoch end
+    # checkpoints/last.ckpt is written at every epoch end, when training stops, and also every N
+    # optimiser steps and/or every M minutes (0: off), so a kill -9 loses at most that much.
+    checkpoint_every_n_steps: int = 0
+    checkpoint_every_minutes: float = 0.0
     # Collapse detector (callbacks/collapse.py): train/keep_ratio below the threshold for this
     # many consecutive steps. The paper gives no number; 0 patience turns it off.
     collapse_threshold: float = 0.05
@@ -191,6 +194,9 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError(f"data.samples_per_epoch={data.samples_per_epoch}: must be at least 1")
     if any(w < 0 for w in data.weights.values()):
         raise ConfigError(f"data.weights={dict(data.weights)}: weights must be >= 0")
+    for key in ("checkpoint_every_n_steps", "checkpoint_every_minutes"):
+        if getattr(config.run, key) < 0:
+            raise ConfigError(f"run.{key}={getattr(config.run, key)}: must be >= 0 (0 turns it off)")
     if config.run.collapse_patience < 0:
         raise ConfigError(f"run.collapse_patience={config.run.collapse_patience}: must be >= 0 (0 turns it off)")
     if config.trainer.max_epochs < 1 and config.trainer.max_steps < 1:

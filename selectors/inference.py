@@ -26,7 +26,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from tokensel.common.errors import TokenselError
+from tokensel.common.checkpoint_files import load_plain
+from tokensel.common.errors import CheckpointError
 from tokensel.selectors.budget import Budget, resolve_budget
 
 
@@ -92,19 +93,9 @@ class SelectorNet(nn.Module):
         return None
 
 
-class CheckpointError(TokenselError):
-    """A checkpoint that is not a tokensel selector checkpoint, or does not fit the features."""
-
-
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """A selector checkpoint, read with ``weights_only=True`` (no pickled objects run)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for foreign or damaged files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    ckpt = load_plain(path, map_location)
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "selector" not in hp or "dims" not in hp or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a tokensel selector checkpoint (no selector/dims hyper-parameters)")

@@ -17,10 +17,30 @@ def bad_yaml(tmp_path):
     return str(path)
 
 
-def garbage_ckpt(tmp_path):
-    path = tmp_path / "garbage.ckpt"
-    path.write_bytes(b"not a checkpoint at all")
+def bad_ckpt(tmp_path, kind: str) -> str:
+    """A checkpoint that must be refused: ``garbage`` bytes, ``truncated`` half of a real torch
+    file, or ``pickled``: one that needs a pickled Python object (argparse.Namespace) to load."""
+    import argparse
+
+    import torch
+
+    path = tmp_path / f"{kind}.ckpt"
+    content = {"state_dict": {"net.w": torch.zeros(256)}, "hyper_parameters": {"selector": {"name": "gumbel_ae"}}}
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif kind == "truncated":
+        torch.save(content, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        torch.save({**content, "hparams_namespace": argparse.Namespace(depth=4)}, path)
     return str(path)
+
+
+def resume(kind: str):
+    return lambda c, t: ["gumbel_ae", f"run.resume={bad_ckpt(t, kind)}", f"data.root={c}", f"run.root={t}/runs"]
+
+
+EVAL = "tokensel.experiments.evaluate"
 
 
 # (module, argv builder, words the one error line must contain)
@@ -33,15 +53,20 @@ CASES = {
                                  ["selector.vlm.precision='64'", "bf16"]),
     "train: YAML syntax error": (TRAIN, lambda c, t: ["--config", bad_yaml(t)], ["broken.yaml", "not valid YAML"]),
     "train: unknown selector": (TRAIN, lambda c, t: ["gumbl_ae"], ["unknown selector 'gumbl_ae'", "gumbel_ae"]),
-    "train: garbage checkpoint": (TRAIN, lambda c, t: ["gumbel_ae", f"run.resume={garbage_ckpt(t)}", f"data.root={c}",
-                                                       f"run.root={t}/runs"], ["garbage.ckpt", "not a readable checkpoint"]),
+    "train: garbage checkpoint": (TRAIN, resume("garbage"), ["garbage.ckpt", "not a readable checkpoint"]),
+    "train: pickled checkpoint": (TRAIN, resume("pickled"), ["pickled.ckpt", "holds a pickled Python object "
+                                                             "(argparse.Namespace)", "weights_only=True"]),
     "train: unknown option": (TRAIN, lambda c, t: ["--confg", "x.yaml"], ["--confg"]),
-    "eval: unknown baseline": ("tokensel.experiments.evaluate", lambda c, t: ["--selectors", "tome", f"data.root={c}"],
+    "eval: unknown baseline": (EVAL, lambda c, t: ["--selectors", "tome", f"data.root={c}"],
                                ["SELECTORS", "tome", "divprune"]),
-    "eval: missing checkpoint": ("tokensel.experiments.evaluate",
-                                 lambda c, t: ["--ckpts", f"{t}/nowhere.ckpt", f"data.root={c}"],
+    "eval: missing checkpoint": (EVAL, lambda c, t: ["--ckpts", f"{t}/nowhere.ckpt", f"data.root={c}"],
                                  ["nowhere.ckpt", "no such checkpoint"]),
+    "eval: truncated checkpoint": (EVAL, lambda c, t: ["--ckpts", bad_ckpt(t, "truncated"), f"data.root={c}"],
+                                   ["truncated.ckpt", "not a readable checkpoint"]),
     "sweep: missing file": ("tokensel.experiments.sweep", lambda c, t: [f"{t}/nope.yaml"], ["nope.yaml", "does not exist"]),
+    "collapse: bad override": ("tokensel.experiments.sweep",  # what `make collapse ARGS=selector.dpeth=2` runs
+                               lambda c, t: ["experiments/sweeps/collapse.yaml", "selector.dpeth=2", "--out", f"{t}/sw"],
+                               ["collapse.yaml", "unknown key 'selector.dpeth'"]),
     "bench: unknown selector": ("tokensel.experiments.bench", lambda c, t: ["--selectors", "tome"], ["tome", "divprune"]),
     "convert: wrong folder": ("tokensel.datamodules.convert", lambda c, t: ["coco", f"{t}/no_coco", f"{t}/out"],
                               ["no_coco"]),
