@@ -136,6 +136,7 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
     from tokensel.experiments.flops import GEOMETRIES, flops_report
     from tokensel.experiments.metrics import evidence_recall, keep_mask, psnr, token_coverage
     from tokensel.experiments.stats import MetricAccumulator
+    from tokensel.selectors.baselines import BASELINES
     from tokensel.selectors.catalog import baseline_names, build_baseline
     from tokensel.selectors.budget import resolve_budget
     from tokensel.selectors.inference import CheckpointError, SelectionContext
@@ -143,8 +144,8 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
     from tokensel.selectors.vlm_backends import build_vlm, required_encoder
 
     config = group["config"]
-    baselines = [build_baseline(n, (1, 1)) for n in selectors if n in baseline_names()]  # what they need
-    if any(b.needs_cls_attention for b in baselines) and config.data.cls_attention_layer is None:
+    if any(BASELINES.get(n).needs_cls_attention for n in selectors if n in BASELINES) \
+            and config.data.cls_attention_layer is None:
         config.data.cls_attention_layer = -2
     datamodule = FeatureDataModule(config.data, config.encoder, seed)
     if not datamodule.has_val:

@@ -1,0 +1,246 @@
+"""Compare selectors where the field compares them: a pruned VLM's answers at matched budgets.
+
+    python -m tokensel.experiments.eval_vlm --model LLAVA [--selectors full,random,divprune] [--ckpts p1,p2]
+                                           [--budgets 64,128,192] [--limit N] [--out DIR] [key=value ...]
+
+Every selector runs inside the same Hugging Face LLaVA (:class:`~tokensel.selectors.pruned_vlm.PrunedLlava`):
+K image tokens kept between the vision tower and the projector, then the model's own greedy
+``generate``. ``full`` is the all-token reference. Held-out samples come from ``data.root``'s
+``data.val_split`` (the converted DocVQA val, ChartQA test and COCO val, or the generated corpus).
+
+Per selector x budget (``results.csv``, ``results.md``, one plot per metric):
+
+- each benchmark's metric (``experiments/vqa_metrics.py``): DocVQA ANLS, ChartQA relaxed
+  accuracy, COCO CIDEr-D, each as mean ± 95 % CI over its samples; their average, and the % of
+  the full-token average it retains;
+- prefill time (median over batches; CUDA events on a GPU, ``perf_counter`` on a CPU) and the
+  speed-up over full tokens;
+- the LLM's TFLOPs for the image tokens per image, by the field's formula
+  ``4nd^2 + 2n^2d + 2ndm`` per layer and by the gated-FFN reading ``3ndm`` (``experiments/flops.py``);
+- peak GPU memory (``n/a`` on a CPU).
+
+Default budgets: K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else the same shares of its
+tokens. ``--limit N`` stops after N samples and marks the table partial.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
+from tokensel.common.errors import TokenselError
+
+LLAVA15_COUNTS = (64, 128, 192)
+ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+METRIC_OF = {"docvqa": "docvqa_anls", "chartqa": "chartqa_relaxed", "coco": "coco_cider"}
+
+
+class EvalVLMError(TokenselError):
+    """A user mistake on the eval-vlm command line."""
+
+
+def held_out_samples(root: str, split: str, limit: Optional[int] = None) -> Iterator[tuple]:
+    """``(key, source, PIL image, prompt, answers)`` of a split, taking the sources in turn (so
+    ``limit`` keeps every benchmark); unusable samples are skipped with a warning."""
+    import logging
+
+    from webdataset.tariterators import tarfile_samples
+
+    from tokensel.datamodules.pipeline import SkipSample, parse_sample
+    from tokensel.datamodules.shards import SOURCES, ShardIndex
+    from tokensel.selectors.vlm_llava import CAPTION_INSTRUCTION
+
+    index = ShardIndex.load(root)
+    entries = index.shards(split)
+
+    def source_stream(source: str):
+        for entry in (e for e in entries if e.source == source):
+            for sample in tarfile_samples([{"url": str(index.root / entry.path)}]):
+                try:
+                    image, meta = parse_sample(sample)
+                except SkipSample as why:
+                    logging.getLogger("tokensel.eval_vlm").warning("skipped %s: %s", sample.get("__key__"), why)
+                    continue
+                if meta["source"] == "coco":
+                    yield sample["__key__"], "coco", image, CAPTION_INSTRUCTION, meta["captions"]
+                else:
+                    yield sample["__key__"], meta["source"], image, meta["question"] + ANSWER_SUFFIX, meta["answers"]
+
+    streams = [source_stream(s) for s in SOURCES if any(e.source == s for e in entries)]
+    seen = 0
+    while streams and (limit is None or seen < limit):
+        for stream in list(streams):
+            item = next(stream, None)
+            if item is None:
+                streams.remove(stream)
+                continue
+            yield item
+            seen += 1
+            if limit is not None and seen >= limit:
+                return
+
+
+def default_budgets(num_tokens: int) -> list:
+    if num_tokens == 576:
+        return list(LLAVA15_COUNTS)
+    return [max(1, round(k / 576 * num_tokens)) for k in LLAVA15_COUNTS]
+
+
+def prefill_ms(model, inputs: dict, cuda: bool) -> float:
+    """Wall time of one prefill forward (the prompt, no generation)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(**inputs, use_cache=True)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    model(**inputs, use_cache=True)
+    return (time.perf_counter() - began) * 1000
+
+
+def score(records: list[dict]) -> dict:
+    """Per benchmark: the metric of each sample, as the benchmark defines it."""
+    from tokensel.experiments.vqa_metrics import anls, cider_d, relaxed_accuracy
+
+    out: dict[str, list[float]] = {}
+    for r in records:
+        if r["source"] == "docvqa":
+            out.setdefault("docvqa_anls", []).append(anls(r["answer"], r["answers"]))
+        elif r["source"] == "chartqa":
+            out.setdefault("chartqa_relaxed", []).append(relaxed_accuracy(r["answer"], r["answers"][0]))
+    coco = [r for r in records if r["source"] == "coco"]
+    if coco:
+        out["coco_cider"] = cider_d([r["answer"] for r in coco], [r["answers"] for r in coco])
+    return out
+
+
+def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int, log=print) -> list[dict]:
+    """One row per selector x budget (``full`` once, at all tokens)."""
+    from tokensel.experiments.flops import llm_flops
+    from tokensel.experiments.stats import mean_ci
+    from tokensel.selectors.budget import resolve_budget
+    from tokensel.selectors.pruned_vlm import PrunedLlava
+
+    cuda = vlm.model.device.type == "cuda"
+    text = vlm.model.config.text_config
+    d, m, layers = int(text.hidden_size), int(text.intermediate_size), int(text.num_hidden_layers)
+    tower = vlm.model.config.vision_config
+    num_tokens = (int(tower.image_size) // int(tower.patch_size)) ** 2
+    runs = [("full", None, None)] + [(n, s, b) for n, s in selectors.items() if s is not None for b in budgets]
+    warm = PrunedLlava(vlm.model, vlm.processor)  # one untimed prefill: first calls pay for allocation
+    with torch.no_grad():
+        prefill_ms(warm.model, warm.prefill_inputs([samples[0][2]], [samples[0][3]]), cuda)
+    rows = []
+    for name, selector, budget in runs:
+        pruned = PrunedLlava(vlm.model, vlm.processor, selector, budget, vlm.feature_space)
+        k = num_tokens if budget is None else resolve_budget(budget, num_tokens)
+        records, times = [], []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            images, questions = [s[2] for s in batch], [s[3] for s in batch]
+            with torch.no_grad():
+                times.append(prefill_ms(pruned.model, pruned.prefill_inputs(images, questions), cuda) / len(batch))
+            answers = pruned.generate(images, questions)
+            records += [{"source": s[1], "answer": a, "answers": s[4]} for s, a in zip(batch, answers)]
+            log(f"[eval-vlm] {name} k={k}: {len(records)}/{len(samples)}", end="\r")
+        metrics = {metric: mean_ci(values) for metric, values in score(records).items()}
+        row = {"selector": name, "budget": "all" if budget is None else str(budget), "keep_ratio": k / num_tokens,
+               "k": k, "samples": len(records), **metrics,
+               "average": statistics.mean(v[0] for v in metrics.values()) if metrics else float("nan"),
+               "prefill_ms": statistics.median(times) if times else float("nan"),
+               "tflops_2ndm": llm_flops(k, d, m, layers, ffn_matrices=2) / 1e12,
+               "tflops_3ndm": llm_flops(k, d, m, layers, ffn_matrices=3) / 1e12,
+               "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")}
+        rows.append(row)
+        log(f"[eval-vlm] {name} k={k}: average {row['average']:.3f}, prefill {row['prefill_ms']:.1f} ms/sample")
+    return relative_to_full(rows)
+
+
+def relative_to_full(rows: list[dict]) -> list[dict]:
+    """Add ``retained_pct`` (the average as % of the full-token row's, n/a when that is 0) and
+    ``prefill_speedup`` (full-token prefill time over the row's). The first row is the reference."""
+    full = rows[0]
+    for row in rows:
+        row["retained_pct"] = 100 * row["average"] / full["average"] if full["average"] else float("nan")
+        row["prefill_speedup"] = full["prefill_ms"] / row["prefill_ms"]
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from omegaconf import OmegaConf
+
+    from tokensel.experiments.config import parse_overrides
+    from tokensel.experiments.report import plot_metrics, write_table
+    from tokensel.selectors.budget import parse_budgets
+    from tokensel.selectors.catalog import baseline_names, build_baseline, load_selector
+    from tokensel.selectors.pruned_vlm import PrunedLlava
+
+    parser = ArgumentParser(prog="python -m tokensel.experiments.eval_vlm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a Hugging Face LLaVA folder or hub id")
+    parser.add_argument("--selectors", default="full,random,divprune", help="full and/or baselines, comma list")
+    parser.add_argument("--ckpts", default="", help="trained selector checkpoints, comma list")
+    parser.add_argument("--budgets", default="", help="token counts and/or keep ratios (default: 64,128,192 of 576)")
+    parser.add_argument("--feature-space", default="vision", choices=("vision", "projector"))
+    parser.add_argument("--limit", type=int, default=None, help="stop after N samples (the table says partial)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--precision", default="32", help="the VLM's dtype: 32 | bf16 | 16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="folder (default: eval_vlm/<time>)")
+    parser.add_argument("overrides", nargs="*", help="data.root=..., data.val_split=...")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings()
+    data = OmegaConf.merge({"data": {"root": "data/default", "val_split": "val"}}, parse_overrides(args.overrides))
+    given = OmegaConf.to_container(data)
+    unknown = [f"data.{k}" for k in given["data"] if k not in ("root", "val_split")] + [k for k in given if k != "data"]
+    if unknown:
+        raise EvalVLMError(f"overrides: unknown key {unknown[0]!r}; eval-vlm takes data.root and data.val_split")
+    names = [s.strip() for s in args.selectors.split(",") if s.strip()]
+    bad = [n for n in names if n != "full" and n not in baseline_names()]
+    if bad:
+        raise EvalVLMError(f"--selectors: unknown {', '.join(bad)}; choose from full, {', '.join(baseline_names())}")
+    if args.limit is not None and args.limit < 1:
+        raise EvalVLMError(f"--limit={args.limit}: must be at least 1")
+    if data.data.root == "data/default":
+        from tokensel.datamodules.synthetic import ensure_default_corpus
+
+        ensure_default_corpus("data/default")
+    vlm = PrunedLlava.from_pretrained(args.model, precision=args.precision, feature_space=args.feature_space)
+    if torch.cuda.is_available():
+        vlm.model.to("cuda")
+    tower = vlm.model.config.vision_config
+    side = int(tower.image_size) // int(tower.patch_size)
+    selectors = {n: build_baseline(n, (side, side), args.seed) for n in names if n != "full"}
+    for path in (p.strip() for p in args.ckpts.split(",") if p.strip()):
+        net = load_selector(path)
+        if (net.dims.num_tokens, net.dims.dim) != (side * side, int(tower.hidden_size)):
+            raise EvalVLMError(f"{path}: trained on {net.dims.num_tokens} tokens x {net.dims.dim}, but {args.model}'s "
+                               f"tower gives {side * side} x {tower.hidden_size}")
+        selectors[net.config.name] = net
+    budgets = parse_budgets(args.budgets) or default_budgets(side * side)
+    samples = list(held_out_samples(data.data.root, data.data.val_split, args.limit))
+    if not samples:
+        raise EvalVLMError(f"{data.data.root}: no usable samples in split {data.data.val_split!r}")
+    started = time.time()
+    rows = evaluate(vlm, selectors, budgets, samples, args.batch_size)
+    out = Path(args.out or f"eval_vlm/{time.strftime('%Y%m%d-%H%M%S')}")
+    partial = f" (PARTIAL: --limit {args.limit})" if args.limit else ""
+    title = f"{args.model}: {len(samples)} held-out samples of {data.data.root}/{data.data.val_split}{partial}"
+    csv_path, md_path = write_table(rows, out, "results", title=title)
+    plots = plot_metrics(rows, out)
+    print("\n" + md_path.read_text())
+    print(f"eval-vlm folder: {out} ({csv_path.name}, {md_path.name}, {len(plots)} plots; {time.time() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,50 @@
+"""make eval-vlm end to end on a tiny random LLaVA: every selector in the same model, the table's
+columns, a partial run marked as such, and one-line errors."""
+
+import csv
+
+import pytest
+
+from conftest import run_module
+
+
+@pytest.mark.slow
+def test_eval_vlm_compares_selectors_in_one_llava(tiny_llava, tiny_corpus, tmp_path):
+    out = tmp_path / "eval_vlm"
+    result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_llava), "--budgets", "4,0.5",
+                        "--limit", "10", "--out", str(out), f"data.root={tiny_corpus}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["selector"], r["budget"]) for r in rows] == [
+        ("full", "all"), ("random", "4"), ("random", "0.5"), ("divprune", "4"), ("divprune", "0.5")]
+    assert [int(r["k"]) for r in rows] == [16, 4, 8, 4, 8]
+    for r in rows:
+        assert int(r["samples"]) == 10
+        assert all(int(r[f"{m}_n"]) > 0 for m in ("docvqa_anls", "chartqa_relaxed", "coco_cider"))
+        assert float(r["prefill_ms"]) > 0 and float(r["tflops_2ndm"]) < float(r["tflops_3ndm"])
+    assert float(rows[1]["tflops_2ndm"]) < float(rows[0]["tflops_2ndm"])  # 4 tokens cost less than 16
+    assert "PARTIAL" in (out / "results.md").read_text()
+    assert list(out.glob("*.png"))
+
+
+def test_retained_share_and_speed_up_are_relative_to_the_full_token_row():
+    from tokensel.experiments.eval_vlm import relative_to_full
+
+    rows = relative_to_full([{"average": 0.5, "prefill_ms": 40.0}, {"average": 0.4, "prefill_ms": 10.0}])
+    assert [r["retained_pct"] for r in rows] == pytest.approx([100.0, 80.0])
+    assert [r["prefill_speedup"] for r in rows] == pytest.approx([1.0, 4.0])
+    zero = relative_to_full([{"average": 0.0, "prefill_ms": 1.0}, {"average": 0.0, "prefill_ms": 1.0}])
+    assert all(r["retained_pct"] != r["retained_pct"] for r in zero)  # nan: no share of nothing
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--selectors", "full,tome"], ["--selectors", "tome", "divprune"]),
+    (["--budgets", "0"], ["'0'"]),
+    (["data.rooot=x"], ["data.rooot"]),
+])
+def test_eval_vlm_mistakes_are_one_line(tiny_llava, tiny_corpus, args, words):
+    result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_llava), *args,
+                        f"data.root={tiny_corpus}", timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(w in errors[0] for w in words), result.stderr
