@@ -1,80 +1,53 @@
 """The shared frozen-encoder DataModule: shards in, :class:`FeatureBatch` on the device out.
 
-It owns the frozen encoder. Workers decode and preprocess with the encoder's own resolution,
-mean and std (``pipeline.py``); after Lightning moves a batch to the device,
-``on_after_batch_transfer`` runs the encoder once, under ``no_grad``, and hands the selector a
-``FeatureBatch``. Selectors never see the encoder, so it is in no optimizer and no checkpoint.
+Each split gets a :class:`~tokensel.datamodules.features.FeatureSource`: the feature cache when
+one matches (``feature_cache.py``; ``data.feature_cache=auto`` builds it first when there is none),
+else the frozen encoder online. Workers read and decode; after Lightning moves a batch to the
+device, ``on_after_batch_transfer`` hands it to the split's source, which returns the
+``FeatureBatch``. Selectors never see the encoder, so it is in no optimizer and no checkpoint; with
+a matching cache it is not even built.
 
 A checkpoint records where the training stream is (the epoch, and the batches of it each rank has
 trained on; ``loaders.py``), so a resumed run reads on from the next batch, not from the start of
-the epoch.
+the epoch. The cache mirrors the image shards, so that position means the same in both.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from tokensel.datamodules.batch import FeatureBatch, FeatureDims, boxes_to_token_mask
+from tokensel.datamodules.batch import FeatureBatch
+from tokensel.datamodules.config import FEATURE_CACHE_MODES, DataConfig, EncoderConfig
 from tokensel.datamodules.encoders import FrozenEncoder, build_encoder
+from tokensel.datamodules.feature_cache import (FeatureCacheError, build_cache, cache_base, find_cache,
+                                                fingerprint, mismatch_message)
+from tokensel.datamodules.features import CachedFeatures, FeatureSource, OnlineFeatures
 from tokensel.datamodules.loaders import StreamLoader, ValLoader
 from tokensel.datamodules.pipeline import ShardStream
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex
 
 log = logging.getLogger("tokensel.data")
 DEFAULT_DATA_ROOT = "data/default"
-
-
-@dataclass
-class DataConfig:
-    """``data.*``: where the shards are and how they are read."""
-
-    root: Optional[str] = None  # folder with index.json; None: the generated default corpus
-    train_split: str = "train"
-    val_split: str = "val"  # an absent split disables validation, with a warning
-    weights: Dict[str, float] = field(default_factory=dict)  # source -> weight; {}: by sample count
-    batch_size: int = 32  # per rank (the paper: 32)
-    val_batch_size: Optional[int] = None  # None: batch_size
-    num_workers: int = 2  # per rank
-    samples_per_epoch: Optional[int] = None  # None: the train split's size
-    shuffle_buffer: int = 1000
-    recon_size: int = 64  # side of the image-reconstruction target I (the paper does not say)
-    resize_mode: str = "squash"  # "squash" | "pad" (LLaVA's pad-to-square); never a crop
-    # Block whose CLS->patch attention fills FeatureBatch.cls_attention (e.g. -2, VisionZip/EViT);
-    # None: off, the encoder's forward is unchanged and nothing extra is computed.
-    cls_attention_layer: Optional[int] = None
-
-
-@dataclass
-class EncoderConfig:
-    """``encoder.*``: the frozen encoder (see ``encoders.py``)."""
-
-    name: str = "timm:vit_tiny_patch16_224"
-    pretrained: str = ""  # "": random init; a local file; or a hub tag
-    layer: int = -1  # block output used: -1 last, -2 penultimate (LLaVA)
-    norm: bool = True  # apply the final LayerNorm to that output
-    image_size: Optional[int] = None  # input resolution override; None: the model's own
-    precision: str = "32"  # "32" | "bf16" | "16"
-    init_seed: int = 0  # random initialisation (pretrained=""): the same encoder in every process
+__all__ = ["DEFAULT_DATA_ROOT", "DataConfig", "EncoderConfig", "FeatureDataModule"]
 
 
 class FeatureDataModule(L.LightningDataModule):
-    """Streams shards and turns each batch into a :class:`FeatureBatch` with the frozen encoder.
+    """Streams shards and turns each batch into a :class:`FeatureBatch` (see the module docstring).
 
-    Everything a user can get wrong (data root, splits, weights, encoder name and weights) is
-    checked in ``__init__``, before any selector is built.
+    Everything a user can get wrong (data root, splits, weights, encoder name and weights, a
+    required cache that does not match) is checked in ``__init__``, before any selector is built.
     """
 
     def __init__(self, data: DataConfig, encoder: EncoderConfig, seed: int = 0):
         super().__init__()
         self.cfg = data
+        self.encoder_cfg = encoder
         self.seed = seed
         self.root = Path(data.root or DEFAULT_DATA_ROOT)
         self.index = ShardIndex.load(self.root)
@@ -82,13 +55,33 @@ class FeatureDataModule(L.LightningDataModule):
         self.val_entries = self.index.shards(data.val_split) if data.val_split in self.index.splits else []
         if not self.val_entries:
             log.warning("%s has no %r split: validation is off", self.root / "index.json", data.val_split)
-        self.encoder: FrozenEncoder = build_encoder(
-            encoder.name, encoder.pretrained, encoder.layer, encoder.norm, encoder.image_size, encoder.precision,
-            encoder.init_seed,
-        )
-        if data.cls_attention_layer is not None:  # fail now, not at the first batch
-            self.encoder.check_cls_attention(data.cls_attention_layer)
-        self.dims = FeatureDims(self.encoder.num_tokens, self.encoder.dim, self.encoder.grid, data.recon_size)
+        if data.feature_cache not in FEATURE_CACHE_MODES:
+            raise FeatureCacheError(f"data.feature_cache={data.feature_cache!r}: expected one of "
+                                    f"{', '.join(FEATURE_CACHE_MODES)}")
+        self.cache_base = cache_base(data)
+        splits = {data.train_split: self.train_entries, data.val_split: self.val_entries}
+        self.fingerprints = {}
+        self.sources: dict[str, FeatureSource] = {}
+        for split, entries in splits.items():
+            if not entries or data.feature_cache == "off":
+                continue
+            self.fingerprints[split] = fp = fingerprint(data, encoder, self.root, split, entries)
+            cache = find_cache(self.cache_base, fp)
+            if cache is None and data.feature_cache == "required":
+                raise FeatureCacheError(mismatch_message(self.cache_base, fp))
+            if cache is not None:
+                self.sources[split] = CachedFeatures(cache)
+        self.encoder: Optional[FrozenEncoder] = None
+        if len(self.sources) < sum(1 for e in splits.values() if e):  # some split is read online
+            self.encoder = build_encoder(encoder.name, encoder.pretrained, encoder.layer, encoder.norm,
+                                         encoder.image_size, encoder.precision, encoder.init_seed)
+            if data.cls_attention_layer is not None:  # fail now, not at the first batch
+                self.encoder.check_cls_attention(data.cls_attention_layer)
+            for split, entries in splits.items():
+                if entries and split not in self.sources:
+                    self.sources[split] = self._online(entries)
+        self.dims = self.sources[data.train_split].dims
+        self.cache_build_batches = 0  # encoder forwards spent building caches
         self.rank, self.world = 0, 1
         self._train_loader: Optional[StreamLoader] = None
         self._val_loader: Optional[ValLoader] = None
@@ -96,6 +89,10 @@ class FeatureDataModule(L.LightningDataModule):
         self._validated_before_resume = False
         # Build the streams once here so bad weights or modes fail before training starts.
         self._stream(train=True)
+
+    def _online(self, entries) -> OnlineFeatures:
+        return OnlineFeatures(self.encoder, self.root, entries, self.cfg.resize_mode, self.cfg.recon_size,
+                              self.cfg.cls_attention_layer)
 
     @property
     def has_val(self) -> bool:
@@ -105,14 +102,49 @@ class FeatureDataModule(L.LightningDataModule):
         if self.trainer is not None:
             self.rank, self.world = self.trainer.global_rank, self.trainer.world_size
 
+    # ---- features -----------------------------------------------------------------------------
+    def prepare_features(self, split: str) -> FeatureSource:
+        """The split's source; under ``data.feature_cache=auto`` a missing cache is built first
+        (its shards split across the ranks). Every rank calls this at the same point."""
+        source = self.sources[split]
+        if source.kind == "cached" or self.cfg.feature_cache != "auto":
+            return source
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        barrier = strategy.barrier if strategy is not None else (lambda: None)
+        fp = self.fingerprints[split]
+        # another run may have finished it meanwhile; rank 0 decides for all, so no rank waits alone
+        found = find_cache(self.cache_base, fp) is not None
+        if strategy is not None:
+            found = strategy.broadcast(found, src=0)
+        if not found:
+            device = strategy.root_device if strategy is not None else torch.device("cpu")
+            before = source.encoder_batches
+            build_cache(self.cache_base, fp, source, batch_size=self.cfg.val_batch_size or self.cfg.batch_size,
+                        device=device, rank=self.rank, world=self.world, barrier=barrier,
+                        progress=self.rank == 0)
+            self.cache_build_batches += source.encoder_batches - before
+            source.encoder_batches = before
+        cache = find_cache(self.cache_base, fp)
+        if cache is None:
+            raise FeatureCacheError(f"{self.cache_base}: the {split} feature cache is missing after its build")
+        self.sources[split] = CachedFeatures(cache)
+        return self.sources[split]
+
+    def feature_report(self) -> dict:
+        """For metrics.json: each split's source, and the encoder's forwards outside cache builds."""
+        return {"sources": {s: src.describe() for s, src in self.sources.items()},
+                "encoder_built": self.encoder is not None,
+                "encoder_batches": {s: src.encoder_batches for s, src in self.sources.items()},
+                "cache_build_batches": self.cache_build_batches}
+
     # ---- loaders ----------------------------------------------------------------------------
     def _stream(self, train: bool) -> ShardStream:
         cfg = self.cfg
+        source = self.sources[cfg.train_split if train else cfg.val_split]
         return ShardStream(
-            self.root, self.train_entries if train else self.val_entries, train=train,
+            source.root, source.entries, train=train, decoder=source.decoder, resize_mode=cfg.resize_mode,
             batch_size=cfg.batch_size if train else (cfg.val_batch_size or cfg.batch_size),
-            preprocess=self.encoder.preprocess, resize_mode=cfg.resize_mode, rank=self.rank, world=self.world,
-            num_workers=cfg.num_workers, seed=self.seed, weights=cfg.weights,
+            rank=self.rank, world=self.world, num_workers=cfg.num_workers, seed=self.seed, weights=cfg.weights,
             samples_per_epoch=cfg.samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer,
         )
 
@@ -121,6 +153,7 @@ class FeatureDataModule(L.LightningDataModule):
         return dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
+        self.prepare_features(self.cfg.train_split)
         self._train_loader = StreamLoader(self._stream(train=True), self._trainer_epoch, self._trainer_progress,
                                           **self._loader_kwargs())
         self._train_loader.load_state_dict(self._loaded_position)
@@ -152,6 +185,7 @@ class FeatureDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.has_val:
             return []
+        self.prepare_features(self.cfg.val_split)
         stream = self._stream(train=False)
         if any(stream.batches_per_worker(w) == 0 for w in range(stream.workers)):
             raise ShardFormatError(
@@ -161,32 +195,12 @@ class FeatureDataModule(L.LightningDataModule):
         self._val_loader = ValLoader(stream, self._validated_before_resume, **self._loader_kwargs())
         return self._val_loader
 
-    # ---- the one place the encoder runs -----------------------------------------------------
+    # ---- the one place batches become features ---------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> FeatureBatch:
-        return self.encode(batch)
+        training = self.trainer is not None and self.trainer.training
+        return self.features(batch, self.cfg.train_split if training else self.cfg.val_split)
 
-    def encode(self, batch: dict) -> FeatureBatch:
-        """Run the frozen encoder on a worker batch (already on the target device)."""
-        pixels = batch["pixels"]
-        if next(self.encoder.parameters()).device != pixels.device:
-            self.encoder.to(pixels.device)
-        cls_attention = None
-        if self.cfg.cls_attention_layer is None:
-            features = self.encoder(pixels)
-        else:
-            features, cls_attention = self.encoder.forward_with_cls_attention(pixels, self.cfg.cls_attention_layer)
-        pre = self.encoder.preprocess
-        mean = torch.tensor(pre.mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(pre.std, device=pixels.device).view(1, 3, 1, 1)
-        image = (pixels.float() * std + mean).clamp(0, 1)
-        image = F.interpolate(image, size=(self.cfg.recon_size, self.cfg.recon_size), mode="bilinear",
-                              antialias=True, align_corners=False).clamp(0, 1)
-        answer_tokens = has_box = None
-        boxes = batch["boxes"]
-        if not torch.isnan(boxes).all():
-            answer_tokens, has_box = boxes_to_token_mask(boxes, self.encoder.grid, pre.size)
-        return FeatureBatch(
-            features=features, grid=self.encoder.grid, image=image, prompt=batch["prompt"], target=batch["target"],
-            source=batch["source"], keys=batch["keys"], answer_tokens=answer_tokens, has_answer_box=has_box,
-            n_skipped=int(batch["n_skipped"]), cls_attention=cls_attention,
-        )
+    def features(self, batch: dict, split: Optional[str] = None) -> FeatureBatch:
+        """A reader batch of ``split`` (default: the validation split), already on the target device,
+        as a ``FeatureBatch``: from the cache, or through the frozen encoder."""
+        return self.sources[split or self.cfg.val_split].features(batch)

@@ -31,8 +31,6 @@ with ``R = world * workers`` readers:
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 import multiprocessing as mp
@@ -42,135 +40,15 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
-import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from tokensel.datamodules.shards import IMAGE_EXTS, REFUSED_EXTS, SOURCES, ShardEntry, ShardFormatError, validate_meta
+from tokensel.datamodules.samples import RESIZE_MODES, ImageDecoder, Preprocess, SampleDecoder, SkipSample
+from tokensel.datamodules.shards import SOURCES, ShardEntry, ShardFormatError
 
 log = logging.getLogger("tokensel.data")
-RESIZE_MODES = ("squash", "pad")
 MAX_SKIPS_IN_A_ROW = 1000  # past this the data is broken, not noisy: stop instead of spinning
-_PIL_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Everything a data worker needs to turn an image into the encoder's input (picklable).
-    Each encoder family fills one in from its model's own config."""
-
-    size: tuple[int, int]  # (H, W)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # "bicubic" | "bilinear" | "nearest"
-
-
-class SkipSample(Exception):
-    """A sample that cannot be used; the reason is the message."""
-
-
-def preprocess_image(image: Image.Image, box: Optional[list], pre: Preprocess, resize_mode: str):
-    """Resize a full image to the encoder's input and normalise it with the encoder's mean/std.
-
-    The whole image is kept (no centre crop, so document margins survive and answer boxes map
-    exactly). ``squash`` stretches to the input size; ``pad`` first pads to a square with the
-    mean colour, as LLaVA-1.5's ``expand2square`` ("Improved Baselines with Visual Instruction
-    Tuning", arXiv:2310.03744). Returns ``(pixels (3, H, W), box (4,))`` with the
-    box in input pixels, or NaN when there is none.
-    """
-    w0, h0 = image.size
-    dx = dy = 0.0
-    if resize_mode == "pad" and w0 != h0:
-        side = max(w0, h0)
-        fill = tuple(int(round(255 * m)) for m in pre.mean)
-        canvas = Image.new("RGB", (side, side), fill)
-        dx, dy = (side - w0) / 2, (side - h0) / 2
-        canvas.paste(image, (int(dx), int(dy)))
-        image, w0, h0 = canvas, side, side
-    H, W = pre.size
-    image = image.resize((W, H), _PIL_RESAMPLE.get(pre.interpolation, Image.BICUBIC))
-    arr = np.asarray(image, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
-    pixels = torch.from_numpy(arr.transpose(2, 0, 1).copy())
-    if box is None:
-        return pixels, torch.full((4,), float("nan"))
-    sx, sy = W / w0, H / h0
-    x0, y0, x1, y1 = box
-    return pixels, torch.tensor([(x0 + dx) * sx, (y0 + dy) * sy, (x1 + dx) * sx, (y1 + dy) * sy], dtype=torch.float32)
-
-
-def parse_sample(sample: dict) -> tuple[Image.Image, dict]:
-    """One raw tar sample → ``(RGB image, its json meta)``, or ``SkipSample``. Only jpg/png/json
-    are ever decoded; a pickled member is refused."""
-    refused = sorted(k for k in sample if k.rsplit(".", 1)[-1] in REFUSED_EXTS)
-    if refused:
-        raise SkipSample(f"refusing to unpickle member(s) {', '.join(refused)}")
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        raise SkipSample("missing image member (.jpg or .png)")
-    if "json" not in sample:
-        raise SkipSample("missing .json member")
-    try:
-        meta = json.loads(sample["json"])
-    except (ValueError, UnicodeDecodeError) as err:
-        raise SkipSample(f"bad json ({err})") from None
-    try:
-        validate_meta(meta)
-    except ShardFormatError as err:
-        raise SkipSample(str(err)) from None
-    try:
-        image = Image.open(io.BytesIO(sample[ext]))
-        image.load()
-        image = image.convert("RGB")
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise SkipSample(f"corrupt image ({type(err).__name__}: {err})") from None
-    return image, meta
-
-
-def decode_sample(sample: dict, pre: Preprocess, resize_mode: str, rng: Optional[np.random.Generator],
-                  pixels: bool = True) -> dict:
-    """One raw tar sample → one example (:func:`parse_sample`, then the encoder's preprocessing).
-
-    Text: COCO gives an empty prompt and one caption as target; DocVQA/ChartQA give the
-    question as prompt and an answer as target. With ``rng`` (training) the caption/answer is
-    drawn at random, else the first is used. With ``pixels=False`` the sample is checked and its
-    text drawn, but the example keeps the raw sample instead of pixels (:func:`with_pixels`).
-    """
-    image, meta = parse_sample(sample)
-    if meta["source"] == "coco":
-        options, prompt = meta["captions"], ""
-    else:
-        options, prompt = meta["answers"], meta["question"]
-    target = options[int(rng.integers(len(options)))] if rng is not None else options[0]
-    example = {"prompt": prompt, "target": target, "source": meta["source"], "key": sample["__key__"]}
-    if not pixels:
-        return {**example, "raw": sample}
-    example["pixels"], example["box"] = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
-    return example
-
-
-def with_pixels(example: dict, pre: Preprocess, resize_mode: str) -> dict:
-    """An example of ``decode_sample(..., pixels=False)`` with its pixels (others unchanged)."""
-    if "raw" in example:
-        image, meta = parse_sample(example.pop("raw"))
-        example["pixels"], example["box"] = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
-    return example
-
-
-def collate(examples: list[dict], n_skipped: int) -> dict:
-    return {
-        "pixels": torch.stack([e["pixels"] for e in examples]),
-        "boxes": torch.stack([e["box"] for e in examples]),
-        "prompt": [e["prompt"] for e in examples],
-        "target": [e["target"] for e in examples],
-        "source": [e["source"] for e in examples],
-        "keys": [e["key"] for e in examples],
-        "n_skipped": n_skipped,
-    }
-
-
 class SkipCount:
     """The samples one reader skipped; each batch reports those skipped since the previous batch."""
 
@@ -184,10 +62,13 @@ class SkipCount:
         log.warning("skipped unreadable shard data: %s", err)
         return True
 
-    def collate(self, examples: list[dict]) -> dict:
-        """The collation function for ``wds.batched``: :func:`collate` with this batch's skips."""
-        n_skipped, self.reported = self.total - self.reported, self.total
-        return collate(examples, n_skipped)
+    def collation(self, decoder: SampleDecoder):
+        """The collation function for ``wds.batched``: the decoder's, with this batch's skips."""
+        def collate(examples: list[dict]) -> dict:
+            n_skipped, self.reported = self.total - self.reported, self.total
+            return decoder.collate(examples, n_skipped)
+
+        return collate
 
 
 @dataclass(frozen=True)
@@ -239,19 +120,21 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, root: str | Path, entries: list[ShardEntry], *, train: bool, batch_size: int,
-                 preprocess: Preprocess, resize_mode: str = "squash", rank: int = 0, world: int = 1,
+                 preprocess: Optional[Preprocess] = None, resize_mode: str = "squash",
+                 decoder: Optional[SampleDecoder] = None, rank: int = 0, world: int = 1,
                  num_workers: int = 0, seed: int = 0, epoch: int = 0, weights: Optional[dict] = None,
                  samples_per_epoch: Optional[int] = None, shuffle_buffer: int = 1000):
         if not entries:
             raise ShardFormatError(f"{root}: no shards to read")
         if resize_mode not in RESIZE_MODES:
             raise ShardFormatError(f"data.resize_mode={resize_mode!r}: expected one of {', '.join(RESIZE_MODES)}")
+        if (decoder is None) == (preprocess is None):
+            raise TypeError("ShardStream needs exactly one of preprocess= (image shards) or decoder=")
         self.root = Path(root)
         self.entries = sorted(entries, key=lambda e: e.path)
         self.train = train
         self.batch_size = batch_size
-        self.preprocess = preprocess
-        self.resize_mode = resize_mode
+        self.decoder = decoder if decoder is not None else ImageDecoder(preprocess, resize_mode)
         self.rank, self.world = rank, world
         self.workers = max(1, num_workers)
         self.seed = seed
@@ -308,7 +191,7 @@ class ShardStream(IterableDataset):
             reader = self._reader(worker)
             share = plan_shares([str(self.root / e.path) for e in self.entries], reader, self.readers)
             examples = self._decoded(self._read(share, skipped), None, skipped)
-            return wds.batched(self.batch_size, collation_fn=skipped.collate, partial=True)(examples)
+            return wds.batched(self.batch_size, collation_fn=skipped.collation(self.decoder), partial=True)(examples)
         epoch, done = self.position.get()
         # The DataLoader takes batch i from worker i % W. After ``done`` batches the next one is
         # role ``done % W``'s, so worker w plays role (w + done) % W and skips that role's share.
@@ -319,7 +202,7 @@ class ShardStream(IterableDataset):
         lazy = drop + max(self.shuffle_buffer, 1) - 1 if drop else 0  # may still be in the buffer
         examples = self._decoded(self._mixed_samples(reader, epoch, rng, skipped), rng, skipped, lazy)
         examples = self._fast_forward(self._shuffled(examples, rng), drop, skipped)
-        batches = wds.batched(self.batch_size, collation_fn=skipped.collate, partial=False)(examples)
+        batches = wds.batched(self.batch_size, collation_fn=skipped.collation(self.decoder), partial=False)(examples)
         # the epoch length, as wds's with_epoch
         return islice(batches, max(self.batches_per_worker(role) - drop // self.batch_size, 0))
 
@@ -369,12 +252,12 @@ class ShardStream(IterableDataset):
 
     def _decoded(self, samples: Iterator[dict], rng: Optional[np.random.Generator], skipped: SkipCount,
                  lazy: int = 0) -> Iterator[dict]:
-        """Decoded examples; the first ``lazy`` keep their raw sample instead of pixels."""
+        """Decoded examples; the first ``lazy`` may defer their expensive part (``full=False``)."""
         in_a_row = 0
         position = 0
         for sample in samples:
             try:
-                example = decode_sample(sample, self.preprocess, self.resize_mode, rng, pixels=position >= lazy)
+                example = self.decoder.decode(sample, rng, full=position >= lazy)
             except SkipSample as why:
                 skipped.total += 1
                 in_a_row += 1
@@ -393,7 +276,7 @@ class ShardStream(IterableDataset):
                 if position == drop - 1:
                     skipped.reported = skipped.total
                 continue
-            yield with_pixels(example, self.preprocess, self.resize_mode)
+            yield self.decoder.complete(example)
 
     def _shuffled(self, examples: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
         # Not wds.shuffle: its buffer algorithm (and its random.Random) gives another order for the

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from tokensel.common.errors import ConfigError
-from tokensel.datamodules.datamodule import DataConfig, EncoderConfig
+from tokensel.datamodules.config import FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, DataConfig, EncoderConfig
 from tokensel.selectors.base import OptimConfig
 from tokensel.selectors.catalog import selector_entry
 
@@ -194,6 +194,10 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError(f"data.samples_per_epoch={data.samples_per_epoch}: must be at least 1")
     if any(w < 0 for w in data.weights.values()):
         raise ConfigError(f"data.weights={dict(data.weights)}: weights must be >= 0")
+    for key, allowed in (("feature_cache", FEATURE_CACHE_MODES), ("feature_cache_precision", FEATURE_CACHE_PRECISIONS)):
+        if str(getattr(data, key)) not in allowed:
+            raise ConfigError(f"data.{key}={getattr(data, key)!r}: expected one of {', '.join(allowed)}")
+    data.feature_cache_precision = str(data.feature_cache_precision)
     for key in ("checkpoint_every_n_steps", "checkpoint_every_minutes"):
         if getattr(config.run, key) < 0:
             raise ConfigError(f"run.{key}={getattr(config.run, key)}: must be >= 0 (0 turns it off)")

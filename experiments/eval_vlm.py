@@ -52,7 +52,7 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None) -> Iter
 
     from webdataset.tariterators import tarfile_samples
 
-    from tokensel.datamodules.pipeline import SkipSample, parse_sample
+    from tokensel.datamodules.samples import SkipSample, parse_sample
     from tokensel.datamodules.shards import SOURCES, ShardIndex
     from tokensel.selectors.vlm_llava import CAPTION_INSTRUCTION
 

@@ -177,7 +177,7 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
         for raw in datamodule.val_dataloader():
             if max_samples is not None and seen >= max_samples:
                 break
-            batch = datamodule.encode(raw)
+            batch = datamodule.features(raw)
             if max_samples is not None and seen + len(batch) > max_samples:
                 batch = batch.head(max_samples - seen)
             seen += len(batch)

@@ -207,21 +207,25 @@ def train(config) -> dict:
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     seconds = time.time() - started
     if trainer.is_global_zero:
-        write_run_record(run_dir, metrics, seconds, skipped.total, collapse, trainer)
-        print_summary(run_dir, metrics, seconds, skipped.total, collapse)
+        features = datamodule.feature_report()
+        write_run_record(run_dir, metrics, seconds, skipped.total, collapse, trainer, features)
+        print_summary(run_dir, metrics, seconds, skipped.total, collapse, features)
     return metrics
 
 
-def write_run_record(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse, trainer) -> None:
+def write_run_record(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse, trainer,
+                     features: Optional[dict] = None) -> None:
     """``metrics.json`` in the run folder: what a sweep reads back (final metrics, wall time, ...).
-    ``collapse`` is the run's ``CollapseDetector``, or None when it is off."""
+    ``collapse`` is the run's ``CollapseDetector``, or None when it is off; ``features`` is the
+    datamodule's ``feature_report()`` (where features came from, encoder forwards)."""
     record = {"metrics": metrics, "wall_s": round(seconds, 2), "global_step": trainer.global_step,
               "epoch": trainer.current_epoch, "interrupted": bool(trainer.interrupted), "skipped": skipped,
-              "collapse_step": collapse.collapse_step if collapse is not None else None}
+              "collapse_step": collapse.collapse_step if collapse is not None else None, "features": features}
     (run_dir / "metrics.json").write_text(json.dumps(record, indent=1, sort_keys=True))
 
 
-def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse=None) -> None:
+def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse=None,
+                  features: Optional[dict] = None) -> None:
     shown = [k for k in sorted(metrics) if k.startswith(("train/", "val/")) and k != "val/samples"]
     lines = [f"  {k:<18} {metrics[k]:.4f}" for k in shown]
     if collapse is not None and "train/keep_ratio" in metrics:
@@ -234,6 +238,7 @@ def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, co
         f"done in {minutes}m{secs:02d}s. final metrics:",
         *lines,
         f"  skipped samples    {skipped}",
+        *(f"features {split}: {source}" for split, source in (features or {}).get("sources", {}).items()),
         f"run folder:   {run_dir}",
         f"checkpoints:  {run_dir / 'checkpoints'} (last.ckpt; load with tokensel.selectors.catalog.load_selector)",
         f"TensorBoard:  .venv/bin/tensorboard --logdir {run_dir.parent}   (or: make tensorboard)",

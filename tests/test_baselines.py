@@ -7,7 +7,7 @@ from tokensel.datamodules.encoders import EncoderError, FrozenEncoder, build_enc
 from tokensel.datamodules.encoders.hf_llava import HFVisionTower
 from tokensel.datamodules.encoders.open_clip_vit import OpenClipViT
 from tokensel.datamodules.encoders.timm_vit import TimmViT
-from tokensel.datamodules.pipeline import Preprocess
+from tokensel.datamodules.samples import Preprocess
 from tokensel.selectors.baselines import (BASELINES, CLSAttentionSelector, DivPruneSelector, L2NormSelector,
                                           RandomSelector, TrainingFreeSelector, UniformSelector, build_baseline)
 from tokensel.selectors.budget import BudgetError
@@ -267,18 +267,19 @@ def test_hf_clip_tower_cls_attention_matches_its_eager_attentions():
 def test_datamodule_fills_cls_attention_only_on_request(tiny_corpus):
     from tokensel.datamodules.datamodule import DataConfig, EncoderConfig, FeatureDataModule
 
-    data = DataConfig(root=str(tiny_corpus), batch_size=4, num_workers=0, shuffle_buffer=8, recon_size=16)
+    data = DataConfig(root=str(tiny_corpus), batch_size=4, num_workers=0, shuffle_buffer=8, recon_size=16,
+                      feature_cache="off")
     datamodule = FeatureDataModule(data, EncoderConfig(image_size=64))
     raw = next(iter(datamodule.val_dataloader()))
-    plain = datamodule.encode(raw)
+    plain = datamodule.features(raw)
     assert plain.cls_attention is None
-    datamodule.cfg.cls_attention_layer = -2
-    batch = datamodule.encode(raw)
+    data.cls_attention_layer = -2
+    batch = FeatureDataModule(data, EncoderConfig(image_size=64)).features(raw)
     assert batch.cls_attention.shape == (4, 16) and torch.equal(batch.features, plain.features)
     assert torch.equal(batch.head(2).cls_attention, batch.cls_attention[:2]) and plain.head(2).cls_attention is None
     indices, _ = build_baseline("cls_attention", datamodule.dims.grid).select(
         batch.features, 4, context=SelectionContext(cls_attention=batch.cls_attention))
     assert indices.shape == (4, 4)
-    bad = DataConfig(root=str(tiny_corpus), batch_size=4, num_workers=0, cls_attention_layer=12)
+    bad = DataConfig(root=str(tiny_corpus), batch_size=4, num_workers=0, cls_attention_layer=12, feature_cache="off")
     with pytest.raises(EncoderError, match="cls_attention_layer=12"):
         FeatureDataModule(bad, EncoderConfig(image_size=64))

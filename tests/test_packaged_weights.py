@@ -31,7 +31,7 @@ from tokensel.datamodules.encoders import EncoderError, build_encoder
 from tokensel.datamodules.encoders.packaged import (CONVERTER_VERSION, PACKAGED, cached_conversion, converted_weights,
                                                     locate)
 from tokensel.datamodules.encoders.packaged_convert import efficientnet_from_pth
-from tokensel.datamodules.pipeline import preprocess_image
+from tokensel.datamodules.samples import preprocess_image
 
 DINO = "timm:vit_small_patch14_dinov2"
 EFFNET = "timm_cnn:tf_efficientnet_lite0"

@@ -10,8 +10,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tokensel.datamodules.pipeline import Preprocess
-from tokensel.datamodules.pipeline import ShardStream, preprocess_image
+from tokensel.datamodules.pipeline import ShardStream
+from tokensel.datamodules.samples import Preprocess, preprocess_image
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex
 
 PRE = Preprocess((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")

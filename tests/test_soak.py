@@ -14,7 +14,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from tokensel.datamodules.pipeline import Preprocess, ShardStream
+from tokensel.datamodules.pipeline import ShardStream
+from tokensel.datamodules.samples import Preprocess
 from tokensel.datamodules.shards import ShardIndex, ShardWriter
 
 PRE = Preprocess((16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")

@@ -57,6 +57,11 @@ CASES = {
     "train: pickled checkpoint": (TRAIN, resume("pickled"), ["pickled.ckpt", "holds a pickled Python object "
                                                              "(argparse.Namespace)", "weights_only=True"]),
     "train: unknown option": (TRAIN, lambda c, t: ["--confg", "x.yaml"], ["--confg"]),
+    "train: bad cache mode": (TRAIN, lambda c, t: ["gumbel_ae", "data.feature_cache=sometimes", f"data.root={c}"],
+                              ["data.feature_cache='sometimes'", "auto"]),
+    "train: required cache missing": (TRAIN, lambda c, t: ["gumbel_ae", "data.feature_cache=required", f"data.root={c}",
+                                                           f"data.feature_cache_dir={t}/none"],
+                                      ["data.feature_cache=required", "none built yet"]),
     "eval: unknown baseline": (EVAL, lambda c, t: ["--selectors", "tome", f"data.root={c}"],
                                ["SELECTORS", "tome", "divprune"]),
     "eval: missing checkpoint": (EVAL, lambda c, t: ["--ckpts", f"{t}/nowhere.ckpt", f"data.root={c}"],

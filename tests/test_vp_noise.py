@@ -109,7 +109,7 @@ def test_frozen_encoder_and_vlm_are_bit_identical_after_training(tiny_corpus, tm
     from tokensel.datamodules.datamodule import FeatureDataModule
 
     config = load_config("vp_noise", overrides=VP_FAST + [f"data.root={tiny_corpus}", f"run.root={tmp_path}",
-                                                          "trainer.max_steps=3"])
+                                                          "trainer.max_steps=3", "data.feature_cache=off"])
     L.seed_everything(0)
     datamodule = FeatureDataModule(config.data, config.encoder)
     entry = selector_entry("vp_noise")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokensel.common.errors import TokenselError
-from tokensel.datamodules.pipeline import Preprocess
+from tokensel.datamodules.samples import Preprocess
 
 ClsRow = Callable[[torch.Tensor], torch.Tensor]  # a block's attention input -> CLS->patch attention (B, N)
 

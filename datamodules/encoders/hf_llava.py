@@ -18,7 +18,7 @@ from torch import nn
 
 from tokensel.common.hub import hf_fetch, hf_model_is_local, hf_source_error, hub_download, load_llava_config
 from tokensel.datamodules.encoders.base import Backbone, ClsRow, EncoderError, cls_softmax, no_cls_token, pick_block, split_heads
-from tokensel.datamodules.pipeline import Preprocess
+from tokensel.datamodules.samples import Preprocess
 
 log = logging.getLogger("tokensel.encoders")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # transformers' OPENAI_CLIP_MEAN / _STD

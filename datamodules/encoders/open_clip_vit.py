@@ -17,7 +17,7 @@ from tokensel.common.hub import looks_like_path, weights_download
 from tokensel.common.open_clip_configs import register_model_configs
 from tokensel.datamodules.encoders.base import (Backbone, ClsRow, EncoderError, cls_softmax, first_line, fused_qk,
                                                 hub_tag_error, no_cls_token, pick_block, split_heads)
-from tokensel.datamodules.pipeline import Preprocess
+from tokensel.datamodules.samples import Preprocess
 
 
 class OpenClipViT(Backbone):

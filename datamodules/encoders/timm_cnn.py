@@ -18,7 +18,7 @@ from torch import nn
 
 from tokensel.datamodules.encoders.base import Backbone, ClsRow, EncoderError, no_cls_token
 from tokensel.datamodules.encoders.timm_vit import create_timm
-from tokensel.datamodules.pipeline import Preprocess
+from tokensel.datamodules.samples import Preprocess
 
 
 class TimmCNN(Backbone):

@@ -17,7 +17,7 @@ from torch import nn
 from tokensel.common.hub import looks_like_path, weights_download
 from tokensel.datamodules.encoders.base import (Backbone, ClsRow, EncoderError, cls_softmax, first_line, fused_qk,
                                                 hub_tag_error, no_cls_token, pick_block)
-from tokensel.datamodules.pipeline import Preprocess
+from tokensel.datamodules.samples import Preprocess
 
 
 class TimmViT(Backbone):
