@@ -45,6 +45,9 @@ class FeatureBatch:
       sample in the batch has a box; rows of samples without a box are all False and
       ``has_answer_box`` marks which rows are real.
     - ``n_skipped``: samples the workers skipped (corrupt, unreadable) since the previous batch.
+    - ``view_of`` / ``view_index``: (B,) long, with ``data.views=anyres`` only (else ``None``):
+      each row is one view (LLaVA-NeXT's base view 0, then its crops), of sample ``view_of`` of the
+      reader batch; text, source and answer boxes are per view, keys are ``<key>/v<j>``.
     - ``cls_attention``: (B, N) float32, the frozen encoder's CLS->patch attention (head mean) at
       block ``data.cls_attention_layer``, or ``None`` when that is unset (the default). Prefix
       keys are dropped and not renormalised, so rows sum to <= 1. Used by the ``cls_attention``
@@ -62,6 +65,8 @@ class FeatureBatch:
     has_answer_box: Optional[torch.Tensor] = None
     n_skipped: int = 0
     cls_attention: Optional[torch.Tensor] = None
+    view_of: Optional[torch.Tensor] = None
+    view_index: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -73,7 +78,8 @@ class FeatureBatch:
 
         return FeatureBatch(self.features[:n], self.grid, self.image[:n], self.prompt[:n], self.target[:n],
                             self.source[:n], self.keys[:n], cut(self.answer_tokens), cut(self.has_answer_box), 0,
-                            cls_attention=cut(self.cls_attention))
+                            cls_attention=cut(self.cls_attention), view_of=cut(self.view_of),
+                            view_index=cut(self.view_index))
 
 
 def boxes_to_token_mask(

@@ -7,9 +7,12 @@ data layer (``datamodule.py``, ``feature_cache.py``) reads them without importin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
+
+from tokensel.datamodules.anyres import LLAVA_NEXT_PINPOINTS
 
 FEATURE_CACHE_MODES = ("off", "auto", "required")
+VIEW_MODES = ("base", "anyres")
 FEATURE_CACHE_PRECISIONS = ("16", "bf16", "32")
 
 
@@ -31,6 +34,10 @@ class DataConfig:
     # Block whose CLS->patch attention fills FeatureBatch.cls_attention (e.g. -2, VisionZip/EViT);
     # None: off, the encoder's forward is unchanged and nothing extra is computed.
     cls_attention_layer: Optional[int] = None
+    # "base": one view of the whole image; "anyres": LLaVA-NeXT's base view plus the crops of the
+    # best-fit pinpoint (anyres.py), each at the encoder's input size and selected per view.
+    views: str = "base"
+    view_pinpoints: List[List[int]] = field(default_factory=lambda: [list(p) for p in LLAVA_NEXT_PINPOINTS])
     # The feature cache (feature_cache.py): "auto" reads a matching cache and builds one first
     # when there is none; "required" refuses to run without one; "off" encodes every batch.
     feature_cache: str = "auto"

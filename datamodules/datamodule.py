@@ -91,8 +91,9 @@ class FeatureDataModule(L.LightningDataModule):
         self._stream(train=True)
 
     def _online(self, entries) -> OnlineFeatures:
+        pinpoints = self.cfg.view_pinpoints if self.cfg.views == "anyres" else None
         return OnlineFeatures(self.encoder, self.root, entries, self.cfg.resize_mode, self.cfg.recon_size,
-                              self.cfg.cls_attention_layer)
+                              self.cfg.cls_attention_layer, pinpoints)
 
     @property
     def has_val(self) -> bool:

@@ -53,7 +53,7 @@ from tokensel.common.hub import is_packaged, looks_like_path
 from tokensel.common.precision import DTYPES
 from tokensel.datamodules.batch import FeatureDims
 from tokensel.datamodules.config import DataConfig, EncoderConfig
-from tokensel.datamodules.samples import SampleDecoder, SkipSample, draw_text
+from tokensel.datamodules.samples import SampleDecoder, SkipSample, collate, draw_text
 from tokensel.datamodules.shards import REFUSED_EXTS, ShardEntry, ShardFormatError, validate_meta
 
 log = logging.getLogger("tokensel.data")
@@ -106,6 +106,7 @@ def fingerprint(data: DataConfig, encoder: EncoderConfig, root: Path, split: str
         "data.resize_mode": data.resize_mode,
         "data.recon_size": str(data.recon_size),
         "data.cls_attention_layer": str(data.cls_attention_layer),
+        "data.views": data.views if data.views == "base" else f"{data.views}:{json.dumps([list(p) for p in data.view_pinpoints])}",
         "data.feature_cache_precision": str(data.feature_cache_precision),
         "data.split": split,
         "data.shards": hashlib.sha256(json.dumps(shards).encode()).hexdigest(),
@@ -137,6 +138,7 @@ class FeatureCache:
     input_size: tuple[int, int]
     precision: str
     cls_attention: bool
+    views: bool = False  # anyres: each sample stores (V, ...) tensors, one row per view
 
     @classmethod
     def open(cls, folder: Path) -> Optional["FeatureCache"]:
@@ -145,13 +147,13 @@ class FeatureCache:
             raw = json.loads((Path(folder) / CACHE_INDEX).read_text())
             cache = cls(Path(folder), [ShardEntry(**e) for e in raw["shards"]], dict(raw["fingerprint"]),
                         FeatureDims.from_dict(raw["dims"]), tuple(raw["input_size"]), str(raw["precision"]),
-                        bool(raw["cls_attention"]))
+                        bool(raw["cls_attention"]), bool(raw.get("views", False)))
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return cache if cache.fingerprint.get("format") == CACHE_FORMAT else None
 
     def decoder(self) -> "CacheDecoder":
-        return CacheDecoder(self.dims.num_tokens, self.dims.dim, self.dims.image_size, self.cls_attention)
+        return CacheDecoder(self.dims.num_tokens, self.dims.dim, self.dims.image_size, self.cls_attention, self.views)
 
 
 def find_cache(base: Path, fp: dict[str, str]) -> Optional[FeatureCache]:
@@ -190,6 +192,7 @@ class CacheDecoder(SampleDecoder):
     dim: int
     image_size: int
     cls_attention: bool
+    views: bool = False
 
     def decode(self, sample: dict, rng: Optional[np.random.Generator], full: bool = True) -> dict:
         from safetensors.torch import load
@@ -209,7 +212,9 @@ class CacheDecoder(SampleDecoder):
         shapes = {"features": (self.num_tokens, self.dim), "image": (3, self.image_size, self.image_size), "box": (4,)}
         if self.cls_attention:
             shapes["cls_attention"] = (self.num_tokens,)
+        views = tensors["features"].shape[0] if self.views and "features" in tensors else None
         for name, shape in shapes.items():
+            shape = shape if views is None else (views, *shape)
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 raise SkipSample(f"cached {name} is missing or not {shape}")
         prompt, target = draw_text(meta, rng)
@@ -217,17 +222,8 @@ class CacheDecoder(SampleDecoder):
                 **{name: tensors[name] for name in shapes}}
 
     def collate(self, examples: list[dict], n_skipped: int) -> dict:
-        batch = {
-            "features": torch.stack([e["features"] for e in examples]),
-            "image": torch.stack([e["image"] for e in examples]),
-            "boxes": torch.stack([e["box"] for e in examples]),
-            "prompt": [e["prompt"] for e in examples], "target": [e["target"] for e in examples],
-            "source": [e["source"] for e in examples], "keys": [e["key"] for e in examples],
-            "n_skipped": n_skipped,
-        }
-        if self.cls_attention:
-            batch["cls_attention"] = torch.stack([e["cls_attention"] for e in examples])
-        return batch
+        names = ("features", "image", "box") + (("cls_attention",) if self.cls_attention else ())
+        return collate(examples, n_skipped, names)
 
 
 # ---- building --------------------------------------------------------------------------------
@@ -274,6 +270,7 @@ def build_cache(base: Path, fp: dict[str, str], online, *, batch_size: int, devi
             entries += [ShardEntry(**e) for e in json.loads((folder / "parts" / f"rank{r}-of{world}.json").read_text())]
         record = {"fingerprint": fp, "dims": online.dims.as_dict(), "input_size": list(online.input_size),
                   "precision": precision, "cls_attention": cls_attention,
+                  "views": online.decoder.pinpoints is not None,
                   "shards": [asdict(e) for e in sorted(entries, key=lambda e: e.path)],
                   "built_s": round(time.perf_counter() - started, 1)}
         atomic_write(folder / CACHE_INDEX, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
@@ -304,13 +301,17 @@ def _write_shard(folder: Path, entry: ShardEntry, online, batch_size: int, devic
                 nonlocal count
                 if not pending:
                     return
-                pixels = torch.stack([ex["pixels"] for _, ex in pending]).to(device)
+                views = online.decoder.pinpoints is not None  # then each example holds (V, ...) views
+                pixels = (torch.cat if views else torch.stack)([ex["pixels"] for _, ex in pending]).to(device)
                 out = online.encode(pixels)
-                for i, (sample, ex) in enumerate(pending):
-                    tensors = {"features": out["features"][i].to(dtype), "image": out["image"][i].to(dtype),
+                start = 0
+                for sample, ex in pending:
+                    rows = slice(start, start + ex["pixels"].shape[0]) if views else start
+                    start = rows.stop if views else start + 1
+                    tensors = {"features": out["features"][rows].to(dtype), "image": out["image"][rows].to(dtype),
                                "box": ex["box"].float()}
                     if out["cls_attention"] is not None:
-                        tensors["cls_attention"] = out["cls_attention"][i].float()
+                        tensors["cls_attention"] = out["cls_attention"][rows].float()
                     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
                     tar.write({"__key__": sample["__key__"], "json": sample["json"], MEMBER: save(tensors)})
                 count += len(pending)

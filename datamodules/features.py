@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from tokensel.common.errors import ConfigError
+from tokensel.datamodules.anyres import check_pinpoints
 from tokensel.datamodules.batch import FeatureBatch, FeatureDims, boxes_to_token_mask
 from tokensel.datamodules.encoders import FrozenEncoder
 from tokensel.datamodules.samples import ImageDecoder, SampleDecoder
@@ -33,6 +35,14 @@ def answer_mask(boxes: torch.Tensor, grid: tuple[int, int], input_size: tuple[in
     if torch.isnan(boxes).all():
         return None, None
     return boxes_to_token_mask(boxes, grid, input_size)
+
+
+def check_view_geometry(encoder: FrozenEncoder, pinpoints) -> tuple:
+    """Anyres views need a square encoder input that divides every pinpoint (LLaVA-NeXT: 336)."""
+    h, w = encoder.preprocess.size
+    if h != w:
+        raise ConfigError(f"data.views=anyres: {encoder.name} takes {h}x{w} inputs; anyres views are square")
+    return tuple(check_pinpoints([tuple(p) for p in pinpoints], h))
 
 
 class FeatureSource:
@@ -61,11 +71,13 @@ class OnlineFeatures(FeatureSource):
     kind = "online"
 
     def __init__(self, encoder: FrozenEncoder, root: Path, entries: list[ShardEntry], resize_mode: str,
-                 recon_size: int, cls_attention_layer: Optional[int] = None):
+                 recon_size: int, cls_attention_layer: Optional[int] = None, pinpoints=None):
         super().__init__()
         self.encoder = encoder
         self.root, self.entries = Path(root), entries
-        self.decoder = ImageDecoder(encoder.preprocess, resize_mode)
+        if pinpoints is not None:
+            pinpoints = check_view_geometry(encoder, pinpoints)
+        self.decoder = ImageDecoder(encoder.preprocess, resize_mode, pinpoints)
         self.recon_size = recon_size
         self.cls_attention_layer = cls_attention_layer
         self.dims = FeatureDims(encoder.num_tokens, encoder.dim, encoder.grid, recon_size)
@@ -98,6 +110,7 @@ class OnlineFeatures(FeatureSource):
             features=out["features"], grid=self.dims.grid, image=out["image"], prompt=batch["prompt"],
             target=batch["target"], source=batch["source"], keys=batch["keys"], answer_tokens=answer_tokens,
             has_answer_box=has_box, n_skipped=int(batch["n_skipped"]), cls_attention=out["cls_attention"],
+            view_of=batch.get("view_of"), view_index=batch.get("view_index"),
         )
 
     def describe(self) -> str:
@@ -125,6 +138,7 @@ class CachedFeatures(FeatureSource):
             prompt=batch["prompt"], target=batch["target"], source=batch["source"], keys=batch["keys"],
             answer_tokens=answer_tokens, has_answer_box=has_box, n_skipped=int(batch["n_skipped"]),
             cls_attention=None if cls_attention is None else cls_attention.float(),
+            view_of=batch.get("view_of"), view_index=batch.get("view_index"),
         )
 
     def describe(self) -> str:

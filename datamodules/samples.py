@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tokensel.datamodules.anyres import anyres_layout, anyres_views, map_box_to_views
 from tokensel.datamodules.shards import IMAGE_EXTS, REFUSED_EXTS, ShardFormatError, validate_meta
 
 RESIZE_MODES = ("squash", "pad")
@@ -62,15 +63,31 @@ def preprocess_image(image: Image.Image, box: Optional[list], pre: Preprocess, r
         canvas.paste(image, (int(dx), int(dy)))
         image, w0, h0 = canvas, side, side
     H, W = pre.size
-    image = image.resize((W, H), _PIL_RESAMPLE.get(pre.interpolation, Image.BICUBIC))
-    arr = np.asarray(image, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
-    pixels = torch.from_numpy(arr.transpose(2, 0, 1).copy())
+    pixels = normalise(image.resize((W, H), _PIL_RESAMPLE.get(pre.interpolation, Image.BICUBIC)), pre)
     if box is None:
         return pixels, torch.full((4,), float("nan"))
     sx, sy = W / w0, H / h0
     x0, y0, x1, y1 = box
     return pixels, torch.tensor([(x0 + dx) * sx, (y0 + dy) * sy, (x1 + dx) * sx, (y1 + dy) * sy], dtype=torch.float32)
+
+
+def normalise(image: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """An RGB image already at the input size → (3, H, W) float32 with the encoder's mean/std."""
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def preprocess_views(image: Image.Image, box: Optional[list], pre: Preprocess, pinpoints) -> tuple:
+    """LLaVA-NeXT's anyres views of a full image (``anyres.py``): the base view, then the crops of
+    the best-fit grid in raster order, each at the encoder's (square) input size. Returns
+    ``(pixels (V, 3, S, S), boxes (V, 4))``, the box in each view's pixels, NaN where it is absent."""
+    size = pre.size[0]
+    layout = anyres_layout((image.height, image.width), pinpoints, size)
+    views = anyres_views(image, layout, size, _PIL_RESAMPLE.get(pre.interpolation, Image.BICUBIC))
+    pixels = torch.stack([normalise(v, pre) for v in views])
+    boxes = map_box_to_views(box if box is not None else [float("nan")] * 4, (image.height, image.width), layout, size)
+    return pixels, torch.from_numpy(boxes)
 
 
 def parse_sample(sample: dict) -> tuple[Image.Image, dict]:
@@ -113,39 +130,62 @@ def draw_text(meta: dict, rng: Optional[np.random.Generator]) -> tuple[str, str]
 
 
 def decode_sample(sample: dict, pre: Preprocess, resize_mode: str, rng: Optional[np.random.Generator],
-                  pixels: bool = True) -> dict:
+                  pixels: bool = True, pinpoints=None) -> dict:
     """One raw tar sample → one example (:func:`parse_sample`, :func:`draw_text`, then the
-    encoder's preprocessing). With ``pixels=False`` the sample is checked and its text drawn, but
-    the example keeps the raw sample instead of pixels (:func:`with_pixels`).
+    encoder's preprocessing: one view, or with ``pinpoints`` the anyres views). With
+    ``pixels=False`` the sample is checked and its text drawn, but the example keeps the raw
+    sample instead of pixels (:func:`with_pixels`).
     """
     image, meta = parse_sample(sample)
     prompt, target = draw_text(meta, rng)
     example = {"prompt": prompt, "target": target, "source": meta["source"], "key": sample["__key__"]}
     if not pixels:
         return {**example, "raw": sample}
-    example["pixels"], example["box"] = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
+    return _add_pixels(example, image, meta, pre, resize_mode, pinpoints)
+
+
+def _add_pixels(example: dict, image: Image.Image, meta: dict, pre: Preprocess, resize_mode: str, pinpoints) -> dict:
+    if pinpoints is None:
+        example["pixels"], example["box"] = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
+    else:
+        example["pixels"], example["box"] = preprocess_views(image, meta.get("answer_box"), pre, pinpoints)
     return example
 
 
-def with_pixels(example: dict, pre: Preprocess, resize_mode: str) -> dict:
+def with_pixels(example: dict, pre: Preprocess, resize_mode: str, pinpoints=None) -> dict:
     """An example of ``decode_sample(..., pixels=False)`` with its pixels (others unchanged)."""
     if "raw" in example:
         image, meta = parse_sample(example.pop("raw"))
-        example["pixels"], example["box"] = preprocess_image(image, meta.get("answer_box"), pre, resize_mode)
+        _add_pixels(example, image, meta, pre, resize_mode, pinpoints)
     return example
 
 
-def collate(examples: list[dict], n_skipped: int) -> dict:
-    """Image examples → one batch dict (what :class:`ImageDecoder` batches)."""
-    return {
-        "pixels": torch.stack([e["pixels"] for e in examples]),
-        "boxes": torch.stack([e["box"] for e in examples]),
-        "prompt": [e["prompt"] for e in examples],
-        "target": [e["target"] for e in examples],
-        "source": [e["source"] for e in examples],
-        "keys": [e["key"] for e in examples],
-        "n_skipped": n_skipped,
-    }
+def collate(examples: list[dict], n_skipped: int, tensors: tuple[str, ...] = ("pixels", "box")) -> dict:
+    """Examples → one batch dict. Single-view examples stack; multi-view ones (their tensors have
+    a leading view axis) are flattened, one row per view in sample-major order, with the text
+    repeated, ``keys`` ``<key>/v<j>``, and ``view_of`` / ``view_index`` saying whose view each row is."""
+    multi = examples[0][tensors[0]].dim() > _single_dims(tensors[0])  # a stream is all one or the other
+    views = [e[tensors[0]].shape[0] if multi else 1 for e in examples]
+    join = torch.cat if multi else torch.stack
+    batch = {("boxes" if t == "box" else t): join([e[t] for e in examples]) for t in tensors}
+
+    def per_row(values: list) -> list:
+        return [v for v, n in zip(values, views) for _ in range(n)]
+
+    batch.update(prompt=per_row([e["prompt"] for e in examples]), target=per_row([e["target"] for e in examples]),
+                 source=per_row([e["source"] for e in examples]), n_skipped=n_skipped)
+    if multi:
+        batch["keys"] = [f"{e['key']}/v{j}" for e, n in zip(examples, views) for j in range(n)]
+        batch["view_of"] = torch.tensor([i for i, n in enumerate(views) for _ in range(n)])
+        batch["view_index"] = torch.tensor([j for n in views for j in range(n)])
+    else:
+        batch["keys"] = [e["key"] for e in examples]
+    return batch
+
+
+def _single_dims(name: str) -> int:
+    """Dimensions of one view's tensor: pixels/image (3, H, W); features (N, C); box (4,); cls (N,)."""
+    return {"pixels": 3, "image": 3, "features": 2, "box": 1, "cls_attention": 1}[name]
 
 
 class SampleDecoder:
@@ -169,16 +209,18 @@ class SampleDecoder:
 
 @dataclass(frozen=True)
 class ImageDecoder(SampleDecoder):
-    """Image shards → encoder input (``pixels`` (3, H, W), ``box`` in those pixels) and text."""
+    """Image shards → encoder input (``pixels`` (3, H, W), ``box`` in those pixels; with
+    ``pinpoints``, (V, 3, S, S) and (V, 4): the anyres views) and text."""
 
     preprocess: Preprocess
     resize_mode: str = "squash"
+    pinpoints: Optional[tuple] = None  # anyres views (LLaVA-NeXT); None: one view
 
     def decode(self, sample: dict, rng: Optional[np.random.Generator], full: bool = True) -> dict:
-        return decode_sample(sample, self.preprocess, self.resize_mode, rng, pixels=full)
+        return decode_sample(sample, self.preprocess, self.resize_mode, rng, pixels=full, pinpoints=self.pinpoints)
 
     def complete(self, example: dict) -> dict:
-        return with_pixels(example, self.preprocess, self.resize_mode)
+        return with_pixels(example, self.preprocess, self.resize_mode, self.pinpoints)
 
     def collate(self, examples: list[dict], n_skipped: int) -> dict:
         return collate(examples, n_skipped)

@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from tokensel.common.errors import ConfigError
-from tokensel.datamodules.config import FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, DataConfig, EncoderConfig
+from tokensel.datamodules.anyres import check_pinpoints
+from tokensel.datamodules.config import (FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, VIEW_MODES, DataConfig,
+                                         EncoderConfig)
 from tokensel.selectors.base import OptimConfig
 from tokensel.selectors.catalog import selector_entry
 
@@ -198,6 +200,13 @@ def check_run_config(config: TrainConfig) -> None:
         if str(getattr(data, key)) not in allowed:
             raise ConfigError(f"data.{key}={getattr(data, key)!r}: expected one of {', '.join(allowed)}")
     data.feature_cache_precision = str(data.feature_cache_precision)
+    if data.views not in VIEW_MODES:
+        raise ConfigError(f"data.views={data.views!r}: expected one of {', '.join(VIEW_MODES)}")
+    if data.views == "anyres":
+        check_pinpoints(data.view_pinpoints)
+        if data.resize_mode != "squash":
+            raise ConfigError(f"data.resize_mode={data.resize_mode!r} does not apply to data.views=anyres "
+                              "(LLaVA-NeXT squashes its base view and pads only the crops' canvas); use squash")
     for key in ("checkpoint_every_n_steps", "checkpoint_every_minutes"):
         if getattr(config.run, key) < 0:
             raise ConfigError(f"run.{key}={getattr(config.run, key)}: must be >= 0 (0 turns it off)")

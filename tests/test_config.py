@@ -52,6 +52,7 @@ def test_paper_preset_is_a_config_not_code():
     assert cfg.encoder.name == "open_clip:ViT-L-14-336" and cfg.encoder.layer == -2
     assert cfg.trainer.max_epochs == 100 and cfg.optim.lr == 1e-5 and cfg.data.batch_size == 32
     assert cfg.optim.stages == [60, 20, 20]
+    assert cfg.data.views == "anyres" and len(cfg.data.view_pinpoints) == 5  # 1 + up to 4 crops: 2880 tokens
 
 
 @pytest.mark.parametrize("selector, overrides, words", [

@@ -16,6 +16,7 @@ import torch
 from conftest import FAST_ARGS, REPO, run_module
 from tokensel.datamodules.config import DataConfig, EncoderConfig
 from tokensel.datamodules.datamodule import FeatureDataModule
+from tokensel.common.errors import ConfigError
 from tokensel.datamodules.feature_cache import FeatureCacheError
 
 FP16_ATOL = 2e-3  # |x| <~ 4 for LayerNorm-ed features: fp16's half-ulp there is 2e-3
@@ -170,3 +171,47 @@ def test_a_second_make_train_runs_the_encoder_zero_times(tiny_corpus, tmp_path):
     assert not second["encoder_built"] and second["cache_build_batches"] == 0
     assert second["encoder_batches"] == {"train": 0, "val": 0}
 
+
+
+VIEW_PINPOINTS = [[64, 128], [128, 64], [128, 128]]  # LLaVA-NeXT's grid shape, scaled to a 64 px encoder
+
+
+def test_anyres_views_reach_the_selector_one_row_per_view_and_are_cached(tiny_corpus, tmp_path):
+    from tokensel.datamodules.anyres import anyres_layout
+
+    cfg = data_config(tiny_corpus, tmp_path, views="anyres", view_pinpoints=VIEW_PINPOINTS, batch_size=4)
+    online = FeatureDataModule(replace(cfg, feature_cache="off"), ENCODER)
+    cached = FeatureDataModule(cfg, ENCODER)
+    raws = list(online.val_dataloader())
+    batches = [online.features(raw) for raw in raws]
+    from tokensel.datamodules.shards import ShardIndex
+    sizes = {}
+    for entry in ShardIndex.load(tiny_corpus).shards("val"):
+        import webdataset as wds
+        for sample in wds.WebDataset(str(tiny_corpus / entry.path), shardshuffle=False).decode("pil"):
+            image = sample.get("jpg") or sample.get("png")
+            sizes[sample["__key__"]] = anyres_layout((image.height, image.width), VIEW_PINPOINTS, 64).num_views
+    first = batches[0]
+    assert first.view_of is not None and len(first) == len(first.view_index) == first.features.shape[0]
+    keys = [k.split("/v")[0] for k in first.keys]
+    assert [keys.count(k) for k in dict.fromkeys(keys)] == [sizes[k] for k in dict.fromkeys(keys)]
+    assert first.view_index.tolist()[:sizes[keys[0]]] == list(range(sizes[keys[0]]))
+    assert sum(len(b) for b in batches) == sum(sizes.values())  # every view of every held-out image once
+    boxed = next(b for b in batches if b.answer_tokens is not None)
+    assert boxed.has_answer_box.any() and not boxed.has_answer_box.all()  # a box lies in some views only
+    for raw_batch, ref in zip(cached.val_dataloader(), batches):
+        got = cached.features(raw_batch)
+        assert got.keys == ref.keys and torch.equal(got.view_of, ref.view_of)
+        assert torch.allclose(got.features, ref.features, atol=FP16_ATOL, rtol=1e-3)
+    assert cached.sources["val"].kind == "cached"
+
+
+def test_anyres_config_mistakes_are_one_line():
+    from tokensel.experiments.config import load_config
+
+    with pytest.raises(ConfigError, match=r"data.views='crops'"):
+        load_config("gumbel_ae", overrides=["data.views=crops"])
+    with pytest.raises(ConfigError, match=r"pinpoint \[336, 0\]"):
+        load_config("gumbel_ae", overrides=["data.views=anyres", "data.view_pinpoints=[[336,0]]"])
+    with pytest.raises(ConfigError, match="data.resize_mode='pad'"):
+        load_config("gumbel_ae", overrides=["data.views=anyres", "data.resize_mode=pad"])
