@@ -23,7 +23,7 @@ BUDGETS ?=
 SWEEP ?=
 SEEDS ?=
 
-.PHONY: help setup train data test eval eval-vlm bench sweep collapse tensorboard clean
+.PHONY: help setup train data test eval eval-vlm bench bench-train sweep collapse tensorboard clean
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
@@ -32,6 +32,7 @@ help:
 	@echo "make eval [SELECTORS=a,b] [CKPTS=p1,p2] [BUDGETS=0.1,64] [ARGS=...]  compare selectors on held-out data"
 	@echo "make eval-vlm MODEL=llava-folder [SELECTORS=full,random,divprune] [CKPTS=..] [BUDGETS=64,128] [ARGS=..]  a pruned VLM's answers"
 	@echo "make bench                                                          selector latency vs the encoder"
+	@echo "make bench-train [ARGS=--skip-large]                                training steps/s: online vs feature cache vs memory"
 	@echo "make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS=...]  an ablation sweep (table + plots)"
 	@echo "make collapse [SEEDS=0,1,2] [ARGS=...]                              the regulariser collapse study (App. B)"
 	@echo "make data                                                           generate the default corpus (data/default)"
@@ -60,6 +61,9 @@ eval-vlm: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tokensel.experiments.bench $(ARGS)
+
+bench-train: $(STAMP)
+	$(PY) -m tokensel.experiments.bench_train $(ARGS)
 
 sweep: $(STAMP)
 	$(PY) -m tokensel.experiments.sweep $(SWEEP) $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)

@@ -15,6 +15,7 @@ order whichever source serves it; only the features' storage precision differs.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +44,12 @@ def check_view_geometry(encoder: FrozenEncoder, pinpoints) -> tuple:
     if h != w:
         raise ConfigError(f"data.views=anyres: {encoder.name} takes {h}x{w} inputs; anyres views are square")
     return tuple(check_pinpoints([tuple(p) for p in pinpoints], h))
+
+
+def _synchronised_clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class FeatureSource:
@@ -82,6 +89,8 @@ class OnlineFeatures(FeatureSource):
         self.cls_attention_layer = cls_attention_layer
         self.dims = FeatureDims(encoder.num_tokens, encoder.dim, encoder.grid, recon_size)
         self.input_size = tuple(encoder.preprocess.size)
+        self.timed = False  # make bench-train: record each forward's wall time (synchronised)
+        self.encode_seconds: list[float] = []
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
@@ -90,11 +99,14 @@ class OnlineFeatures(FeatureSource):
         if next(self.encoder.parameters()).device != pixels.device:
             self.encoder.to(pixels.device)
         self.encoder_batches += 1
+        started = _synchronised_clock(pixels.device) if self.timed else 0.0
         cls_attention = None
         if self.cls_attention_layer is None:
             features = self.encoder(pixels)
         else:
             features, cls_attention = self.encoder.forward_with_cls_attention(pixels, self.cls_attention_layer)
+        if self.timed:
+            self.encode_seconds.append(_synchronised_clock(pixels.device) - started)
         pre = self.encoder.preprocess
         mean = torch.tensor(pre.mean, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(pre.std, device=pixels.device).view(1, 3, 1, 1)

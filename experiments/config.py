@@ -196,6 +196,8 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError(f"data.samples_per_epoch={data.samples_per_epoch}: must be at least 1")
     if any(w < 0 for w in data.weights.values()):
         raise ConfigError(f"data.weights={dict(data.weights)}: weights must be >= 0")
+    if str(data.feature_cache) == "False":  # YAML 1.1 reads a bare `off` as false
+        data.feature_cache = "off"
     for key, allowed in (("feature_cache", FEATURE_CACHE_MODES), ("feature_cache_precision", FEATURE_CACHE_PRECISIONS)):
         if str(getattr(data, key)) not in allowed:
             raise ConfigError(f"data.{key}={getattr(data, key)!r}: expected one of {', '.join(allowed)}")

@@ -92,3 +92,15 @@ def test_a_checkpoint_for_other_features_names_the_mismatch(trained, tiny_corpus
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "was trained on features" in errors[0] and "num_tokens" in errors[0]
+
+
+@pytest.mark.slow
+def test_bench_train_prints_the_three_modes_and_the_sweep_forwards(tmp_path):
+    result = run_module("tokensel.experiments.bench_train", "--samples", "24", "--steps", "2", "--skip-large",
+                        "--out", str(tmp_path), "encoder.image_size=64", "data.batch_size=8")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = (tmp_path / "bench_train.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| default run |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "16 x 192" and all(float(c) > 0 for c in cells[2:5])  # three measured steps/s
+    assert "encoder forwards without the cache" in table
