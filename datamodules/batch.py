@@ -71,6 +71,19 @@ class FeatureBatch:
     def __len__(self) -> int:
         return self.features.shape[0]
 
+    def image_groups(self) -> list[torch.Tensor]:
+        """With anyres views: the rows of each image, grouped by view count, as ``(G, V)`` index
+        tensors (one row per image, its views in order); without views, one ``(B, 1)`` group."""
+        if self.view_of is None:
+            return [torch.arange(len(self)).unsqueeze(1)]
+        rows: dict[int, list[int]] = {}
+        for row, image in enumerate(self.view_of.tolist()):
+            rows.setdefault(image, []).append(row)
+        by_count: dict[int, list[list[int]]] = {}
+        for image_rows in rows.values():
+            by_count.setdefault(len(image_rows), []).append(image_rows)
+        return [torch.tensor(groups) for _, groups in sorted(by_count.items())]
+
     def head(self, n: int) -> "FeatureBatch":
         """The first ``n`` samples (for panels and quick looks)."""
         def cut(x):

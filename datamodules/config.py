@@ -13,6 +13,7 @@ from tokensel.datamodules.anyres import LLAVA_NEXT_PINPOINTS
 
 FEATURE_CACHE_MODES = ("off", "auto", "required")
 VIEW_MODES = ("base", "anyres")
+VIEW_SELECTIONS = ("per_view", "across")
 FEATURE_CACHE_PRECISIONS = ("16", "bf16", "32")
 
 
@@ -38,6 +39,11 @@ class DataConfig:
     # best-fit pinpoint (anyres.py), each at the encoder's input size and selected per view.
     views: str = "base"
     view_pinpoints: List[List[int]] = field(default_factory=lambda: [list(p) for p in LLAVA_NEXT_PINPOINTS])
+    # How a budget applies to the views at selection (make eval, the pruned VLM): "per_view" keeps K
+    # of each view's N tokens (the Gumbel paper selects per crop); "across" keeps K of the image's
+    # V * N tokens, chosen jointly (selectors/inference.py select_across). Training reads one row
+    # per view either way; the budget regulariser's batch mean is the same for both.
+    view_selection: str = "per_view"
     # The feature cache (feature_cache.py): "auto" reads a matching cache and builds one first
     # when there is none; "required" refuses to run without one; "off" encodes every batch.
     feature_cache: str = "auto"

@@ -26,8 +26,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from tokensel.common.errors import ConfigError
 from tokensel.datamodules.anyres import check_pinpoints
-from tokensel.datamodules.config import (FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, VIEW_MODES, DataConfig,
-                                         EncoderConfig)
+from tokensel.datamodules.config import (FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, VIEW_MODES, VIEW_SELECTIONS,
+                                         DataConfig, EncoderConfig)
 from tokensel.selectors.base import OptimConfig
 from tokensel.selectors.catalog import selector_entry
 
@@ -204,6 +204,8 @@ def check_run_config(config: TrainConfig) -> None:
     data.feature_cache_precision = str(data.feature_cache_precision)
     if data.views not in VIEW_MODES:
         raise ConfigError(f"data.views={data.views!r}: expected one of {', '.join(VIEW_MODES)}")
+    if data.view_selection not in VIEW_SELECTIONS:
+        raise ConfigError(f"data.view_selection={data.view_selection!r}: expected one of {', '.join(VIEW_SELECTIONS)}")
     if data.views == "anyres":
         check_pinpoints(data.view_pinpoints)
         if data.resize_mode != "squash":

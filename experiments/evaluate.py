@@ -123,10 +123,32 @@ def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]
     return out
 
 
-def resolve_budget_list(budgets: Optional[list], num_tokens: int) -> list:
+def score_across_views(batch, candidates: list, budget_of_k: dict, acc: dict) -> None:
+    """``data.view_selection=across``: each image's views are one selection (``select_across``);
+    recall and coverage are measured over all of the image's V x N tokens."""
+    from tokensel.experiments.metrics import evidence_recall, keep_mask, token_coverage
+    from tokensel.selectors.inference import SelectionContext
+
+    for rows in batch.image_groups():
+        G, V = rows.shape
+        views = batch.features[rows]  # (G, V, N, C)
+        flat = views.reshape(G, -1, views.shape[-1])
+        cls = None if batch.cls_attention is None else batch.cls_attention[rows.reshape(-1)]
+        answer = None if batch.answer_tokens is None else batch.answer_tokens[rows].reshape(G, -1)
+        has_box = None if batch.has_answer_box is None else batch.has_answer_box[rows].any(dim=1)
+        for name, selector in candidates:
+            for k, budget in budget_of_k.items():
+                indices, _ = selector.select_across(views, budget, context=SelectionContext(cls_attention=cls))
+                mask = keep_mask(indices, flat.shape[1])
+                if answer is not None:
+                    acc[(name, k)].add("recall", evidence_recall(mask, answer, has_box))
+                acc[(name, k)].add("coverage", token_coverage(flat, mask))
+
+
+def resolve_budget_list(budgets: Optional[list], num_tokens: int, counts: bool = True) -> list:
     if budgets is not None:
         return budgets
-    return list(DEFAULT_RATIOS) + (list(LLAVA15_COUNTS) if num_tokens == 576 else [])
+    return list(DEFAULT_RATIOS) + (list(LLAVA15_COUNTS) if num_tokens == 576 and counts else [])
 
 
 def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], max_samples: Optional[int],
@@ -157,7 +179,8 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
                                   f"the eval encoder {config.encoder.name} gives {dims.as_dict()}")
     candidates = [(n, build_baseline(n, dims.grid, seed)) for n in selectors if n in baseline_names()]
     candidates += [(n, net) for n, net, _ in group["trained"] if n in selectors]
-    budget_list = resolve_budget_list(budgets, dims.num_tokens)
+    across = config.data.views == "anyres" and config.data.view_selection == "across"
+    budget_list = resolve_budget_list(budgets, dims.num_tokens, counts=not across)
     ks = [resolve_budget(b, dims.num_tokens) for b in budget_list]
 
     vlm_cfg = next((copy.deepcopy(net.vlm_config) for _, net, _ in group["trained"] if net.vlm_config is not None),
@@ -171,6 +194,13 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
         f"{vlm_cfg.backend}:{vlm_cfg.model}" + ("" if vlm is not None else " n/a (the VLM needs another encoder)"))
 
     unique_ks = sorted(set(ks))  # a ratio and a count may name the same K: measure it once
+    if across and any(not isinstance(b, float) for b in budget_list):
+        raise EvalError(f"data.view_selection=across: budgets must be keep ratios, not counts "
+                        f"({', '.join(str(b) for b in budget_list if not isinstance(b, float))}): "
+                        "a count of an image's V x N tokens would mean another ratio for every view count")
+    if across:
+        log("[eval] anyres views, selected across each image's views: budgets count all its V x N tokens; "
+            "ntp_increase and psnr are per view, so n/a here")
     acc = {(name, k): MetricAccumulator() for name, _ in candidates for k in unique_ks}
     seen = 0
     with torch.no_grad():
@@ -181,6 +211,10 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
             if max_samples is not None and seen + len(batch) > max_samples:
                 batch = batch.head(max_samples - seen)
             seen += len(batch)
+            if across:
+                score_across_views(batch, candidates, {k: b for b, k in zip(budget_list, ks)}, acc)
+                log(f"[eval] {seen} held-out views", end="\r")
+                continue
             full = vlm.ntp_loss(batch.features, batch.prompt, batch.target).per_sample if vlm is not None else None
             context = SelectionContext(cls_attention=batch.cls_attention)
             for name, selector in candidates:

@@ -147,6 +147,12 @@ class UniformSelector(TrainingFreeSelector):
             self._cache[k] = torch.tensor(uniform_grid_positions(self.grid, k), dtype=torch.long)
         return self._cache[k].to(features.device).unsqueeze(0).expand(B, k)
 
+    def positions_across(self, views, k, context):
+        """Across anyres views: the even grid over the views stacked top to bottom, ``(V * h, w)``."""
+        G, V, N, _ = views.shape
+        grid = (V * self.grid[0], self.grid[1])
+        return torch.tensor(uniform_grid_positions(grid, k), dtype=torch.long, device=views.device).expand(G, k)
+
     def extra_repr(self) -> str:
         return f"name='uniform', grid={self.grid}"
 

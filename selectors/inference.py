@@ -76,6 +76,32 @@ class SelectorNet(nn.Module):
         indices = self.positions(features, k, context).long().sort(dim=-1).values
         return indices, gather_tokens(features, indices)
 
+    @torch.no_grad()
+    def select_across(self, views: torch.Tensor, budget: Budget, *,
+                      context: Optional[SelectionContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep ``budget`` of all ``V * N`` tokens of each image's ``V`` views, chosen jointly
+        (LLaVA-NeXT's anyres views with ``data.view_selection=across``): ``(G, V, N, C)`` →
+        ``(indices (G, k) into the view-major V * N tokens, sorted, kept (G, k, C))``; ``budget``
+        counts against ``V * N``. A top-K selector scores every view as it was trained, one view at
+        a time (``context`` rows are views), and keeps the best ``k`` over all of them; any other
+        rule chooses among the flattened tokens (:meth:`positions_across`)."""
+        if views.dim() != 4:
+            raise ValueError(f"views must be (G, V, N, C), got shape {tuple(views.shape)}")
+        G, V, N, C = views.shape
+        k = resolve_budget(budget, V * N)
+        flat = views.reshape(G, V * N, C)
+        if type(self).positions is SelectorNet.positions:
+            indices = self.scores(views.reshape(G * V, N, C), context).reshape(G, V * N).topk(k, dim=-1).indices
+        else:
+            indices = self.positions_across(views, k, context)
+        indices = indices.long().sort(dim=-1).values
+        return indices, gather_tokens(flat, indices)
+
+    def positions_across(self, views: torch.Tensor, k: int, context: Optional[SelectionContext]) -> torch.Tensor:
+        """``(G, k)`` positions among the flattened ``V * N`` tokens (a rule that is not a top-K)."""
+        G, V, N, C = views.shape
+        return self.positions(views.reshape(G, V * N, C), k, context)
+
     # ---- optional: what an evaluation may ask beyond select() -----------------------------------
     def image_from_kept(self, features: torch.Tensor, keep: torch.Tensor) -> Optional[torch.Tensor]:
         """The image ``(B, 3, S, S)`` in [0, 1] reconstructed from the kept tokens (``keep`` a

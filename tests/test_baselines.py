@@ -283,3 +283,24 @@ def test_datamodule_fills_cls_attention_only_on_request(tiny_corpus):
     bad = DataConfig(root=str(tiny_corpus), batch_size=4, num_workers=0, cls_attention_layer=12, feature_cache="off")
     with pytest.raises(EncoderError, match="cls_attention_layer=12"):
         FeatureDataModule(bad, EncoderConfig(image_size=64))
+
+
+@pytest.mark.parametrize("name", ["random", "uniform", "l2norm", "divprune", "cls_attention"])
+def test_select_across_views_keeps_k_of_all_view_tokens(name):
+    G, V, grid = 3, 4, (4, 4)
+    views = torch.randn(G, V, 16, 8)
+    context = SelectionContext(cls_attention=torch.rand(G * V, 16))
+    indices, kept = build_baseline(name, grid).select_across(views, 0.25, context=context)
+    assert indices.shape == (G, 16) and kept.shape == (G, 16, 8)  # 25 % of 4 x 16 tokens
+    assert all(len(set(row.tolist())) == 16 and row.tolist() == sorted(row.tolist()) for row in indices)
+    assert torch.equal(kept, views.reshape(G, 64, 8)[torch.arange(G)[:, None], indices])
+
+
+def test_select_across_is_the_top_k_of_each_views_own_scores():
+    views = torch.randn(2, 3, 16, 8)
+    l2 = L2NormSelector()
+    indices, _ = l2.select_across(views, 10)
+    expected = views.norm(dim=-1).reshape(2, 48).topk(10).indices.sort(dim=-1).values
+    assert torch.equal(indices, expected)
+    uniform = build_baseline("uniform", (4, 4)).select_across(views, 3)[0]  # stacked 12 x 4 grid: one per band
+    assert torch.equal(uniform[0], torch.tensor([2 * 4 + 2, 6 * 4 + 2, 10 * 4 + 2]))
