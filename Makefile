@@ -23,7 +23,7 @@ BUDGETS ?=
 SWEEP ?=
 SEEDS ?=
 
-.PHONY: help setup train data test eval eval-vlm bench bench-train sweep collapse tensorboard clean
+.PHONY: help setup train data test eval eval-vlm bench bench-train sweep collapse tensorboard clean vlm
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
@@ -36,6 +36,7 @@ help:
 	@echo "make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS=...]  an ablation sweep (table + plots)"
 	@echo "make collapse [SEEDS=0,1,2] [ARGS=...]                              the regulariser collapse study (App. B)"
 	@echo "make data                                                           generate the default corpus (data/default)"
+	@echo "make vlm [ARGS='steps=20 ...']                                       build (once) a small real LLaVA: DINOv2-S + SmolLM2-135M (data/vlm)"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
 
 setup: $(STAMP)
@@ -55,6 +56,9 @@ data: $(STAMP)
 
 eval: $(STAMP)
 	$(PY) -m tokensel.experiments.evaluate --selectors "$(SELECTORS)" --ckpts "$(CKPTS)" --budgets "$(BUDGETS)" $(ARGS)
+
+vlm: $(STAMP)
+	$(PY) -m tokensel.experiments.vlm_build $(ARGS)
 
 eval-vlm: $(STAMP)
 	$(PY) -m tokensel.experiments.eval_vlm $(if $(MODEL),--model $(MODEL)) $(if $(SELECTORS),--selectors $(SELECTORS)) $(if $(CKPTS),--ckpts $(CKPTS)) $(if $(BUDGETS),--budgets $(BUDGETS)) $(ARGS)
