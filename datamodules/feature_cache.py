@@ -152,8 +152,8 @@ class FeatureCache:
             return None
         return cache if cache.fingerprint.get("format") == CACHE_FORMAT else None
 
-    def decoder(self) -> "CacheDecoder":
-        return CacheDecoder(self.dims.num_tokens, self.dims.dim, self.dims.image_size, self.cls_attention, self.views)
+    def decoder(self) -> "CacheSampleDecoder":
+        return CacheSampleDecoder(self.dims.num_tokens, self.dims.dim, self.dims.image_size, self.cls_attention, self.views)
 
 
 def find_cache(base: Path, fp: dict[str, str]) -> Optional[FeatureCache]:
@@ -185,8 +185,8 @@ def _short(value: Optional[str]) -> str:
 
 # ---- reading ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class CacheDecoder(SampleDecoder):
-    """A cache shard's sample → stored tensors and text (drawn as :class:`ImageDecoder` draws it)."""
+class CacheSampleDecoder(SampleDecoder):
+    """A cache shard's sample → stored tensors and text (drawn as :class:`ImageSampleDecoder` draws it)."""
 
     num_tokens: int
     dim: int

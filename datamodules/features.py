@@ -26,7 +26,7 @@ from tokensel.common.errors import ConfigError
 from tokensel.datamodules.anyres import check_pinpoints
 from tokensel.datamodules.batch import FeatureBatch, FeatureDims, boxes_to_token_mask
 from tokensel.datamodules.encoders import FrozenEncoder
-from tokensel.datamodules.samples import ImageDecoder, SampleDecoder
+from tokensel.datamodules.samples import ImageSampleDecoder, SampleDecoder
 from tokensel.datamodules.shards import ShardEntry
 
 
@@ -84,7 +84,7 @@ class OnlineFeatures(FeatureSource):
         self.root, self.entries = Path(root), entries
         if pinpoints is not None:
             pinpoints = check_view_geometry(encoder, pinpoints)
-        self.decoder = ImageDecoder(encoder.preprocess, resize_mode, pinpoints)
+        self.decoder = ImageSampleDecoder(encoder.preprocess, resize_mode, pinpoints)
         self.recon_size = recon_size
         self.cls_attention_layer = cls_attention_layer
         self.dims = FeatureDims(encoder.num_tokens, encoder.dim, encoder.grid, recon_size)

@@ -44,7 +44,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from tokensel.datamodules.samples import RESIZE_MODES, ImageDecoder, Preprocess, SampleDecoder, SkipSample
+from tokensel.datamodules.samples import RESIZE_MODES, ImageSampleDecoder, Preprocess, SampleDecoder, SkipSample
 from tokensel.datamodules.shards import SOURCES, ShardEntry, ShardFormatError
 
 log = logging.getLogger("tokensel.data")
@@ -134,7 +134,7 @@ class ShardStream(IterableDataset):
         self.entries = sorted(entries, key=lambda e: e.path)
         self.train = train
         self.batch_size = batch_size
-        self.decoder = decoder if decoder is not None else ImageDecoder(preprocess, resize_mode)
+        self.decoder = decoder if decoder is not None else ImageSampleDecoder(preprocess, resize_mode)
         self.rank, self.world = rank, world
         self.workers = max(1, num_workers)
         self.seed = seed

@@ -3,9 +3,9 @@
 A :class:`ShardStream` (``pipeline.py``) decides *which* samples each reader reads, in which order,
 and batches them; a :class:`SampleDecoder` decides what one sample becomes. Two decoders exist:
 
-- :class:`ImageDecoder` (here): an image shard's sample → the encoder's input pixels, the answer
+- :class:`ImageSampleDecoder` (here): an image shard's sample → the encoder's input pixels, the answer
   box in those pixels and the text; batches of them go through the frozen encoder;
-- ``CacheDecoder`` (``feature_cache.py``): a feature-cache shard's sample → stored features.
+- ``CacheSampleDecoder`` (``feature_cache.py``): a feature-cache shard's sample → stored features.
 
 Both draw the text with :func:`draw_text` from the same json, one RNG draw per sample, so one
 seed gives one stream whichever decoder reads it.
@@ -208,7 +208,7 @@ class SampleDecoder:
 
 
 @dataclass(frozen=True)
-class ImageDecoder(SampleDecoder):
+class ImageSampleDecoder(SampleDecoder):
     """Image shards → encoder input (``pixels`` (3, H, W), ``box`` in those pixels; with
     ``pinpoints``, (V, 3, S, S) and (V, 4): the anyres views) and text."""
 

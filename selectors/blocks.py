@@ -7,6 +7,7 @@ positional embedding, the per-token keep head, and the image decoder.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -92,16 +93,19 @@ class ImageDecoder(nn.Module):
     """Image Reconstructor R^im (Sec. 4.2): Transformer layers, then ×2 upsampling stages
     interleaved with residual blocks until the token grid reaches ``image_size``.
 
-    Input ``(B, N, width)`` tokens in raster order on ``grid``; output ``(B, 3, S, S)``.
+    Input ``(B, N, in_width)`` tokens in raster order on ``grid``; output ``(B, 3, S, S)``. The
+    Transformer runs at ``width`` (default ``in_width``; otherwise a linear map comes first).
     Channels halve at every stage from ``channels`` (never below 32). If ``S`` is not the grid
     times a power of two, a final resize lands exactly on ``S``.
     """
 
-    def __init__(self, width: int, grid: tuple[int, int], image_size: int, depth: int = 2, channels: int = 128,
-                 head_dim: int = 64):
+    def __init__(self, in_width: int, grid: tuple[int, int], image_size: int, depth: int = 2, channels: int = 128,
+                 head_dim: int = 64, width: Optional[int] = None):
         super().__init__()
         self.grid = grid
         self.image_size = image_size
+        width = width or in_width
+        self.to_width = nn.Linear(in_width, width) if width != in_width else nn.Identity()
         self.transformer = TransformerStack(width, depth, head_dim)
         self.to_map = nn.Linear(width, channels)
         stages = max(0, math.floor(math.log2(image_size / min(grid))))
@@ -117,7 +121,7 @@ class ImageDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, n, _ = tokens.shape
         h, w = self.grid
-        x = self.to_map(self.transformer(tokens))
+        x = self.to_map(self.transformer(self.to_width(tokens)))
         x = x.transpose(1, 2).reshape(b, -1, h, w)
         x = self.up(x)
         if x.shape[-2:] != (self.image_size, self.image_size):

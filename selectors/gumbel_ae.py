@@ -62,7 +62,9 @@ class GumbelAEConfig(SelectorConfig):
     reconstructor_depth: int = 4  # Feature Reconstructor layers (Sec. 4.2)
     image_decoder_depth: int = 2  # Image Reconstructor Transformer layers (Sec. 4.2)
     image_decoder_channels: int = 128
-    width: Optional[int] = None  # None: the feature width C
+    # Width of the three Transformers (selector, reconstructor, image decoder); None: the feature width C
+    # (the paper's). Narrower stacks get a linear map in and out; the reconstruction targets stay C wide.
+    width: Optional[int] = None
     head_dim: int = 64
     mlp_ratio: float = 4.0
     dropout: float = 0.0
@@ -127,7 +129,7 @@ class TokenAutoEncoder(SelectorNet):
         self.reconstructor_out = nn.Linear(width, c)
         # Image Reconstructor R^im
         self.image_decoder = ImageDecoder(c, dims.grid, dims.image_size, cfg.image_decoder_depth,
-                                          cfg.image_decoder_channels, cfg.head_dim)
+                                          cfg.image_decoder_channels, cfg.head_dim, width=width)
 
     def keep_logits(self, features: torch.Tensor) -> torch.Tensor:
         """(B, N, 2) drop/keep logits of the Feature Selector."""

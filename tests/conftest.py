@@ -18,9 +18,10 @@ os.environ["TOKENSEL_CACHE"] = tempfile.mkdtemp(prefix="tokensel-test-cache-")
 
 TINY_TRAIN = {"coco": 40, "docvqa": 24, "chartqa": 16}  # uneven on purpose
 TINY_VAL = {"coco": 8, "docvqa": 6, "chartqa": 4}
-# Small enough to run in seconds on 2 CPU cores; the laptop preset is larger.
+# Small enough to run in seconds on 2 CPU cores: a tiny random-init ViT, not the laptop default's
+# pretrained DINOv2 (tests of the real weights name it themselves).
 FAST_ARGS = [
-    "encoder.image_size=64", "data.recon_size=32", "data.batch_size=8", "data.num_workers=0",
+    "encoder.name=timm:vit_tiny_patch16_224", "encoder.pretrained=", "encoder.image_size=64", "data.recon_size=32", "data.batch_size=8", "data.num_workers=0",
     "data.shuffle_buffer=16", "selector.depth=1", "selector.reconstructor_depth=1",
     "selector.image_decoder_depth=1", "selector.image_decoder_channels=32",
     "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",

