@@ -158,6 +158,11 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
         raise ConfigError(f"{config_file}: {required[0]} is required (???): pass {required[0]}=... (make ARGS=\"{required[0]}=...\")")
     schema = OmegaConf.structured(TrainConfig(selector=entry.make_config(),
                                               optim=OptimConfig(**entry.config_cls.optim_defaults)))
+    for key in (item[:-1] for item in overrides if item.endswith("=")):
+        # `key=` is how an empty string survives make and the shell (encoder.pretrained=): for a text
+        # key it means "", for any other it stays null
+        if isinstance(OmegaConf.select(schema, key, default=None), str):
+            OmegaConf.update(cli, key, "", force_add=True)
     for layer, source in ((file_cfg, config_file), (cli, "overrides")):
         try:
             schema = OmegaConf.merge(schema, layer)

@@ -17,6 +17,12 @@ def test_defaults_layer_schema_yaml_and_overrides():
     assert cfg.selector.p == 0.6 and cfg.selector.q == 0.1 and cfg.selector.alpha1 == 0.1  # Eq. 8 defaults
 
 
+def test_an_empty_override_is_an_empty_string_for_text_keys_and_null_otherwise():
+    # `make train ARGS='encoder.pretrained=""'` reaches Python as encoder.pretrained= (the shell eats the quotes)
+    cfg = load_config("gumbel_ae", overrides=["encoder.pretrained=", "encoder.image_size="])
+    assert cfg.encoder.pretrained == "" and cfg.encoder.image_size is None
+
+
 def test_straight_through_is_gumbel_ae_with_another_estimator():
     st = load_config("straight_through")
     assert st.selector.name == "straight_through" and st.selector.estimator == "straight_through"
