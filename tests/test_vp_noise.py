@@ -12,7 +12,7 @@ from tokensel.experiments.config import ConfigError, load_config
 from tokensel.selectors.budget import BudgetError
 from tokensel.selectors.catalog import selector_entry
 
-VP_FAST = [a for a in FAST_ARGS if not a.startswith(("selector.", "encoder.image_size"))] + [
+VP_FAST = [a for a in FAST_ARGS if not a.startswith(("selector.", "encoder."))] + [
     "selector.depth=1", "selector.tau_steps=10", "optim.lr=1e-3",
 ]
 
