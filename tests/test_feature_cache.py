@@ -215,3 +215,17 @@ def test_anyres_config_mistakes_are_one_line():
         load_config("gumbel_ae", overrides=["data.views=anyres", "data.view_pinpoints=[[336,0]]"])
     with pytest.raises(ConfigError, match="data.resize_mode='pad'"):
         load_config("gumbel_ae", overrides=["data.views=anyres", "data.resize_mode=pad"])
+
+
+def test_a_shard_rewritten_in_place_at_the_same_size_is_another_cache(tiny_corpus, tmp_path):
+    import os
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, corpus)  # copy2 keeps the mtimes: the same fingerprint as the original
+    data = data_config(corpus, tmp_path / "cache")
+    before = FeatureDataModule(data, ENCODER).fingerprints["val"]
+    shard = corpus / "val" / "coco-000000.tar"
+    stat = shard.stat()
+    shard.write_bytes(shard.read_bytes())  # same bytes count, rewritten
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert FeatureDataModule(data, ENCODER).fingerprints["val"]["data.shards"] != before["data.shards"]
