@@ -149,6 +149,15 @@ class FeatureDataModule(L.LightningDataModule):
             samples_per_epoch=cfg.samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer,
         )
 
+    def epoch_loader(self, split: str, epoch: int = 0) -> DataLoader:
+        """One pass over ``split`` outside a Trainer (the train split in ``epoch``'s order), read by
+        the run's workers; features are built (or cached first) as for training."""
+        self.prepare_features(split)
+        stream = self._stream(train=split == self.cfg.train_split)
+        stream.seek(epoch)
+        return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
     def _loader_kwargs(self) -> dict:
         workers = self.cfg.num_workers
         return dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())

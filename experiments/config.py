@@ -1,5 +1,6 @@
 """One structured config for a training run: ``selector.*``, ``data.*``, ``encoder.*``,
-``optim.*``, ``trainer.*``, ``run.*`` and ``seed``.
+``optim.*``, ``trainer.*``, ``run.*``, ``teacher.*`` (the corpus teacher, ``experiments/teacher.py``)
+and ``seed``.
 
 Layers, later wins:
 
@@ -79,6 +80,28 @@ class RunConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """``teacher.*``: how the corpus teacher is trained (only used when one is built)."""
+
+    model: str = "coca_head"  # an open_clip CoCa config; its pooler is rebuilt at the encoder's width
+    epochs: int = 5
+    lr: float = 1.0e-3
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # share of the steps
+    max_text_tokens: int = 64  # prompt + target BPE tokens, as selector.vlm.max_text_tokens
+    seed: int = 0
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "max_text_tokens", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"teacher.{key}={getattr(self, key)}: must be at least 1")
+        if not self.lr > 0 or not 0 <= self.warmup < 1 or self.weight_decay < 0:
+            raise ConfigError(f"teacher.lr={self.lr}, warmup={self.warmup}, weight_decay={self.weight_decay}: "
+                              "need lr > 0, 0 <= warmup < 1, weight_decay >= 0")
+
+
+@dataclass
 class TrainConfig:
     selector: Any = None  # the registered selector's config dataclass, chosen by name
     data: DataConfig = field(default_factory=DataConfig)
@@ -86,6 +109,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     seed: int = 0
 
 
@@ -223,9 +247,28 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
     check_trainer(config.trainer)
     check = getattr(config.selector, "check_run", None)  # an objective's own cross-checks
-    reason = check(config) if check is not None else None
+    reason = (check(config) if check is not None else None) or check_vlm_weights(config)
     if reason:
         raise ConfigError(reason)
+
+
+def check_vlm_weights(config: TrainConfig) -> Optional[str]:
+    """A CoCa head (the corpus teacher) read one encoder's weights: the run's must be the same. A
+    one-line reason if not. (Here, not in the selector: only datamodules know weights' identity.)"""
+    from tokensel.datamodules.feature_cache import weights_identity
+    from tokensel.selectors.vlm_backends import required_encoder
+
+    vlm = getattr(config.selector, "vlm", None)
+    if vlm is None:
+        return None
+    need = required_encoder(vlm)
+    if need.weights is None:
+        return None
+    got = weights_identity(config.encoder)
+    if got != need.weights:
+        return (f"selector.vlm.pretrained={vlm.pretrained!r} read encoder.weights {need.weights}, "
+                f"this run's encoder.pretrained={config.encoder.pretrained!r} is {got}")
+    return None
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
@@ -266,3 +309,24 @@ def check_hardware(trainer: TrainerConfig) -> None:
 def to_container(config: TrainConfig) -> dict:
     """The config as plain dicts and lists (for hparams, checkpoints and config.yaml)."""
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def parse_run_args(argv: list[str], prog: str, doc: str) -> tuple[Optional[str], Optional[str], list[str]]:
+    """A run's command line (``make train``, ``make teacher``): (selector, config file, key=value overrides)."""
+    from tokensel.common.cli import ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--config", help="a train YAML (default: experiments/<selector>.yaml)")
+    parser.add_argument("args", nargs="*", metavar="[SELECTOR] key=value", help="the selector, then config overrides")
+    ns = parser.parse_intermixed_args(argv)
+    if ns.config is not None and not ns.config:
+        raise ConfigError("--config needs a YAML file")
+    selector, overrides = None, []
+    for arg in ns.args:
+        if "=" in arg:
+            overrides.append(arg)
+        elif selector is None and not overrides:
+            selector = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides are key=value")
+    return selector, ns.config, overrides

@@ -26,8 +26,10 @@ Metrics per selector x budget (mean ± 95 % CI over samples; ``metrics.py``, ``s
 - ``recall``: the share of the answer box's tokens that are kept (samples with a box only;
   ``n/a`` when the split has none);
 - ``coverage``: over dropped tokens, the mean of the max cosine similarity to a kept token;
-- ``ntp_increase``: the frozen VLM's NTP loss with only the kept tokens minus with all tokens
-  (where the group's encoder is the one the VLM needs; ``n/a`` elsewhere);
+- ``ntp_increase``: the frozen VLM's NTP loss with only the kept tokens minus with all tokens.
+  The VLM is a trained vp_noise's own, else the corpus teacher of the group's encoder when it is
+  built (``make teacher``; ``experiments/teacher.py``); ``n/a`` when there is none or the VLM needs
+  another encoder;
 - ``psnr``: the auto-encoder selectors' image reconstruction from the kept tokens;
 - LLM and sampler FLOPs for a named VLM geometry (``--geometry``, LLaVA-NeXT by default; the
   LLM's FFN counts LLaMA's three gated matrices, see ``flops.llm_flops``; the sampler counts
@@ -145,6 +147,30 @@ def score_across_views(batch, candidates: list, budget_of_k: dict, acc: dict) ->
                 acc[(name, k)].add("coverage", token_coverage(flat, mask))
 
 
+def ntp_vlm(config, trained: list) -> tuple:
+    """(the frozen VLM of the ``ntp_increase`` column or None, what it is in words): a trained
+    vp_noise's own VLM, else the corpus teacher of the group's encoder when one is built
+    (``make teacher``, or the first ``make train SELECTOR=vp_noise``)."""
+    from tokensel.datamodules.feature_cache import weights_identity
+    from tokensel.experiments.teacher import find_teacher
+    from tokensel.selectors.vlm import VLMConfig
+    from tokensel.selectors.vlm_backends import build_vlm, required_encoder
+
+    vlm_cfg = next((copy.deepcopy(net.vlm_config) for _, net, _ in trained if net.vlm_config is not None), None)
+    if vlm_cfg is None:
+        teacher = find_teacher(config)
+        if teacher is None:
+            return None, "n/a (no corpus teacher for this encoder and corpus yet: make teacher)"
+        vlm_cfg = VLMConfig(backend="coca", model=config.teacher.model, pretrained=str(teacher))
+    what = f"{vlm_cfg.backend}:{vlm_cfg.model}" + (f" ({vlm_cfg.pretrained})" if vlm_cfg.pretrained else "")
+    need = required_encoder(vlm_cfg)
+    enc = config.encoder
+    weights = weights_identity(enc) if need.weights is not None else None
+    if need.mismatch(enc.name, enc.layer, enc.norm, weights, enc.image_size) is not None:
+        return None, f"{what} n/a (it needs another encoder)"
+    return build_vlm(vlm_cfg), what
+
+
 def resolve_budget_list(budgets: Optional[list], num_tokens: int, counts: bool = True) -> list:
     if budgets is not None:
         return budgets
@@ -162,8 +188,6 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
     from tokensel.selectors.catalog import baseline_names, build_baseline
     from tokensel.selectors.budget import resolve_budget
     from tokensel.selectors.inference import CheckpointError, SelectionContext
-    from tokensel.selectors.vlm import VLMConfig
-    from tokensel.selectors.vlm_backends import build_vlm, required_encoder
 
     config = group["config"]
     if any(BASELINES.get(n).needs_cls_attention for n in selectors if n in BASELINES) \
@@ -183,15 +207,9 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
     budget_list = resolve_budget_list(budgets, dims.num_tokens, counts=not across)
     ks = [resolve_budget(b, dims.num_tokens) for b in budget_list]
 
-    vlm_cfg = next((copy.deepcopy(net.vlm_config) for _, net, _ in group["trained"] if net.vlm_config is not None),
-                   VLMConfig(backend="coca", model="coca_tiny"))
-    need = required_encoder(vlm_cfg)
-    vlm = None
-    if need.mismatch(config.encoder.name, config.encoder.layer, config.encoder.norm) is None:
-        vlm = build_vlm(vlm_cfg)
+    vlm, vlm_cfg = ntp_vlm(config, group["trained"])
     log(f"[eval] encoder {config.encoder.name}: {dims.num_tokens} tokens x {dims.dim}; "
-        f"{len(candidates)} selectors x {len(ks)} budgets; NTP metric: "
-        f"{vlm_cfg.backend}:{vlm_cfg.model}" + ("" if vlm is not None else " n/a (the VLM needs another encoder)"))
+        f"{len(candidates)} selectors x {len(ks)} budgets; NTP metric: {vlm_cfg}")
 
     unique_ks = sorted(set(ks))  # a ratio and a count may name the same K: measure it once
     if across and any(not isinstance(b, float) for b in budget_list):

@@ -31,29 +31,10 @@ from typing import Optional
 
 import yaml
 
-from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
+from tokensel.common.cli import quiet_known_warnings, run_main
 from tokensel.common.errors import ConfigError
 
 VERSION_ENV = "TOKENSEL_RUN_VERSION"  # lets DDP child ranks write into the parent's run folder
-
-
-def parse_cli(argv: list[str]) -> tuple[Optional[str], Optional[str], list[str]]:
-    """Split argv into (selector, config file, key=value overrides)."""
-    parser = ArgumentParser(prog="python -m tokensel.experiments.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="a train YAML (default: experiments/<selector>.yaml)")
-    parser.add_argument("args", nargs="*", metavar="[SELECTOR] key=value", help="the selector, then config overrides")
-    ns = parser.parse_intermixed_args(argv)
-    if ns.config is not None and not ns.config:
-        raise ConfigError("--config needs a YAML file")
-    selector, overrides = None, []
-    for arg in ns.args:
-        if "=" in arg:
-            overrides.append(arg)
-        elif selector is None and not overrides:
-            selector = arg
-        else:
-            raise ConfigError(f"unexpected argument {arg!r}; overrides are key=value")
-    return selector, ns.config, overrides
 
 
 RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")  # Lightning, torchrun, SLURM
@@ -119,6 +100,23 @@ def check_resume_compatible(hp: dict, ckpt_path: str, selector_name: str, dims: 
         raise ConfigError(f"run.resume: {ckpt_path} was trained on features {hp['dims']}, these are {dims}")
 
 
+def resolve_corpus_teacher(config) -> None:
+    """``selector.vlm.pretrained=corpus`` -> the corpus teacher's weights file, built first (by the
+    process that starts the run) when there is none; the checkpoint then names that file."""
+    from tokensel.experiments.teacher import ensure_teacher, find_teacher
+    from tokensel.selectors.vlm_coca import CORPUS_TEACHER
+
+    vlm = getattr(config.selector, "vlm", None)
+    if vlm is None or vlm.backend != "coca" or vlm.pretrained != CORPUS_TEACHER:
+        return
+    config.teacher.model = vlm.model
+    found = find_teacher(config)
+    if found is None and not is_rank_zero_process():
+        raise ConfigError("selector.vlm.pretrained=corpus: the corpus teacher is not built; build it once first "
+                          "(make teacher with the same config) before starting every rank on its own")
+    vlm.pretrained = str(found or ensure_teacher(config))
+
+
 def train(config) -> dict:
     """Fit one selector from a checked config; returns the final metrics. Raises user errors."""
     import lightning as L
@@ -150,6 +148,7 @@ def train(config) -> dict:
         if read_params(DEFAULT_DATA_ROOT) is None:
             print(f"no data.root given: generating the default corpus in {DEFAULT_DATA_ROOT}/ (once)", flush=True)
         ensure_default_corpus(DEFAULT_DATA_ROOT)
+    resolve_corpus_teacher(config)
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = FeatureDataModule(config.data, config.encoder, config.seed)
     os.environ[VERSION_ENV] = version
@@ -246,11 +245,12 @@ def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, co
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import load_config
+    from tokensel.experiments.config import load_config, parse_run_args
 
     quiet_known_warnings()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    selector, config_file, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    selector, config_file, overrides = parse_run_args(sys.argv[1:] if argv is None else argv,
+                                                      "python -m tokensel.experiments.train", __doc__)
     train(load_config(selector, config_file, overrides))
     return 0
 

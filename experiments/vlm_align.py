@@ -140,14 +140,14 @@ def align(model, processor, recipe, log=print) -> tuple[dict, dict]:
     return losses, timing
 
 
-def format_losses(losses: dict) -> str:
-    """The held-out table that ``make vlm`` prints."""
+def format_losses(losses: dict, init_label: str = "projector at init") -> str:
+    """The held-out table that ``make vlm`` (and ``make teacher``) prints."""
     def row(label: str, s: dict) -> str:
         return f"  {label:<28} {s['mean']:7.3f} ± {s['ci95']:.3f}"
 
     d = losses["real_minus_shuffled"]
     lines = [f"held-out NTP loss (mean target-token NLL over {losses['n']} val samples, ± 95% CI):",
-             row("projector at init", losses["init"]), row("trained, real images", losses["real"]),
+             row(init_label, losses["init"]), row("trained, real images", losses["real"]),
              row("trained, shuffled images", losses["shuffled"]),
              f"  real - shuffled (paired t)   {d['mean']:7.3f} ± {d['ci95']:.3f}  "
              f"[{d['mean'] - d['ci95']:.3f}, {d['mean'] + d['ci95']:.3f}]"]

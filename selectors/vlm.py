@@ -42,7 +42,8 @@ class VLMConfig:
     backend: str = "coca"  # "coca" | "llava"
     # coca: an open_clip CoCa model name; llava: a local folder or a hub id of a LLaVA model
     model: str = "coca_ViT-B-32"
-    # coca: "" random init, a local weights file, or an open_clip tag; llava: unused
+    # coca: "" random init, a local weights file, an open_clip tag, or "corpus" (the corpus
+    # teacher: a CoCa head trained once on the run's encoder and corpus, experiments/teacher.py); llava: unused
     pretrained: str = ""
     max_text_tokens: int = 64  # prompt + target tokens; longer texts are truncated from the prompt's start
     precision: str = "32"  # "32" | "bf16" | "16": the frozen VLM's dtype
@@ -60,17 +61,25 @@ class VLMConfig:
 
 @dataclass(frozen=True)
 class EncoderRequirement:
-    """What a backend needs from ``encoder.*``: the name and the feature layer/normalisation."""
+    """What a backend needs from ``encoder.*``: the name and the feature layer/normalisation.
+    ``None`` asks for nothing (the corpus teacher is trained on whatever the run's encoder is)."""
 
-    name: str
-    layer: int
-    norm: bool
+    name: str | None
+    layer: int | None
+    norm: bool | None
+    # a CoCa head's encoder: its weights identity (datamodules/feature_cache.weights_identity) and input size
+    weights: str | None = None
+    image_size: int | None = None
 
-    def mismatch(self, name: str, layer: int, norm: bool) -> str | None:
-        """A one-line reason when an encoder config does not fit, else None."""
-        wanted = {"encoder.name": self.name, "encoder.layer": self.layer, "encoder.norm": self.norm}
-        got = {"encoder.name": name, "encoder.layer": layer, "encoder.norm": norm}
-        bad = [k for k in wanted if wanted[k] != got[k]]
+    def mismatch(self, name: str, layer: int, norm: bool, weights: str | None = None,
+                 image_size: int | None = None) -> str | None:
+        """A one-line reason when an encoder config does not fit, else None. ``weights`` and
+        ``image_size`` are compared only when this requirement has them."""
+        wanted = {"encoder.name": self.name, "encoder.layer": self.layer, "encoder.norm": self.norm,
+                  "encoder.weights": self.weights, "encoder.image_size": self.image_size}
+        got = {"encoder.name": name, "encoder.layer": layer, "encoder.norm": norm, "encoder.weights": weights,
+               "encoder.image_size": image_size}
+        bad = [k for k in wanted if wanted[k] is not None and wanted[k] != got[k]]
         if not bad:
             return None
         return "; ".join(f"{k}={wanted[k]!r} (got {got[k]!r})" for k in bad)

@@ -32,6 +32,14 @@ Notes:
   does not end there).
 - ``NTPOutput.loss`` = sum of the target tokens' NLL / number of target tokens in the batch, so
   padding and the batch's text lengths do not change a sample's weight per token.
+
+A CoCa *head* over another encoder's tokens (the corpus teacher, ``experiments/teacher.py``): a
+CoCa whose attentional pooler, text tower and decoder were trained on a frozen encoder's tokens,
+not on its own trunk's. Its weights file (safetensors) says so in its metadata
+(:data:`HEAD_METADATA`: the open_clip model, the token width, the encoder's name, weights, layer,
+norm and image size), so :func:`required_encoder` asks for *that* encoder and :func:`build` builds
+the pooler at its width. ``selector.vlm.pretrained=corpus`` names the teacher of the run's own
+encoder and corpus; ``make train`` and ``make eval`` resolve it to its file (building it once).
 """
 
 from __future__ import annotations
@@ -49,6 +57,30 @@ from tokensel.selectors.vlm import EncoderRequirement, FrozenVLM, NTPOutput, VLM
 
 log = logging.getLogger("tokensel.vlm.coca")
 IGNORE = -100
+CORPUS_TEACHER = "corpus"  # selector.vlm.pretrained: the corpus teacher, resolved to a file before build
+HEAD_METADATA = "tokensel.coca_head"  # safetensors metadata key of a CoCa head's weights file
+
+
+def head_metadata(pretrained: str) -> dict | None:
+    """The :data:`HEAD_METADATA` record of a CoCa-head weights file, else None (any other file)."""
+    if not pretrained.endswith(".safetensors") or not Path(pretrained).is_file():
+        return None
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(pretrained, framework="pt") as f:
+        meta = (f.metadata() or {}).get(HEAD_METADATA)
+    return json.loads(meta) if meta else None
+
+
+def init_decoder_projection(model: nn.Module) -> None:
+    """open_clip 3.3.0 never initialises the decoder's output projection (it is torch.empty, and
+    MultimodalTransformer.init_parameters is not called): a random init gets all-equal logits and
+    no gradient without this. Same init as that unused method."""
+    decoder = model.text_decoder
+    with torch.no_grad():
+        nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
 
 
 def _model_config(cfg: VLMConfig) -> dict:
@@ -70,9 +102,26 @@ def _model_config(cfg: VLMConfig) -> dict:
 
 
 def required_encoder(cfg: VLMConfig) -> EncoderRequirement:
-    """The CoCa trunk's last block output, before ``ln_post`` (what the attentional pooler reads)."""
+    """The CoCa trunk's last block output, before ``ln_post`` (what the attentional pooler reads);
+    for a CoCa head, the encoder it was trained on; for the corpus teacher, the run's own."""
     _model_config(cfg)
+    if cfg.pretrained == CORPUS_TEACHER:
+        return EncoderRequirement(name=None, layer=None, norm=None)
+    meta = head_metadata(cfg.pretrained)
+    if meta is not None:
+        enc = meta["encoder"]
+        return EncoderRequirement(name=enc["name"], layer=enc["layer"], norm=enc["norm"], weights=enc["weights"],
+                                  image_size=enc["image_size"])
     return EncoderRequirement(name=f"open_clip:{cfg.model}", layer=-1, norm=False)
+
+
+def create_head(model: str, width: int, pretrained: str | None = None) -> nn.Module:
+    """The open_clip CoCa ``model`` with its attentional pooler reading ``width``-wide tokens."""
+    import open_clip
+
+    register_model_configs()
+    vision = dict(open_clip.get_model_config(model)["vision_cfg"], width=int(width))
+    return open_clip.create_model(model, pretrained=pretrained, vision_cfg=vision)
 
 
 def build(cfg: VLMConfig) -> "CoCaVLM":
@@ -80,11 +129,21 @@ def build(cfg: VLMConfig) -> "CoCaVLM":
 
     _model_config(cfg)
     pretrained = cfg.pretrained
+    if pretrained == CORPUS_TEACHER:
+        raise VLMError("selector.vlm.pretrained=corpus: the corpus teacher is resolved to its weights file by "
+                       "make train / make eval (tokensel.experiments.teacher.ensure_teacher); pass that file here")
     if pretrained and looks_like_path(pretrained) and not Path(pretrained).is_file():
         raise VLMError(f"selector.vlm.pretrained={pretrained!r}: no such weights file")
+    meta = head_metadata(pretrained)
+    if meta is not None and meta["open_clip_model"] != cfg.model:
+        raise VLMError(f"selector.vlm.pretrained={pretrained!r} is a {meta['open_clip_model']} head, "
+                       f"not {cfg.model}: set selector.vlm.model={meta['open_clip_model']}")
     try:
         with weights_download(f"selector.vlm {cfg.model}", pretrained):
-            model = open_clip.create_model(cfg.model, pretrained=pretrained or None)
+            if meta is not None:
+                model = create_head(cfg.model, meta["width"], pretrained)
+            else:
+                model = open_clip.create_model(cfg.model, pretrained=pretrained or None)
     except (OSError, RuntimeError, ValueError) as err:
         if pretrained and not looks_like_path(pretrained):
             log.debug("hub download for %s:%s failed: %s", cfg.model, pretrained, err)
@@ -96,12 +155,7 @@ def build(cfg: VLMConfig) -> "CoCaVLM":
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise VLMError(f"selector.vlm.model={cfg.model!r} with pretrained={pretrained!r}: {first}") from None
     if not pretrained:
-        # open_clip 3.3.0 never initialises the decoder's output projection (it is torch.empty, and
-        # MultimodalTransformer.init_parameters is not called): a random init gets all-equal logits
-        # and no gradient without this. Same init as that unused method.
-        decoder = model.text_decoder
-        with torch.no_grad():
-            nn.init.normal_(decoder.text_projection, std=decoder.width ** -0.5)
+        init_decoder_projection(model)
     tokenizer = open_clip.get_tokenizer(cfg.model)
     if not all(hasattr(tokenizer, a) for a in ("encode", "sot_token_id", "eot_token_id")):
         raise VLMError(f"selector.vlm.model={cfg.model!r}: only open_clip's BPE tokenizer is supported "
@@ -173,6 +227,19 @@ class CoCaVLM(FrozenVLM):
             x = x[:, 1:]  # query 0 is the contrastive (pooled) embedding, not an image token
         return x
 
+    def decoder_hidden(self, image_embs: torch.Tensor, text_embs: torch.Tensor) -> torch.Tensor:
+        """open_clip's ``MultimodalTransformer.forward`` up to its final norm, before the vocabulary
+        projection: causal self-attention and cross-attention to ``image_embs``, block by block."""
+        decoder = self.text_decoder
+        mask = decoder.attn_mask[:text_embs.shape[1], :text_embs.shape[1]]
+        if not decoder.batch_first:
+            image_embs, text_embs = image_embs.permute(1, 0, 2), text_embs.permute(1, 0, 2)
+        for block, cross in zip(decoder.resblocks, decoder.cross_attn):
+            text_embs = cross(block(text_embs, attn_mask=mask), k_x=image_embs, v_x=image_embs)
+        if not decoder.batch_first:
+            text_embs = text_embs.permute(1, 0, 2)
+        return decoder.ln_final(text_embs)
+
     def ntp_loss(self, tokens: torch.Tensor, prompt: list[str], target: list[str]) -> NTPOutput:
         if tokens.shape[0] != len(target):
             raise ValueError(f"coca: {tokens.shape[0]} token rows for {len(target)} texts")
@@ -180,9 +247,12 @@ class CoCaVLM(FrozenVLM):
         inputs, labels = inputs.to(tokens.device), labels.to(tokens.device)
         image_embs = self.image_embs(tokens)
         _, text_embs = self.text(inputs)  # (B, L, W); CoCa's appended CLS is already dropped
-        logits = self.text_decoder(image_embs, text_embs)  # (B, L, vocab)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-        counts = (labels != IGNORE).sum(1)
+        scored = labels != IGNORE
+        # the decoder's vocabulary projection (most of its compute) only where a label is scored
+        logits = self.decoder_hidden(image_embs, text_embs)[scored] @ self.text_decoder.text_projection
+        picked = F.cross_entropy(logits.float(), labels[scored], reduction="none")
+        nll = torch.zeros(labels.shape, dtype=picked.dtype, device=picked.device).masked_scatter(scored, picked)
+        counts = scored.sum(1)
         sums = nll.sum(1)
         return NTPOutput(loss=sums.sum() / counts.sum().clamp_min(1), per_sample=sums / counts.clamp_min(1),
                          tokens=counts)

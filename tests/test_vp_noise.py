@@ -15,6 +15,11 @@ from tokensel.selectors.catalog import selector_entry
 VP_FAST = [a for a in FAST_ARGS if not a.startswith(("selector.", "encoder."))] + [
     "selector.depth=1", "selector.tau_steps=10", "optim.lr=1e-3",
 ]
+# the random coca_tiny with its own trunk as the encoder (the tests' VLM; the default is the corpus teacher)
+COCA_TINY = ["encoder.name=open_clip:coca_tiny", "encoder.pretrained=", "encoder.layer=-1", "encoder.norm=false",
+             "encoder.image_size=null", "selector.vlm.model=coca_tiny", "selector.vlm.pretrained="]
+# the default corpus teacher, over the tests' tiny random ViT, trained briefly
+TEACHER_FAST = [a for a in FAST_ARGS if a.startswith("encoder.")] + ["teacher.epochs=3", "teacher.lr=3e-3"]
 
 
 def state(module: torch.nn.Module) -> dict:
@@ -97,7 +102,7 @@ def test_budget_outside_0_n_is_a_clear_error(encoder, overrides):
 
 def test_backend_declares_its_encoder_and_a_mismatch_is_one_line():
     with pytest.raises(ConfigError) as err:
-        load_config("vp_noise", overrides=["encoder.name=timm:vit_tiny_patch16_224"])
+        load_config("vp_noise", overrides=COCA_TINY + ["encoder.name=timm:vit_tiny_patch16_224"])
     assert "encoder.name='open_clip:coca_tiny'" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="selector.vlm.backend='gpt'"):
         load_config("vp_noise", overrides=["selector.vlm.backend=gpt"])
@@ -108,8 +113,8 @@ def test_backend_declares_its_encoder_and_a_mismatch_is_one_line():
 def test_frozen_encoder_and_vlm_are_bit_identical_after_training(tiny_corpus, tmp_path):
     from tokensel.datamodules.datamodule import FeatureDataModule
 
-    config = load_config("vp_noise", overrides=VP_FAST + [f"data.root={tiny_corpus}", f"run.root={tmp_path}",
-                                                          "trainer.max_steps=3", "data.feature_cache=off"])
+    config = load_config("vp_noise", overrides=VP_FAST + COCA_TINY + [
+        f"data.root={tiny_corpus}", f"run.root={tmp_path}", "trainer.max_steps=3", "data.feature_cache=off"])
     L.seed_everything(0)
     datamodule = FeatureDataModule(config.data, config.encoder)
     entry = selector_entry("vp_noise")
@@ -124,9 +129,9 @@ def test_frozen_encoder_and_vlm_are_bit_identical_after_training(tiny_corpus, tm
 
 
 @pytest.mark.slow
-def test_short_default_run_lowers_the_ntp_loss_and_logs_the_tags(tiny_corpus, tmp_path):
-    args = VP_FAST + [f"data.root={tiny_corpus}", f"run.root={tmp_path}", "trainer.max_epochs=4",
-                      "trainer.log_every_n_steps=1"]
+def test_short_run_lowers_the_ntp_loss_and_logs_the_tags(tiny_corpus, tmp_path):
+    args = VP_FAST + COCA_TINY + [f"data.root={tiny_corpus}", f"run.root={tmp_path}", "trainer.max_epochs=4",
+                                  "trainer.log_every_n_steps=1"]
     result = run_module("tokensel.experiments.train", "vp_noise", *args, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     scalars = read_scalars(tmp_path / "vp_noise" / "version_0")
@@ -139,12 +144,27 @@ def test_short_default_run_lowers_the_ntp_loss_and_logs_the_tags(tiny_corpus, tm
 
 
 @pytest.mark.slow
+def test_the_default_vlm_is_the_corpus_teacher_built_first(tiny_corpus, tmp_path):
+    """The default config's VLM, ``pretrained: corpus``, is built before training; the checkpoint names its file."""
+    from tokensel.selectors.inference import read_checkpoint
+
+    args = VP_FAST + TEACHER_FAST + [f"data.root={tiny_corpus}", f"run.root={tmp_path}", "trainer.max_steps=2"]
+    result = run_module("tokensel.experiments.train", "vp_noise", *args, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "corpus teacher: building" in result.stdout and "trained, shuffled images" in result.stdout
+    hp = read_checkpoint(tmp_path / "vp_noise" / "version_0" / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    teacher = hp["selector"]["vlm"]["pretrained"]
+    assert teacher.endswith("open_clip_model.safetensors") and teacher in result.stdout
+
+
+@pytest.mark.slow
 def test_llava_backend_trains_end_to_end_and_the_scorer_loads_without_lightning(tiny_llava, tiny_corpus, tmp_path):
     from tokensel.selectors.catalog import load_selector
 
     args = VP_FAST + [f"data.root={tiny_corpus}", f"run.root={tmp_path}", "trainer.max_steps=3",
-                      f"encoder.name=hf_llava:{tiny_llava}", "encoder.layer=-2", "encoder.norm=false",
-                      "encoder.image_size=null", "selector.vlm.backend=llava", f"selector.vlm.model={tiny_llava}"]
+                      f"encoder.name=hf_llava:{tiny_llava}", "encoder.pretrained=", "encoder.layer=-2",
+                      "encoder.norm=false", "encoder.image_size=null", "selector.vlm.backend=llava",
+                      f"selector.vlm.model={tiny_llava}", "selector.vlm.pretrained="]
     result = run_module("tokensel.experiments.train", "vp_noise", *args, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "vp_noise" / "version_0"

@@ -1,0 +1,233 @@
+"""The corpus teacher: a small CoCa head that reads the run's frozen encoder, trained once on the corpus.
+
+    python -m tokensel.experiments.teacher [SELECTOR] [--config FILE.yaml] [key=value ...]   (make teacher)
+
+vp_noise (AutoSelect, arXiv 2603.07135) learns which tokens matter from a frozen VLM's next-token
+loss, so it needs a VLM whose loss depends on the image. On a laptop the real small LLaVA of
+``make vlm`` costs seconds per sample, and a random CoCa reads nothing. The corpus teacher sits
+between: a CoCa-style captioner (Yu et al., "CoCa: Contrastive Captioners are Image-Text
+Foundation Models", arXiv:2205.01917, Sec. 3: attentional pooler + causal text decoder with
+cross-attention; ``common/model_configs/coca_head.json``, 64 queries, 3 + 3 layers of width 256,
+CLIP's BPE), whose pooler reads the run's frozen encoder tokens (DINOv2 ViT-S/14 by default).
+It is trained on the corpus's own captions and answers, not pretrained on the web: it knows the
+corpus, which is what a teacher for a selector trained on that corpus needs. The ``coca`` VLM
+backend loads it like any CoCa (``selectors/vlm_coca.py``, "a CoCa head").
+
+Training (``teacher.*`` keys of the run config, ``experiments/config.py`` ``TeacherConfig``): every parameter of the head
+(pooler, ``ln_post``, text tower, decoder) learns the caption (coco) or answer (docvqa, chartqa;
+the question is the prompt) NTP loss of the ``coca`` backend over the train split's features, read
+through the run's datamodule and so from the feature cache; AdamW, linear warm-up then cosine
+decay. None of this is given by a paper; the defaults are sized for a 2-core CPU.
+
+Held-out check (printed by the command that builds it, and kept in ``teacher.json``): the mean
+target-token NLL of every val sample with the head at init, trained with the sample's own
+tokens, and trained with another sample's tokens (a derangement, ``experiments/vlm_align.py``),
+with 95 % CIs; real - shuffled with a paired CI.
+
+Where: ``$TOKENSEL_CACHE/teachers/<model>-<encoder>-<fingerprint16>/`` (``open_clip_model.safetensors``,
+whose metadata names the encoder it reads, and ``teacher.json``). The fingerprint is both splits'
+feature fingerprints (encoder name, weights, layer, norm, image size, shards, ...), the stream's
+settings, ``teacher.*`` and :data:`TEACHER_VERSION`; a match is reused, anything else builds anew.
+``selector.vlm.pretrained=corpus`` (the vp_noise default) and ``make eval``'s NTP metric resolve
+to this file through :func:`ensure_teacher`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from tokensel.common.cli import quiet_known_warnings, run_main
+from tokensel.common.errors import ConfigError
+
+TEACHER_VERSION = 1  # bump when the build changes what it makes: every cached teacher is then rebuilt
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def teacher_base() -> Path:
+    from tokensel.common.cache import cache_root
+
+    return cache_root() / "teachers"
+
+
+def teacher_fingerprint(config) -> tuple[str, dict]:
+    """(sha256, the parts) of what the teacher of ``config`` depends on; builds nothing."""
+    from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
+    from tokensel.datamodules.feature_cache import fingerprint
+    from tokensel.datamodules.shards import ShardIndex
+
+    data = config.data
+    root = Path(data.root or DEFAULT_DATA_ROOT)
+    index = ShardIndex.load(root)
+    splits = {s: fingerprint(data, config.encoder, root, s, index.shards(s))
+              for s in (data.train_split, data.val_split) if s in index.splits}
+    parts = {"version": TEACHER_VERSION, "teacher": asdict(config.teacher), "features": splits,
+             "stream": {k: getattr(data, k) for k in ("batch_size", "samples_per_epoch", "shuffle_buffer")}
+             | {"weights": dict(data.weights)}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest(), parts
+
+
+def teacher_folder(config) -> Path:
+    key, _ = teacher_fingerprint(config)
+    encoder = config.encoder.name.partition(":")[2].replace("/", "_").replace(":", "_")[-40:]
+    return teacher_base() / f"{config.teacher.model}-{encoder}-{key[:16]}"
+
+
+def find_teacher(config) -> Optional[Path]:
+    """The weights file of ``config``'s corpus teacher, or None when it is not built yet."""
+    weights = teacher_folder(config) / WEIGHTS_FILE
+    return weights if weights.is_file() else None
+
+
+def ensure_teacher(config, log=print) -> Path:
+    """The teacher's weights file, built first when there is none (see the module docstring)."""
+    found = find_teacher(config)
+    if found is not None:
+        record = json.loads((found.parent / "teacher.json").read_text())
+        log(f"corpus teacher: {found.parent} (held-out NTP: real {record['losses']['real']['mean']:.3f}, "
+            f"shuffled {record['losses']['shuffled']['mean']:.3f})", flush=True)
+        return found
+    return build_teacher(config, log)
+
+
+# ---- training -------------------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup * total`` steps, then cosine decay to 0."""
+    ramp = max(1, round(warmup * total))
+    if step < ramp:
+        return (step + 1) / ramp
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - ramp) / max(1, total - ramp))))
+
+
+def build_head(config, width: int):
+    """A random CoCa head (``teacher.model`` at token width ``width``) and its NTP loss module."""
+    import open_clip
+
+    from tokensel.selectors.vlm_coca import CoCaVLM, create_head, init_decoder_projection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.teacher.seed)
+        model = create_head(config.teacher.model, width)
+        init_decoder_projection(model)
+    vlm = CoCaVLM(model, open_clip.get_tokenizer(config.teacher.model), config.teacher.max_text_tokens)
+    return model, vlm
+
+
+def train_head(vlm, datamodule, teacher, log=print) -> float:
+    """Fit ``vlm``'s parameters in place on the train split; returns the seconds spent."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in vlm.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=teacher.lr, weight_decay=teacher.weight_decay)
+    split = datamodule.cfg.train_split
+    total = teacher.epochs * len(datamodule.epoch_loader(split))
+    began, step = time.perf_counter(), 0
+    bar = tqdm(total=total, desc="corpus teacher", unit="step", dynamic_ncols=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(teacher.seed)
+        for epoch in range(teacher.epochs):
+            for raw in datamodule.epoch_loader(split, epoch):
+                batch = datamodule.features(raw, split)
+                for group in optimizer.param_groups:
+                    group["lr"] = teacher.lr * lr_factor(step, total, teacher.warmup)
+                loss = vlm.ntp_loss(batch.features, batch.prompt, batch.target).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+    bar.close()
+    vlm.requires_grad_(False)
+    return time.perf_counter() - began
+
+
+def held_out(datamodule) -> tuple[torch.Tensor, list, list, list]:
+    """Every val sample: features, prompts, targets, sources."""
+    feats, prompts, targets, sources = [], [], [], []
+    for raw in datamodule.epoch_loader(datamodule.cfg.val_split):
+        batch = datamodule.features(raw)
+        feats.append(batch.features)
+        prompts += batch.prompt
+        targets += batch.target
+        sources += batch.source
+    return torch.cat(feats), prompts, targets, sources
+
+
+def build_teacher(config, log=print) -> Path:
+    """Train, measure and save the teacher of ``config``; returns its weights file."""
+    from safetensors.torch import save_file
+
+    from tokensel.common.cache import atomic_write
+    from tokensel.datamodules.datamodule import FeatureDataModule
+    from tokensel.datamodules.feature_cache import weights_identity
+    from tokensel.experiments.vlm_align import derangement, format_losses, per_sample_loss, summary
+    from tokensel.selectors.vlm_coca import HEAD_METADATA
+
+    key, parts = teacher_fingerprint(config)
+    folder = teacher_folder(config)
+    started = time.perf_counter()
+    log(f"corpus teacher: building {folder} (once; a CoCa head over {config.encoder.name} tokens, trained on "
+        "the corpus)", flush=True)
+    datamodule = FeatureDataModule(config.data, config.encoder, config.teacher.seed)
+    if not datamodule.has_val:
+        raise ConfigError(f"{datamodule.root}: the corpus teacher needs a {config.data.val_split!r} split "
+                          "to check that it reads the image")
+    model, vlm = build_head(config, datamodule.dims.dim)
+    feats, prompts, targets, sources = held_out(datamodule)
+    size = config.teacher.eval_batch_size
+    init = per_sample_loss(vlm, feats, prompts, targets, size)
+    train_s = train_head(vlm, datamodule, config.teacher, log)
+    real = per_sample_loss(vlm, feats, prompts, targets, size)
+    perm = torch.from_numpy(derangement(len(prompts), config.teacher.seed))
+    shuffled = per_sample_loss(vlm, feats[perm], prompts, targets, size)
+    losses = {"n": len(prompts), "init": summary(init), "real": summary(real), "shuffled": summary(shuffled),
+              "real_minus_shuffled": summary(real - shuffled), "real_minus_init": summary(real - init),
+              "per_source": {s: {"real": float(real[m].mean()), "shuffled": float(shuffled[m].mean()),
+                                 "init": float(init[m].mean()), "n": int(m.sum())}
+                             for s in sorted(set(sources)) for m in [np.asarray(sources) == s]}}
+    enc = config.encoder
+    meta = {"open_clip_model": config.teacher.model, "width": datamodule.dims.dim, "fingerprint": key,
+            "encoder": {"name": enc.name, "weights": weights_identity(enc), "layer": enc.layer, "norm": enc.norm,
+                        "image_size": enc.image_size}}
+    record = {"meta": meta, "fingerprint_parts": parts, "losses": losses,
+              "timing": {"train_s": train_s, "total_s": time.perf_counter() - started},
+              "params": sum(p.numel() for p in vlm.parameters())}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "teacher.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={HEAD_METADATA: json.dumps(meta)}))
+    log("\n" + format_losses(losses, "head at init"), flush=True)
+    log(f"corpus teacher: built in {record['timing']['total_s'] / 60:.1f} min ({train_s:.0f}s training, "
+        f"{record['params'] / 1e6:.1f}M params): {folder / WEIGHTS_FILE}", flush=True)
+    return folder / WEIGHTS_FILE
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
+    from tokensel.datamodules.synthetic import ensure_default_corpus
+    from tokensel.experiments.config import load_config, parse_run_args
+
+    quiet_known_warnings()
+    selector, config_file, overrides = parse_run_args(sys.argv[1:] if argv is None else argv,
+                                                      "python -m tokensel.experiments.teacher", __doc__)
+    config = load_config(selector or "vp_noise", config_file, overrides)
+    if config.data.root is None:
+        ensure_default_corpus(DEFAULT_DATA_ROOT)
+    ensure_teacher(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
