@@ -1,7 +1,12 @@
 """Compare selectors where the field compares them: a pruned VLM's answers at matched budgets.
 
-    python -m tokensel.experiments.eval_vlm --model LLAVA [--selectors full,random,divprune] [--ckpts p1,p2]
+    python -m tokensel.experiments.eval_vlm [--model LLAVA] [--selectors full,random,divprune] [--ckpts p1,p2]
                                            [--budgets 64,128,192] [--limit N] [--out DIR] [key=value ...]
+
+``--model`` defaults to the small real LLaVA of ``make vlm`` (DINOv2 ViT-S/14 + SmolLM2-135M,
+``experiments/vlm_build.py``), built first when it is not there (about 8 minutes on a 2-core CPU).
+Questions get LLaVA-1.5's short-answer suffix, except for a ``make vlm`` model, whose projector
+was aligned on the bare questions (``--answer-suffix`` sets it either way).
 
 Every selector runs inside the same Hugging Face LLaVA (:class:`~tokensel.selectors.pruned_vlm.PrunedLlava`):
 K image tokens kept between the vision tower and the projector, then the model's own greedy
@@ -19,8 +24,8 @@ Per selector x budget (``results.csv``, ``results.md``, one plot per metric):
   ``4nd^2 + 2n^2d + 2ndm`` per layer and by the gated-FFN reading ``3ndm`` (``experiments/flops.py``);
 - peak GPU memory (``n/a`` on a CPU).
 
-Default budgets: K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else the same shares of its
-tokens. ``--limit N`` stops after N samples and marks the table partial.
+Default budgets: K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep ratios 0.111, 0.25
+and 0.333 of its tokens. ``--limit N`` stops after N samples and marks the table partial.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ class EvalVLMError(TokenselError):
     """A user mistake on the eval-vlm command line."""
 
 
-def held_out_samples(root: str, split: str, limit: Optional[int] = None) -> Iterator[tuple]:
+def held_out_samples(root: str, split: str, limit: Optional[int] = None,
+                     answer_suffix: str = ANSWER_SUFFIX) -> Iterator[tuple]:
     """``(key, source, PIL image, prompt, answers)`` of a split, taking the sources in turn (so
     ``limit`` keeps every benchmark); unusable samples are skipped with a warning."""
     import logging
@@ -70,7 +76,7 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None) -> Iter
                 if meta["source"] == "coco":
                     yield sample["__key__"], "coco", image, CAPTION_INSTRUCTION, meta["captions"]
                 else:
-                    yield sample["__key__"], meta["source"], image, meta["question"] + ANSWER_SUFFIX, meta["answers"]
+                    yield sample["__key__"], meta["source"], image, meta["question"] + answer_suffix, meta["answers"]
 
     streams = [source_stream(s) for s in SOURCES if any(e.source == s for e in entries)]
     seen = 0
@@ -87,9 +93,11 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None) -> Iter
 
 
 def default_budgets(num_tokens: int) -> list:
+    """K = 64, 128, 192 of a 576-token tower (LLaVA-1.5); for another tower the keep ratios of 64
+    and 192 of 576 and 25 % between them."""
     if num_tokens == 576:
         return list(LLAVA15_COUNTS)
-    return [max(1, round(k / 576 * num_tokens)) for k in LLAVA15_COUNTS]
+    return [round(LLAVA15_COUNTS[0] / 576, 3), 0.25, round(LLAVA15_COUNTS[-1] / 576, 3)]
 
 
 def prefill_ms(model, inputs: dict, cuda: bool) -> float:
@@ -186,7 +194,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tokensel.selectors.pruned_vlm import PrunedLlava
 
     parser = ArgumentParser(prog="python -m tokensel.experiments.eval_vlm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a Hugging Face LLaVA folder or hub id")
+    parser.add_argument("--model", default=None, help="a Hugging Face LLaVA folder or hub id (default: make vlm's)")
+    parser.add_argument("--answer-suffix", default=None,
+                        help="text after each question (default: LLaVA-1.5's short-answer line; none for make vlm's)")
     parser.add_argument("--selectors", default="full,random,divprune", help="full and/or baselines, comma list")
     parser.add_argument("--ckpts", default="", help="trained selector checkpoints, comma list")
     parser.add_argument("--budgets", default="", help="token counts and/or keep ratios (default: 64,128,192 of 576)")
@@ -214,6 +224,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         from tokensel.datamodules.synthetic import ensure_default_corpus
 
         ensure_default_corpus("data/default")
+    if args.model is None:
+        from tokensel.experiments.vlm_build import ensure_vlm
+
+        args.model = str(ensure_vlm())
+    made_here = (Path(args.model) / "vlm_build.json").is_file()  # aligned on bare questions
+    suffix = args.answer_suffix if args.answer_suffix is not None else ("" if made_here else ANSWER_SUFFIX)
     vlm = PrunedLlava.from_pretrained(args.model, precision=args.precision, feature_space=args.feature_space)
     if torch.cuda.is_available():
         vlm.model.to("cuda")
@@ -227,7 +243,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                f"tower gives {side * side} x {tower.hidden_size}")
         selectors[net.config.name] = net
     budgets = parse_budgets(args.budgets) or default_budgets(side * side)
-    samples = list(held_out_samples(data.data.root, data.data.val_split, args.limit))
+    samples = list(held_out_samples(data.data.root, data.data.val_split, args.limit, suffix))
     if not samples:
         raise EvalVLMError(f"{data.data.root}: no usable samples in split {data.data.val_split!r}")
     started = time.time()

