@@ -111,7 +111,8 @@ class PrunedLlava:
         """``inputs_embeds`` and ``attention_mask`` of the pruned prompts (what prefill runs on)."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images for {len(questions)} questions")
-        batch = self.processor(images=list(images), text=self.prompts(questions), return_tensors="pt", padding=True)
+        batch = self.processor(images=list(images), text=self.prompts(questions), return_tensors="pt",
+                               padding=True).to(self.model.device)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         image = self.image_embeddings(batch["pixel_values"])  # (B, K, H)
         is_image = ids == self.image_token_id
