@@ -16,6 +16,10 @@ minutes, so at most ``--encoder-max-images`` images (4 on a CPU) are timed and t
 scaled linearly; such ratios are marked ``~``. Calls slower than 2 s get 3 timed runs instead of
 ``--repeats`` (the table says how many). The anchor to beat: AutoSelect's 0.69 ms for its Scorer plus top-K
 (RTX A6000, batch 1, fp16).
+
+Then the pruned VLM's prefill speed-up at each ``--prefill-budgets`` budget against all tokens,
+on one LLaVA in the same run (``experiments/bench_prefill.py``): ``--prefill-model`` (default: the
+small real LLaVA of ``make vlm``, built first when missing; ``--prefill-model ""`` skips it).
 """
 
 from __future__ import annotations
@@ -126,6 +130,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--encoder-max-images", type=int, default=None,
                         help="encoder images actually timed (default: 4 on CPU, all on GPU)")
     parser.add_argument("--out", default=None, help="folder for bench.md (default: bench/<time>)")
+    parser.add_argument("--prefill-model", default=None, help="LLaVA for the prefill table (default: make vlm's; '' skips)")
+    parser.add_argument("--prefill-budgets", default="0.111,0.25,0.5", help="kept image tokens: counts or keep ratios")
+    parser.add_argument("--prefill-batch", type=int, default=8)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -155,6 +162,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(lines[-1], flush=True)
     note = (f"\n{where}, {precision}. `~`: encoder time scaled linearly from {max_images} timed images. "
             "Anchor: AutoSelect's Scorer + top-K, 0.69 ms (RTX A6000, batch 1, fp16).")
+    if args.prefill_model != "":
+        from tokensel.experiments.bench_prefill import default_model, prefill_rows, prefill_table
+        from tokensel.selectors.budget import parse_budgets
+
+        model = args.prefill_model or default_model()
+        rows = prefill_rows(model, parse_budgets(args.prefill_budgets, "--prefill-budgets"), args.prefill_batch,
+                            args.warmup, args.repeats)
+        prefill = prefill_table(rows, model, args.prefill_batch, "bf16" if cuda else f"fp32, {where}")
+        lines += prefill
+        print("\n".join(prefill), flush=True)
     out_dir = Path(args.out or f"bench/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n" + note + "\n")

@@ -75,15 +75,21 @@ def test_a_budget_larger_than_n_is_refused(trained, tiny_corpus):
     assert result.returncode == 2 and "N=" in result.stderr
 
 
-def test_bench_runs_and_prints_its_table(tmp_path):
+def test_bench_runs_and_prints_its_tables(tmp_path, tiny_llava):
     result = run_module("tokensel.experiments.bench", "--batches", "1", "--repeats", "2", "--warmup", "1",
-                        "--selectors", "random,divprune,vp_noise", "--encoder-max-images", "1", "--out", str(tmp_path))
+                        "--selectors", "random,divprune,vp_noise", "--encoder-max-images", "1", "--out", str(tmp_path),
+                        "--prefill-model", str(tiny_llava), "--prefill-budgets", "4,0.5", "--prefill-batch", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "bench.md").read_text()
     for geometry in ("llava15 (1x576x1024)", "llava_next (5x576x1024)"):
         for name in ("random", "divprune", "vp_noise"):
             assert f"| {geometry} | 1 | {name} |" in table
     assert "0.69 ms" in table
+    prefill = [line.split("|") for line in table.splitlines() if line.startswith(("| all |", "| 4 |", "| 0.5 |"))]
+    assert [int(row[2]) for row in prefill] == [16, 4, 8]  # image tokens of the tiny LLaVA's 16
+    prompts = [int(row[3]) for row in prefill]
+    assert prompts[0] - prompts[1] == 12 and prompts[0] - prompts[2] == 8  # the same text, fewer image tokens
+    assert float(prefill[0][6].strip(" x")) == 1.0 and float(prefill[1][7].strip(" x")) > 1.0  # ideal > 1
 
 
 def test_a_checkpoint_for_other_features_names_the_mismatch(trained, tiny_corpus):

@@ -1,0 +1,76 @@
+"""The pruned VLM's prefill speed-up, measured: the second table of ``make bench``.
+
+One Hugging Face LLaVA (default: the small real one of ``make vlm``), the same prompts, one run:
+the language model's prefill (the whole prompt's forward with a KV cache, no generation) is timed
+with all of the image's tokens and with K of them kept (:class:`~tokensel.selectors.pruned_vlm.PrunedLlava`,
+the ``uniform`` baseline: the time does not depend on which K). Beside each measured speed-up is
+the ideal one, the ratio of the prompt's LLM FLOPs (``experiments/flops.llm_flops`` over every
+prompt token, image and text: ``4nd^2 + 2n^2d + 3ndm`` per layer, the gated FFN of LLaMA-family
+LLMs), and measured / ideal. bf16 on a GPU (CUDA events through ``bench.median_ms``), fp32 on a
+CPU; the median of ``repeats`` timed prefills after ``warmup`` untimed ones. The vision tower,
+the selector and the projector are outside the timed region (their cost is the first table's).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+QUESTION = "What is the value shown for 2017?"
+
+
+def prefill_rows(model: str, budgets: list, batch: int, warmup: int, repeats: int, log=print) -> list[dict]:
+    """One row per budget (``None``: all tokens, first), each timed on the same ``batch`` prompts."""
+    import numpy as np
+    from PIL import Image
+
+    from tokensel.experiments.bench import median_ms
+    from tokensel.experiments.flops import llm_flops
+    from tokensel.selectors.budget import resolve_budget
+    from tokensel.selectors.catalog import build_baseline
+    from tokensel.selectors.pruned_vlm import PrunedLlava
+
+    cuda = torch.cuda.is_available()
+    full = PrunedLlava.from_pretrained(model, precision="bf16" if cuda else "32")
+    if cuda:
+        full.model.to("cuda")
+    config = full.model.config
+    tower, text = config.vision_config, config.text_config
+    side = int(tower.image_size) // int(tower.patch_size)
+    d, m, layers = int(text.hidden_size), int(text.intermediate_size), int(text.num_hidden_layers)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(batch)]
+    uniform = build_baseline("uniform", (side, side))
+    rows = []
+    for budget in [None, *budgets]:
+        vlm = full if budget is None else PrunedLlava(full.model, full.processor, uniform, budget)
+        inputs = vlm.prefill_inputs(images, [QUESTION] * batch)
+        with torch.inference_mode():
+            ms, runs = median_ms(lambda: full.model(**inputs, use_cache=True), warmup, repeats, cuda)
+        prompt = int(inputs["inputs_embeds"].shape[1])
+        k = side * side if budget is None else resolve_budget(budget, side * side)
+        rows.append({"budget": "all" if budget is None else str(budget), "image_tokens": k, "prompt_tokens": prompt,
+                     "prefill_ms": ms, "runs": runs, "flops": llm_flops(prompt, d, m, layers, ffn_matrices=3)})
+        log(f"[bench] prefill {model}: {k} image tokens, {prompt}-token prompts x {batch}: {ms:.1f} ms", flush=True)
+    for row in rows:
+        row["speedup"] = rows[0]["prefill_ms"] / row["prefill_ms"]
+        row["ideal"] = rows[0]["flops"] / row["flops"]
+    return rows
+
+
+def prefill_table(rows: list[dict], model: str, batch: int, where: str) -> list[str]:
+    lines = [f"\nPrefill of {model} (batch {batch}, {where}):\n",
+             "| budget | image tokens | prompt tokens | prefill (ms) | timed runs | speed-up | ideal (FLOPs) | measured / ideal |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['budget']} | {r['image_tokens']} | {r['prompt_tokens']} | {r['prefill_ms']:.1f} | "
+                     f"{r['runs']} | {r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['speedup'] / r['ideal']:.2f} |")
+    return lines
+
+
+def default_model() -> Optional[str]:
+    """``make vlm``'s folder, built first when there is none."""
+    from tokensel.experiments.vlm_build import ensure_vlm
+
+    return str(ensure_vlm())
