@@ -84,7 +84,7 @@ class TeacherConfig:
     """``teacher.*``: how the corpus teacher is trained (only used when one is built)."""
 
     model: str = "coca_head"  # an open_clip CoCa config; its pooler is rebuilt at the encoder's width
-    epochs: int = 5
+    epochs: int = 4
     lr: float = 1.0e-3
     weight_decay: float = 0.05
     warmup: float = 0.05  # share of the steps

@@ -195,7 +195,7 @@ def train(config) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(full_config, sort_keys=False))
         remove_stale_temps(checkpoint_dir)  # half-written by a run killed during a save
-        params = sum(p.numel() for p in module.parameters())
+        params = sum(p.numel() for p in module.parameters() if p.requires_grad)  # not the frozen VLM
         print(f"tokensel: {config.selector.name} | {params / 1e6:.2f}M selector params | encoder "
               f"{config.encoder.name} (frozen, {dims['num_tokens']} tokens x {dims['dim']}) | data "
               f"{datamodule.root} | run {run_dir}", flush=True)
