@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         model = args.prefill_model or default_model()
         rows = prefill_rows(model, parse_budgets(args.prefill_budgets, "--prefill-budgets"), args.prefill_batch,
-                            args.warmup, args.repeats)
+                            lambda fn, on_gpu: median_ms(fn, args.warmup, args.repeats, on_gpu))
         prefill = prefill_table(rows, model, args.prefill_batch, "bf16" if cuda else f"fp32, {where}")
         lines += prefill
         print("\n".join(prefill), flush=True)

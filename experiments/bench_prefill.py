@@ -6,8 +6,8 @@ with all of the image's tokens and with K of them kept (:class:`~tokensel.select
 the ``uniform`` baseline: the time does not depend on which K). Beside each measured speed-up is
 the ideal one, the ratio of the prompt's LLM FLOPs (``experiments/flops.llm_flops`` over every
 prompt token, image and text: ``4nd^2 + 2n^2d + 3ndm`` per layer, the gated FFN of LLaMA-family
-LLMs), and measured / ideal. bf16 on a GPU (CUDA events through ``bench.median_ms``), fp32 on a
-CPU; the median of ``repeats`` timed prefills after ``warmup`` untimed ones. The vision tower,
+LLMs), and measured / ideal. bf16 on a GPU (synchronised, ``bench.median_ms``), fp32 on a
+CPU; the median of ``make bench``'s ``--repeats`` timed prefills after its ``--warmup``. The vision tower,
 the selector and the projector are outside the timed region (their cost is the first table's).
 """
 
@@ -20,12 +20,12 @@ import torch
 QUESTION = "What is the value shown for 2017?"
 
 
-def prefill_rows(model: str, budgets: list, batch: int, warmup: int, repeats: int, log=print) -> list[dict]:
-    """One row per budget (``None``: all tokens, first), each timed on the same ``batch`` prompts."""
+def prefill_rows(model: str, budgets: list, batch: int, timer, log=print) -> list[dict]:
+    """One row per budget (``None``: all tokens, first), each timed on the same ``batch`` prompts;
+    ``timer(fn, cuda)`` -> (median ms, timed runs) is ``make bench``'s."""
     import numpy as np
     from PIL import Image
 
-    from tokensel.experiments.bench import median_ms
     from tokensel.experiments.flops import llm_flops
     from tokensel.selectors.budget import resolve_budget
     from tokensel.selectors.catalog import build_baseline
@@ -47,7 +47,7 @@ def prefill_rows(model: str, budgets: list, batch: int, warmup: int, repeats: in
         vlm = full if budget is None else PrunedLlava(full.model, full.processor, uniform, budget)
         inputs = vlm.prefill_inputs(images, [QUESTION] * batch)
         with torch.inference_mode():
-            ms, runs = median_ms(lambda: full.model(**inputs, use_cache=True), warmup, repeats, cuda)
+            ms, runs = timer(lambda: full.model(**inputs, use_cache=True), cuda)
         prompt = int(inputs["inputs_embeds"].shape[1])
         k = side * side if budget is None else resolve_budget(budget, side * side)
         rows.append({"budget": "all" if budget is None else str(budget), "image_tokens": k, "prompt_tokens": prompt,

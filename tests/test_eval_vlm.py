@@ -2,6 +2,7 @@
 columns, a partial run marked as such, and one-line errors."""
 
 import csv
+import json
 
 import pytest
 
@@ -25,6 +26,9 @@ def test_eval_vlm_compares_selectors_in_one_llava(tiny_llava, tiny_corpus, tmp_p
     assert float(rows[1]["tflops_2ndm"]) < float(rows[0]["tflops_2ndm"])  # 4 tokens cost less than 16
     assert "PARTIAL" in (out / "results.md").read_text()
     assert list(out.glob("*.png"))
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 50 and {a["selector"] for a in answers} == {"full", "random", "divprune"}
+    assert all(isinstance(a["answer"], str) and a["answers"] and a["key"] for a in answers)
 
 
 def test_retained_share_and_speed_up_are_relative_to_the_full_token_row():
