@@ -13,8 +13,6 @@ the selector and the projector are outside the timed region (their cost is the f
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 QUESTION = "What is the value shown for 2017?"
@@ -69,7 +67,7 @@ def prefill_table(rows: list[dict], model: str, batch: int, where: str) -> list[
     return lines
 
 
-def default_model() -> Optional[str]:
+def default_model() -> str:
     """``make vlm``'s folder, built first when there is none."""
     from tokensel.experiments.vlm_build import ensure_vlm
 

@@ -252,23 +252,26 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError(reason)
 
 
+def encoder_mismatch(need, encoder: EncoderConfig) -> Optional[str]:
+    """Where ``encoder`` differs from a VLM's ``EncoderRequirement``, weights included (only
+    datamodules know a weights identity, so this is here, not in the selector), else None."""
+    from tokensel.datamodules.feature_cache import weights_identity
+
+    weights = weights_identity(encoder) if need.weights is not None else None
+    return need.mismatch(encoder.name, encoder.layer, encoder.norm, weights, encoder.image_size)
+
+
 def check_vlm_weights(config: TrainConfig) -> Optional[str]:
     """A CoCa head (the corpus teacher) read one encoder's weights: the run's must be the same. A
-    one-line reason if not. (Here, not in the selector: only datamodules know weights' identity.)"""
-    from tokensel.datamodules.feature_cache import weights_identity
+    one-line reason if not (name, layer and norm are the selector's own ``check_run``)."""
     from tokensel.selectors.vlm_backends import required_encoder
 
     vlm = getattr(config.selector, "vlm", None)
-    if vlm is None:
+    need = required_encoder(vlm) if vlm is not None else None
+    if need is None or need.weights is None:
         return None
-    need = required_encoder(vlm)
-    if need.weights is None:
-        return None
-    got = weights_identity(config.encoder)
-    if got != need.weights:
-        return (f"selector.vlm.pretrained={vlm.pretrained!r} read encoder.weights {need.weights}, "
-                f"this run's encoder.pretrained={config.encoder.pretrained!r} is {got}")
-    return None
+    reason = encoder_mismatch(need, config.encoder)
+    return f"selector.vlm.pretrained={vlm.pretrained!r} needs {reason}" if reason else None
 
 
 def check_trainer(trainer: TrainerConfig) -> None:

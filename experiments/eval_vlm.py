@@ -31,6 +31,7 @@ Default budgets: K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep r
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
@@ -256,8 +257,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = evaluate(vlm, selectors, budgets, samples, args.batch_size, answers_out=answers)
     out = Path(args.out or f"eval_vlm/{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    import json
-
     (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     partial = f" (PARTIAL: --limit {args.limit})" if args.limit else ""
     title = f"{args.model}: {len(samples)} held-out samples of {data.data.root}/{data.data.val_split}{partial}"

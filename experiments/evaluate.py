@@ -151,7 +151,7 @@ def ntp_vlm(config, trained: list) -> tuple:
     """(the frozen VLM of the ``ntp_increase`` column or None, what it is in words): a trained
     vp_noise's own VLM, else the corpus teacher of the group's encoder when one is built
     (``make teacher``, or the first ``make train SELECTOR=vp_noise``)."""
-    from tokensel.datamodules.feature_cache import weights_identity
+    from tokensel.experiments.config import encoder_mismatch
     from tokensel.experiments.teacher import find_teacher
     from tokensel.selectors.vlm import VLMConfig
     from tokensel.selectors.vlm_backends import build_vlm, required_encoder
@@ -163,10 +163,7 @@ def ntp_vlm(config, trained: list) -> tuple:
             return None, "n/a (no corpus teacher for this encoder and corpus yet: make teacher)"
         vlm_cfg = VLMConfig(backend="coca", model=config.teacher.model, pretrained=str(teacher))
     what = f"{vlm_cfg.backend}:{vlm_cfg.model}" + (f" ({vlm_cfg.pretrained})" if vlm_cfg.pretrained else "")
-    need = required_encoder(vlm_cfg)
-    enc = config.encoder
-    weights = weights_identity(enc) if need.weights is not None else None
-    if need.mismatch(enc.name, enc.layer, enc.norm, weights, enc.image_size) is not None:
+    if encoder_mismatch(required_encoder(vlm_cfg), config.encoder) is not None:
         return None, f"{what} n/a (it needs another encoder)"
     return build_vlm(vlm_cfg), what
 

@@ -43,7 +43,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from tokensel.common.cli import quiet_known_warnings, run_main
@@ -76,8 +75,8 @@ def teacher_fingerprint(config) -> tuple[str, dict]:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest(), parts
 
 
-def teacher_folder(config) -> Path:
-    key, _ = teacher_fingerprint(config)
+def teacher_folder(config, key: Optional[str] = None) -> Path:
+    key = key or teacher_fingerprint(config)[0]
     encoder = config.encoder.name.partition(":")[2].replace("/", "_").replace(":", "_")[-40:]
     return teacher_base() / f"{config.teacher.model}-{encoder}-{key[:16]}"
 
@@ -90,13 +89,14 @@ def find_teacher(config) -> Optional[Path]:
 
 def ensure_teacher(config, log=print) -> Path:
     """The teacher's weights file, built first when there is none (see the module docstring)."""
-    found = find_teacher(config)
-    if found is not None:
-        record = json.loads((found.parent / "teacher.json").read_text())
-        log(f"corpus teacher: {found.parent} (held-out NTP: real {record['losses']['real']['mean']:.3f}, "
+    key, parts = teacher_fingerprint(config)
+    folder = teacher_folder(config, key)
+    if (folder / WEIGHTS_FILE).is_file():
+        record = json.loads((folder / "teacher.json").read_text())
+        log(f"corpus teacher: {folder} (held-out NTP: real {record['losses']['real']['mean']:.3f}, "
             f"shuffled {record['losses']['shuffled']['mean']:.3f})", flush=True)
-        return found
-    return build_teacher(config, log)
+        return folder / WEIGHTS_FILE
+    return build_teacher(config, folder, key, parts, log)
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -126,10 +126,8 @@ def train_head(vlm, datamodule, teacher, log=print) -> float:
     """Fit ``vlm``'s parameters in place on the train split; returns the seconds spent."""
     from tqdm.auto import tqdm
 
-    params = [p for p in vlm.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=teacher.lr, weight_decay=teacher.weight_decay)
+    vlm.requires_grad_(True)
+    optimizer = torch.optim.AdamW(vlm.parameters(), lr=teacher.lr, weight_decay=teacher.weight_decay)
     split = datamodule.cfg.train_split
     total = teacher.epochs * len(datamodule.epoch_loader(split))
     began, step = time.perf_counter(), 0
@@ -165,18 +163,17 @@ def held_out(datamodule) -> tuple[torch.Tensor, list, list, list]:
     return torch.cat(feats), prompts, targets, sources
 
 
-def build_teacher(config, log=print) -> Path:
-    """Train, measure and save the teacher of ``config``; returns its weights file."""
+def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Path:
+    """Train, measure and save the teacher of ``config`` (fingerprint ``key`` of ``parts``) into
+    ``folder``; returns its weights file."""
     from safetensors.torch import save_file
 
     from tokensel.common.cache import atomic_write
     from tokensel.datamodules.datamodule import FeatureDataModule
     from tokensel.datamodules.feature_cache import weights_identity
-    from tokensel.experiments.vlm_align import derangement, format_losses, per_sample_loss, summary
+    from tokensel.experiments.vlm_align import derangement, format_losses, held_out_losses, per_sample_loss
     from tokensel.selectors.vlm_coca import HEAD_METADATA
 
-    key, parts = teacher_fingerprint(config)
-    folder = teacher_folder(config)
     started = time.perf_counter()
     log(f"corpus teacher: building {folder} (once; a CoCa head over {config.encoder.name} tokens, trained on "
         "the corpus)", flush=True)
@@ -192,11 +189,7 @@ def build_teacher(config, log=print) -> Path:
     real = per_sample_loss(vlm, feats, prompts, targets, size)
     perm = torch.from_numpy(derangement(len(prompts), config.teacher.seed))
     shuffled = per_sample_loss(vlm, feats[perm], prompts, targets, size)
-    losses = {"n": len(prompts), "init": summary(init), "real": summary(real), "shuffled": summary(shuffled),
-              "real_minus_shuffled": summary(real - shuffled), "real_minus_init": summary(real - init),
-              "per_source": {s: {"real": float(real[m].mean()), "shuffled": float(shuffled[m].mean()),
-                                 "init": float(init[m].mean()), "n": int(m.sum())}
-                             for s in sorted(set(sources)) for m in [np.asarray(sources) == s]}}
+    losses = held_out_losses(init, real, shuffled, sources)
     enc = config.encoder
     meta = {"open_clip_model": config.teacher.model, "width": datamodule.dims.dim, "fingerprint": key,
             "encoder": {"name": enc.name, "weights": weights_identity(enc), "layer": enc.layer, "norm": enc.norm,

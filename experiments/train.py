@@ -110,11 +110,10 @@ def resolve_corpus_teacher(config) -> None:
     if vlm is None or vlm.backend != "coca" or vlm.pretrained != CORPUS_TEACHER:
         return
     config.teacher.model = vlm.model
-    found = find_teacher(config)
-    if found is None and not is_rank_zero_process():
+    if not is_rank_zero_process() and find_teacher(config) is None:
         raise ConfigError("selector.vlm.pretrained=corpus: the corpus teacher is not built; build it once first "
                           "(make teacher with the same config) before starting every rank on its own")
-    vlm.pretrained = str(found or ensure_teacher(config))
+    vlm.pretrained = str(ensure_teacher(config))
 
 
 def train(config) -> dict:

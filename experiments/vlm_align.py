@@ -132,12 +132,16 @@ def align(model, processor, recipe, log=print) -> tuple[dict, dict]:
     perm = derangement(len(prompts), recipe.seed)
     shuffled = per_sample_loss(vlm, feats[torch.from_numpy(perm)], prompts, targets, recipe.eval_batch_size)
     timing["eval_trained_s"] = time.perf_counter() - began
-    losses = {"n": len(prompts), "init": summary(init), "real": summary(real), "shuffled": summary(shuffled),
-              "real_minus_shuffled": summary(real - shuffled), "real_minus_init": summary(real - init),
-              "per_source": {s: {"real": float(real[m].mean()), "shuffled": float(shuffled[m].mean()),
-                                 "init": float(init[m].mean()), "n": int(m.sum())}
-                             for s in sorted(set(sources)) for m in [np.asarray(sources) == s]}}
-    return losses, timing
+    return held_out_losses(init, real, shuffled, sources), timing
+
+
+def held_out_losses(init: np.ndarray, real: np.ndarray, shuffled: np.ndarray, sources: list) -> dict:
+    """Per-sample losses at init, with the real and with deranged image tokens, summarised (and per source)."""
+    return {"n": len(real), "init": summary(init), "real": summary(real), "shuffled": summary(shuffled),
+            "real_minus_shuffled": summary(real - shuffled), "real_minus_init": summary(real - init),
+            "per_source": {s: {"real": float(real[m].mean()), "shuffled": float(shuffled[m].mean()),
+                               "init": float(init[m].mean()), "n": int(m.sum())}
+                           for s in sorted(set(sources)) for m in [np.asarray(sources) == s]}}
 
 
 def format_losses(losses: dict, init_label: str = "projector at init") -> str:
