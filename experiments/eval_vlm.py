@@ -8,9 +8,11 @@
 Questions get LLaVA-1.5's short-answer suffix, except for a ``make vlm`` model, whose projector
 was aligned on the bare questions (``--answer-suffix`` sets it either way).
 
-Every selector runs inside the same Hugging Face LLaVA (:class:`~tokensel.selectors.pruned_vlm.PrunedLlava`):
-K image tokens kept between the vision tower and the projector, then the model's own greedy
-``generate``. ``full`` is the all-token reference. Held-out samples come from ``data.root``'s
+Every selector runs inside the same Hugging Face LLaVA-1.5 or LLaVA-NeXT
+(:class:`~tokensel.selectors.pruned_vlm.PrunedLlava`): K image tokens kept between the vision
+tower and the projector (for NeXT per view, or across each image's views with
+``--view-selection across``), then the model's own greedy ``generate`` on the same pruned
+prompt that the prefill was timed on. ``full`` is the all-token reference. Held-out samples come from ``data.root``'s
 ``data.val_split`` (the converted DocVQA val, ChartQA test and COCO val, or the generated corpus).
 
 Per selector x budget (``results.csv``, ``results.md``, one plot per metric; every answer with its
@@ -21,12 +23,15 @@ references in ``answers.jsonl``):
   the full-token average it retains;
 - prefill time (median over batches; CUDA events on a GPU, ``perf_counter`` on a CPU) and the
   speed-up over full tokens;
+- the image tokens per prompt (``k``, a mean: NeXT images differ in view count) and the keep
+  ratio against the views' ``V * N`` tokens (for NeXT's full row, its own unpadded layout with
+  newlines, so it need not be 1);
 - the LLM's TFLOPs for the image tokens per image, by the field's formula
   ``4nd^2 + 2n^2d + 2ndm`` per layer and by the gated-FFN reading ``3ndm`` (``experiments/flops.py``);
 - peak GPU memory (``n/a`` on a CPU).
 
-Default budgets: K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep ratios 0.111 and
-0.25 of its tokens. ``--limit N`` stops after N samples and marks the table partial.
+Default budgets: for LLaVA-NeXT the Gumbel paper's keep ratios 0.056, 0.111, 0.222, 0.4 and 0.5;
+K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep ratios 0.111 and 0.25 of its tokens. ``--limit N`` stops after N samples and marks the table partial.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
 from tokensel.common.errors import TokenselError
 
 LLAVA15_COUNTS = (64, 128, 192)
+NEXT_KEEP_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
 METRIC_OF = {"docvqa": "docvqa_anls", "chartqa": "chartqa_relaxed", "coco": "coco_cider"}
 
@@ -94,9 +100,13 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None,
                 return
 
 
-def default_budgets(num_tokens: int) -> list:
-    """K = 64, 128, 192 of a 576-token tower (LLaVA-1.5); for another tower the keep ratio of 64 of
-    576 and 25 % (two budgets, so the default run on a CPU stays within minutes)."""
+def default_budgets(num_tokens: int, anyres: bool = False) -> list:
+    """LLaVA-NeXT (``anyres``): the Gumbel paper's keep ratios (arXiv 2503.16660, Table 1: 160,
+    320, 640, 1152 and 1440 of 2,880 tokens). LLaVA-1.5: K = 64, 128, 192 of a 576-token tower; for
+    another tower the keep ratio of 64 of 576 and 25 % (two budgets, so the default run on a CPU
+    stays within minutes)."""
+    if anyres:
+        return list(NEXT_KEEP_RATIOS)
     if num_tokens == 576:
         return list(LLAVA15_COUNTS)
     return [round(LLAVA15_COUNTS[0] / 576, 3), 0.25]
@@ -138,36 +148,36 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
     ``answers_out`` when it is given."""
     from tokensel.experiments.flops import llm_flops
     from tokensel.experiments.stats import mean_ci
-    from tokensel.selectors.budget import resolve_budget
     from tokensel.selectors.pruned_vlm import PrunedLlava
 
     cuda = vlm.model.device.type == "cuda"
     text = vlm.model.config.text_config
     d, m, layers = int(text.hidden_size), int(text.intermediate_size), int(text.num_hidden_layers)
-    tower = vlm.model.config.vision_config
-    num_tokens = (int(tower.image_size) // int(tower.patch_size)) ** 2
     runs = [("full", None, None)] + [(n, s, b) for n, s in selectors.items() if s is not None for b in budgets]
     warm = PrunedLlava(vlm.model, vlm.processor)  # one untimed prefill: first calls pay for allocation
     with torch.no_grad():
         prefill_ms(warm.model, warm.prefill_inputs([samples[0][2]], [samples[0][3]]), cuda)
     rows = []
     for name, selector, budget in runs:
-        pruned = PrunedLlava(vlm.model, vlm.processor, selector, budget, vlm.feature_space)
-        k = num_tokens if budget is None else resolve_budget(budget, num_tokens)
-        records, times = [], []
+        pruned = PrunedLlava(vlm.model, vlm.processor, selector, budget, vlm.feature_space, vlm.view_selection)
+        records, times, kept, candidates = [], [], [], []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
-            images, questions = [s[2] for s in batch], [s[3] for s in batch]
+            prompt = pruned.prune([s[2] for s in batch], [s[3] for s in batch])
             with torch.no_grad():
-                times.append(prefill_ms(pruned.model, pruned.prefill_inputs(images, questions), cuda) / len(batch))
-            answers = pruned.generate(images, questions)
+                times.append(prefill_ms(pruned.model, prompt.inputs, cuda) / len(batch))
+            answers = pruned.answer(prompt)
+            kept += prompt.image_tokens
+            candidates += prompt.candidate_tokens
             records += [{"key": s[0], "source": s[1], "answer": a, "answers": s[4]} for s, a in zip(batch, answers)]
-            log(f"[eval-vlm] {name} k={k}: {len(records)}/{len(samples)}", end="\r")
+            log(f"[eval-vlm] {name} {budget or 'all'}: {len(records)}/{len(samples)}", end="\r")
+        k = statistics.mean(kept)  # image tokens per prompt (NeXT images differ in view count)
         metrics = {metric: mean_ci(values) for metric, values in score(records).items()}
-        row = {"selector": name, "budget": "all" if budget is None else str(budget), "keep_ratio": k / num_tokens,
-               "k": k, "samples": len(records), **metrics,
+        row = {"selector": name, "budget": "all" if budget is None else str(budget),
+               "keep_ratio": statistics.mean(a / b for a, b in zip(kept, candidates)),
+               "k": int(k) if float(k).is_integer() else round(k, 1), "samples": len(records), **metrics,
                "average": statistics.mean(v[0] for v in metrics.values()) if metrics else float("nan"),
                "prefill_ms": statistics.median(times) if times else float("nan"),
                "tflops_2ndm": llm_flops(k, d, m, layers, ffn_matrices=2) / 1e12,
@@ -175,8 +185,8 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
                "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")}
         rows.append(row)
         if answers_out is not None:
-            answers_out += [{"selector": name, "budget": row["budget"], "k": k, **r} for r in records]
-        log(f"[eval-vlm] {name} k={k}: average {row['average']:.3f}, prefill {row['prefill_ms']:.1f} ms/sample")
+            answers_out += [{"selector": name, "budget": row["budget"], "k": n, **r} for r, n in zip(records, kept)]
+        log(f"[eval-vlm] {name} k={row['k']}: average {row['average']:.3f}, prefill {row['prefill_ms']:.1f} ms/sample")
     return relative_to_full(rows)
 
 
@@ -207,6 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ckpts", default="", help="trained selector checkpoints, comma list")
     parser.add_argument("--budgets", default="", help="token counts and/or keep ratios (default: 64,128,192 of 576)")
     parser.add_argument("--feature-space", default="vision", choices=("vision", "projector"))
+    parser.add_argument("--view-selection", default="per_view", choices=("per_view", "across"),
+                        help="LLaVA-NeXT: a budget per view, or across each image's views")
     parser.add_argument("--limit", type=int, default=None, help="stop after N samples (the table says partial)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--precision", default="32", help="the VLM's dtype: 32 | bf16 | 16")
@@ -236,7 +248,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.model = str(ensure_vlm())
     made_here = (Path(args.model) / "vlm_build.json").is_file()  # aligned on bare questions
     suffix = args.answer_suffix if args.answer_suffix is not None else ("" if made_here else ANSWER_SUFFIX)
-    vlm = PrunedLlava.from_pretrained(args.model, precision=args.precision, feature_space=args.feature_space)
+    vlm = PrunedLlava.from_pretrained(args.model, precision=args.precision, feature_space=args.feature_space,
+                                      view_selection=args.view_selection)
     if torch.cuda.is_available():
         vlm.model.to("cuda")
     tower = vlm.model.config.vision_config
@@ -248,7 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise EvalVLMError(f"{path}: trained on {net.dims.num_tokens} tokens x {net.dims.dim}, but {args.model}'s "
                                f"tower gives {side * side} x {tower.hidden_size}")
         selectors[net.config.name] = net
-    budgets = parse_budgets(args.budgets) or default_budgets(side * side)
+    budgets = parse_budgets(args.budgets) or default_budgets(side * side, vlm.anyres)
     samples = list(held_out_samples(data.data.root, data.data.val_split, args.limit, suffix))
     if not samples:
         raise EvalVLMError(f"{data.data.root}: no usable samples in split {data.data.val_split!r}")

@@ -19,11 +19,12 @@ lmms-eval 0.7.3 finds the class through the ``lmms_eval.models`` entry-point gro
 
 ``model_args``: ``pretrained`` (a LLaVA folder or hub id), ``selector`` (``full``, a training-free
 baseline such as ``divprune``, or a trained checkpoint path), ``budget`` (a token count or keep
-ratio; not for ``full``), ``feature_space`` (``vision`` | ``projector``), ``batch_size`` (else
+ratio; not for ``full``), ``feature_space`` (``vision`` | ``projector``), ``view_selection``
+(LLaVA-NeXT: ``per_view`` | ``across``), ``batch_size`` (else
 lmms-eval's ``--batch_size``), ``device`` (default: cuda if available), ``precision`` (32 | bf16 | 16),
 ``max_new_tokens`` (when the task sets none; default 32), ``seed`` (of the random baseline).
 Decoding is always greedy; ``until`` strings and the EOS token end an answer. One image per
-prompt (LLaVA-1.5 layout) and one process (no data parallelism). lmms-eval's own hub tasks need
+prompt (LLaVA-1.5 or LLaVA-NeXT) and one process (no data parallelism). lmms-eval's own hub tasks need
 the hub; ``--limit N`` takes the first N documents, so do not report metrics from it.
 """
 
@@ -51,23 +52,6 @@ def manifest():
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.TokenselLlava")
 
 
-class _CountingLlava(PrunedLlava):
-    """PrunedLlava that remembers how many image tokens each prompt got (and of how many)."""
-
-    kept: Optional[int] = None
-    total: Optional[int] = None
-
-    def image_features(self, pixel_values):
-        features = super().image_features(pixel_values)
-        self.total = features.shape[1]
-        return features
-
-    def image_embeddings(self, pixel_values):
-        embeddings = super().image_embeddings(pixel_values)
-        self.kept = embeddings.shape[1]
-        return embeddings
-
-
 class TokenselLlava(lmms):
     """``tokensel_llava``: lmms-eval's ``generate_until``, ``loglikelihood`` and
     ``generate_until_multi_round`` on a LLaVA that keeps ``budget`` image tokens (module docstring)."""
@@ -75,6 +59,7 @@ class TokenselLlava(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, selector: str = "full", budget=None, feature_space: str = "vision",
+                 view_selection: str = "per_view",
                  batch_size=1, device: Optional[str] = None, precision="32", max_new_tokens=32, seed=0,
                  max_batch_size=None, **unknown):
         super().__init__()
@@ -89,7 +74,8 @@ class TokenselLlava(lmms):
             raise ConfigError(f"{MODEL_ID}: batch_size={batch_size!r} must be a number ('auto' is not supported)") from None
         self.max_new_tokens = int(max_new_tokens)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        base = PrunedLlava.from_pretrained(str(pretrained), precision=str(precision), feature_space=str(feature_space))
+        base = PrunedLlava.from_pretrained(str(pretrained), precision=str(precision), feature_space=str(feature_space),
+                                           view_selection=str(view_selection))
         self.selector_name = str(selector)
         net = self._build_selector(self.selector_name, base.model.config, int(seed))
         if net is None and budget is not None:
@@ -100,10 +86,11 @@ class TokenselLlava(lmms):
         if len(budgets) != 1:
             raise ConfigError(f"{MODEL_ID}: budget={budget!r}: one budget per run")
         self.budget = budgets[0]
-        self.vlm = _CountingLlava(base.model.to(self._device), base.processor, net,
-                                  self.budget, str(feature_space))
+        self.vlm = PrunedLlava(base.model.to(self._device), base.processor, net, self.budget,
+                               str(feature_space), str(view_selection))
         self.tokenizer = base.processor.tokenizer
         self.image_tokens: list[int] = []  # image tokens in each prompt prefilled so far
+        self.candidate_tokens: list[int] = []  # and the tokens of its views they were chosen from
         self._warned_sampling = False
 
     @classmethod
@@ -172,13 +159,16 @@ class TokenselLlava(lmms):
             yield batch
 
     def _prefill(self, images, contexts) -> dict:
-        inputs = self.vlm.prefill_inputs(images, [self._text(c) for c in contexts])
-        self.image_tokens += [self.vlm.kept] * len(images)
-        return inputs
+        prompt = self.vlm.prune(images, [self._text(c) for c in contexts])
+        self.image_tokens += prompt.image_tokens
+        self.candidate_tokens += prompt.candidate_tokens
+        return prompt.inputs
 
     def _report(self, what: str, count: int) -> None:
         budget = "all tokens" if self.budget is None else f"budget {self.budget}"
-        logger.info(f"{MODEL_ID} {what}: {count} prompts, {self.vlm.kept} of {self.vlm.total} image tokens per prompt "
+        kept = sum(self.image_tokens) / max(1, len(self.image_tokens))
+        total = sum(self.candidate_tokens) / max(1, len(self.candidate_tokens))
+        logger.info(f"{MODEL_ID} {what}: {count} prompts, {kept:.1f} of {total:.1f} image tokens per prompt "
                     f"({self.selector_name}, {budget})")
 
     @torch.no_grad()

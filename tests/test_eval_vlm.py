@@ -18,7 +18,7 @@ def test_eval_vlm_compares_selectors_in_one_llava(tiny_llava, tiny_corpus, tmp_p
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["selector"], r["budget"]) for r in rows] == [
         ("full", "all"), ("random", "4"), ("random", "0.5"), ("divprune", "4"), ("divprune", "0.5")]
-    assert [int(r["k"]) for r in rows] == [16, 4, 8, 4, 8]
+    assert [float(r["k"]) for r in rows] == [16, 4, 8, 4, 8]
     for r in rows:
         assert int(r["samples"]) == 10
         assert all(int(r[f"{m}_n"]) > 0 for m in ("docvqa_anls", "chartqa_relaxed", "coco_cider"))
@@ -29,6 +29,23 @@ def test_eval_vlm_compares_selectors_in_one_llava(tiny_llava, tiny_corpus, tmp_p
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 50 and {a["selector"] for a in answers} == {"full", "random", "divprune"}
     assert all(isinstance(a["answer"], str) and a["answers"] and a["key"] for a in answers)
+
+
+@pytest.mark.slow
+def test_eval_vlm_runs_llava_next_with_the_papers_keep_ratios(tiny_llava_next, tiny_corpus, tmp_path):
+    from tokensel.experiments.eval_vlm import NEXT_KEEP_RATIOS
+
+    out = tmp_path / "eval_vlm_next"
+    result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_llava_next), "--selectors",
+                        "full,uniform", "--view-selection", "across", "--limit", "6", "--out", str(out),
+                        f"data.root={tiny_corpus}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["budget"] for r in rows] == ["all"] + [str(b) for b in NEXT_KEEP_RATIOS]
+    ratios = [float(r["keep_ratio"]) for r in rows[1:]]
+    assert ratios == pytest.approx(list(NEXT_KEEP_RATIOS), abs=0.02)  # of each image's V x N tokens
+    ks = [float(r["k"]) for r in rows[1:]]
+    assert ks == sorted(ks) and float(rows[0]["k"]) > ks[-1]
 
 
 def test_retained_share_and_speed_up_are_relative_to_the_full_token_row():

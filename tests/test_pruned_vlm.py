@@ -65,3 +65,77 @@ def test_bad_pruned_vlm_settings_are_one_line(tmp_path, full):
         with pytest.raises(TokenselError) as err:
             make()
         assert "\n" not in str(err.value)
+
+
+# ---- LLaVA-NeXT: anyres views ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def next_full(tiny_llava_next):
+    return PrunedLlava.from_pretrained(str(tiny_llava_next))
+
+
+def view_counts(vlm, pictures) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = vlm.model.config
+    return [image_size_to_num_patches((p.height, p.width), config.image_grid_pinpoints, 32) for p in pictures]
+
+
+def test_next_images_of_different_shapes_get_different_view_counts(next_full):
+    assert next_full.anyres and len(set(view_counts(next_full, images(4)))) > 1
+
+
+@pytest.mark.parametrize("baseline, budget, view_selection",
+                         [(None, None, "per_view"), ("uniform", 4, "per_view"), ("divprune", 0.25, "per_view"),
+                          ("l2norm", 0.25, "across"), ("uniform", 6, "across")])
+def test_next_greedy_answers_do_not_depend_on_the_batch(next_full, baseline, budget, view_selection):
+    selector = build_baseline(baseline, (4, 4)) if baseline else None
+    vlm = PrunedLlava(next_full.model, next_full.processor, selector, budget, view_selection=view_selection)
+    pictures = images(4)
+    together = vlm.generate(pictures, QUESTIONS, max_new_tokens=6)
+    alone = [vlm.generate([p], [q], max_new_tokens=6)[0] for p, q in zip(pictures, QUESTIONS)]
+    assert together == alone
+    assert any(together)
+
+
+def test_next_full_reference_is_the_models_own_forward(next_full):
+    """All tokens: the model's own layout (unpadded crops, image_newline), so its logits equal
+    LlavaNextForConditionalGeneration's forward on the processor's output."""
+    picture, question = images(3)[2:], QUESTIONS[:1]
+    batch = next_full.processor(images=picture, text=next_full.prompts(question), return_tensors="pt")
+    with torch.no_grad():
+        own = next_full.model(**batch).logits[:, -1]
+        ours = next_full.model(**next_full.prefill_inputs(picture, question)).logits[:, -1]
+    assert torch.allclose(own, ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("view_selection", ["per_view", "across"])
+def test_next_prompts_hold_the_budget_per_view_or_across_views(next_full, view_selection):
+    selector = build_baseline("l2norm", (4, 4))
+    vlm = PrunedLlava(next_full.model, next_full.processor, selector, 0.25, view_selection=view_selection)
+    pictures = images(4)
+    views = view_counts(vlm, pictures)
+    prompt = vlm.prune(pictures, QUESTIONS)
+    assert prompt.candidate_tokens == [v * 16 for v in views]
+    expected = [v * 4 for v in views] if view_selection == "per_view" else [round(0.25 * v * 16) for v in views]
+    assert prompt.image_tokens == expected
+    # the kept embeddings of the last image, in view-major positional order, sit in its run
+    batch = vlm.processor(images=pictures[-1:], text=vlm.prompts(QUESTIONS[-1:]), return_tensors="pt")
+    features = vlm.image_features(batch["pixel_values"][0, :views[-1]])  # (V, N, C)
+    if view_selection == "per_view":
+        kept = selector.select(features, 0.25)[1].reshape(-1, features.shape[-1])
+    else:
+        kept = selector.select_across(features.unsqueeze(0), 0.25)[1][0]
+    projected = vlm.model.model.multi_modal_projector(kept)
+    slots = prompt.inputs["inputs_embeds"][-1][prompt.inputs["attention_mask"][-1].bool()]
+    found = [int(torch.isclose(slots, projected[j], atol=1e-6).all(-1).nonzero()[0]) for j in range(len(kept))]
+    assert found == list(range(found[0], found[0] + len(kept)))
+
+
+def test_a_model_that_is_not_a_llava_is_one_line(tmp_path):
+    from transformers import LlamaConfig
+
+    from tokensel.common.errors import TokenselError
+
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(TokenselError, match="model_type 'llama'"):
+        PrunedLlava.from_pretrained(str(tmp_path))
