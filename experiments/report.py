@@ -237,7 +237,8 @@ def safe_name(name: str) -> str:
 def plot_metrics(rows: list[dict], out_dir: Path, dpi: int = 100, confidence: float = 0.95) -> list[Path]:
     """One PNG per metric column (``<out_dir>/<metric>.png``): the metric against the keep ratio,
     one line per selector (points sorted by keep ratio), with the CI half-widths as error bars
-    (``confidence`` only labels the title).
+    (``confidence`` only labels the title). When every selector has a single budget, one bar per
+    selector instead (points on one x would hide each other).
     Cells with n = 0 are left out; a metric with no data at all still gets a PNG saying so.
     """
     out_dir = Path(out_dir)
@@ -252,34 +253,45 @@ def plot_metrics(rows: list[dict], out_dir: Path, dpi: int = 100, confidence: fl
     for metric in _metric_columns(rows, cols):
         fig, axes = new_figure(dpi=dpi)
         ax = axes[0, 0]
-        plotted = False
-        for sel in selectors:
-            pts = []
-            for r in rows:
-                v = r.get(metric)
-                if str(r.get("selector", "")) != sel or not is_metric_triple(v) or int(v[2]) == 0:
-                    continue
-                x = r.get("keep_ratio")
-                if x is None or not math.isfinite(float(v[0])):
-                    continue
-                half = float(v[1])
-                pts.append((float(x), float(v[0]), half if math.isfinite(half) else 0.0))
-            if not pts:
-                continue
-            pts.sort()
-            xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, marker="o", markersize=4, capsize=3, linewidth=1.2, label=sel)
-            plotted = True
-        ax.set_xlabel("keep ratio")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} vs keep ratio (± {confidence * 100:g} % CI)")
-        ax.grid(True, alpha=0.3)
-        if plotted:
-            ax.legend(fontsize=8)
+        points = {sel: sorted(_points(rows, sel, metric)) for sel in selectors}
+        points = {sel: pts for sel, pts in points.items() if pts}
+        if points and max(len(pts) for pts in points.values()) == 1:
+            # one budget per selector: lines would stack on one x, so one bar each
+            labels = [f"{sel}\n{pts[0][0]:.3g}" for sel, pts in points.items()]
+            ax.bar(range(len(points)), [pts[0][1] for pts in points.values()],
+                   yerr=[pts[0][2] for pts in points.values()], capsize=4, color="tab:blue", alpha=0.8)
+            ax.set_xticks(range(len(points)), labels, fontsize=8)
+            ax.set_xlabel("selector (keep ratio)")
+            ax.set_title(f"{metric} (± {confidence * 100:g} % CI)")
         else:
+            for sel, pts in points.items():
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", markersize=4, capsize=3, linewidth=1.2, label=sel)
+            ax.set_xlabel("keep ratio")
+            ax.set_title(f"{metric} vs keep ratio (± {confidence * 100:g} % CI)")
+            if points:
+                ax.legend(fontsize=8)
+        ax.set_ylabel(metric)
+        ax.grid(True, alpha=0.3)
+        if not points:
             ax.text(0.5, 0.5, "n/a (no samples)", ha="center", va="center", transform=ax.transAxes)
         paths.append(save_figure(fig, out_dir / f"{safe_name(metric)}.png"))
     return paths
+
+
+def _points(rows: list[dict], selector: str, metric: str) -> list[tuple[float, float, float]]:
+    """``(keep ratio, mean, CI half-width)`` of one selector's cells with samples."""
+    pts = []
+    for r in rows:
+        v = r.get(metric)
+        if str(r.get("selector", "")) != selector or not is_metric_triple(v) or int(v[2]) == 0:
+            continue
+        x = r.get("keep_ratio")
+        if x is None or not math.isfinite(float(v[0])):
+            continue
+        half = float(v[1])
+        pts.append((float(x), float(v[0]), half if math.isfinite(half) else 0.0))
+    return pts
 
 
 # ----------------------------------------------------------------------------------------------

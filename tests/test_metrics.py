@@ -223,3 +223,19 @@ def test_plot_metrics(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = plot_metrics(_rows(), tmp_path / "plots2")
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]  # deterministic
+
+
+def test_plot_metrics_draws_one_bar_per_selector_when_each_has_one_budget(tmp_path, monkeypatch):
+    from tokensel.experiments import report
+
+    rows = [{"selector": s, "budget": b, "keep_ratio": r, "cider": (m, 0.05, 20)}
+            for s, b, r, m in [("full", "all", 1.0, 0.3), ("random", "0.25", 0.25, 0.1), ("divprune", "0.25", 0.25, 0.2)]]
+    drawn = []
+    save = report.save_figure
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: (drawn.append(fig.axes[0]), save(fig, path))[1])
+    report.plot_metrics(rows, tmp_path)
+    bars = [p.get_height() for p in drawn[0].patches]
+    assert bars == pytest.approx([0.3, 0.1, 0.2])
+    assert [t.get_text().split("\n")[0] for t in drawn[0].get_xticklabels()] == ["full", "random", "divprune"]
+    report.plot_metrics(rows + [{**rows[1], "budget": "0.5", "keep_ratio": 0.5}], tmp_path / "two")
+    assert not drawn[1].patches and len(drawn[1].lines) > 0  # two budgets: lines against keep ratio
