@@ -2,7 +2,8 @@
 
 - :func:`cache_root`: ``$TOKENSEL_CACHE``, default ``~/.cache/tokensel``; converted packaged weights
   live in its ``weights/`` folder (``datamodules/encoders/packaged.py``);
-- :func:`file_sha256`: the hex sha256 of a file, read in chunks;
+- :func:`file_sha256`: the hex sha256 of a file, read in chunks, once per process while the file
+  keeps its size and modification time;
 - :func:`atomic_write`: write a file through a temporary sibling, ``fsync`` and one ``os.replace``,
   so a reader never sees half a file and two processes writing the same entry cannot corrupt it
   (each rename is of a complete file; the last one wins). Checkpoints are written through it too
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -27,7 +29,16 @@ def cache_root() -> Path:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "tokensel"
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's sha256, computed once per process for each (path, size, modification time):
+    a fingerprint asks for the same weights file several times per start-up."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _sha256(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: Path, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):

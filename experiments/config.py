@@ -247,9 +247,12 @@ def check_run_config(config: TrainConfig) -> None:
         raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
     check_trainer(config.trainer)
     check = getattr(config.selector, "check_run", None)  # an objective's own cross-checks
-    reason = (check(config) if check is not None else None) or check_vlm_weights(config)
-    if reason:
-        raise ConfigError(reason)
+    if check is not None:
+        from tokensel.datamodules.feature_cache import weights_identity
+
+        reason = check(config, lambda: weights_identity(config.encoder))
+        if reason:
+            raise ConfigError(reason)
 
 
 def encoder_mismatch(need, encoder: EncoderConfig) -> Optional[str]:
@@ -259,19 +262,6 @@ def encoder_mismatch(need, encoder: EncoderConfig) -> Optional[str]:
 
     weights = weights_identity(encoder) if need.weights is not None else None
     return need.mismatch(encoder.name, encoder.layer, encoder.norm, weights, encoder.image_size)
-
-
-def check_vlm_weights(config: TrainConfig) -> Optional[str]:
-    """A CoCa head (the corpus teacher) read one encoder's weights: the run's must be the same. A
-    one-line reason if not (name, layer and norm are the selector's own ``check_run``)."""
-    from tokensel.selectors.vlm_backends import required_encoder
-
-    vlm = getattr(config.selector, "vlm", None)
-    need = required_encoder(vlm) if vlm is not None else None
-    if need is None or need.weights is None:
-        return None
-    reason = encoder_mismatch(need, config.encoder)
-    return f"selector.vlm.pretrained={vlm.pretrained!r} needs {reason}" if reason else None
 
 
 def check_trainer(trainer: TrainerConfig) -> None:

@@ -36,7 +36,7 @@ Where the paper is silent (each is a ``selector.*`` key):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -97,16 +97,20 @@ class VPNoiseConfig(SelectorConfig):
             raise BudgetError(f"selector.k={k}: vp_noise needs 0 < K < N={num_tokens} tokens")
         return k
 
-    def check_run(self, run_config: Any) -> Optional[str]:
-        """The backend's encoder must be the run's encoder: a one-line reason if not."""
+    def check_run(self, run_config: Any, encoder_weights: Optional[Callable[[], str]] = None) -> Optional[str]:
+        """The backend's encoder must be the run's encoder, weights included when the VLM records
+        them (a corpus teacher): a one-line reason if not. ``encoder_weights`` gives the run
+        encoder's weights identity; the experiments layer passes it (a selector cannot compute it),
+        and it is called only when the VLM asks for weights."""
         try:
             need = required_encoder(self.vlm)
         except TokenselError as err:
             return str(err)
-        enc = run_config.encoder  # (a CoCa head's encoder weights: experiments/config.check_vlm_weights)
-        reason = need.mismatch(enc.name, enc.layer, enc.norm, image_size=enc.image_size)
+        enc = run_config.encoder
+        weights = encoder_weights() if need.weights is not None and encoder_weights is not None else None
+        reason = need.mismatch(enc.name, enc.layer, enc.norm, weights, enc.image_size)
         if reason:
-            return f"selector.vlm.backend={self.vlm.backend} ({self.vlm.model}) needs {reason}"
+            return f"selector.vlm={self.vlm.backend}:{self.vlm.model} ({self.vlm.pretrained or 'random'}) needs {reason}"
         return None
 
 

@@ -51,12 +51,11 @@ def run_module(module: str, *args: str, timeout: float = 600, env: dict | None =
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar in a run folder's TensorBoard events: tag -> [(step, value)]."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Every scalar in a run folder's TensorBoard events (the reports' own reader, imported late
+    so that collecting the tests stays light)."""
+    from tokensel.experiments.report import read_scalars as read
 
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return read(run_dir)
 
 
 def read_image_tags(run_dir: Path) -> list[str]:

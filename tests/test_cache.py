@@ -28,3 +28,18 @@ def test_atomic_write_renames_a_complete_file_or_leaves_nothing(tmp_path):
         atomic_write(target, half_then_fail)
     assert target.read_bytes() == b"abc"  # the old entry, untouched
     assert [p.name for p in tmp_path.iterdir()] == ["entry.bin"]  # no temporary file left
+
+
+def test_file_sha256_is_computed_again_when_the_file_changes(tmp_path):
+    import hashlib
+    import os
+
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"abc")
+    first = file_sha256(target)
+    target.write_bytes(b"abd")  # same size: the modification time tells them apart
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert first == hashlib.sha256(b"abc").hexdigest()
+    assert file_sha256(target) == hashlib.sha256(b"abd").hexdigest()
+    assert file_sha256(target) == file_sha256(str(target))  # a str path is the same file
