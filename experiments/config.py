@@ -164,6 +164,17 @@ def _one_line(err: Exception, schema: DictConfig, source: str) -> ConfigError:
     return ConfigError(f"{source}: {first}")
 
 
+def merge_overrides(schema: Any, overrides: list[str], source: str = "overrides") -> Any:
+    """``key=value`` items merged onto a structured config (a dataclass instance) and returned as
+    that dataclass; an unknown key or a bad value is one ``ConfigError`` naming it."""
+    node = OmegaConf.structured(schema)
+    try:
+        node = OmegaConf.merge(node, parse_overrides(list(overrides)))
+        return OmegaConf.to_object(node)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise _one_line(err, node, source) from None
+
+
 def load_config(selector: Optional[str] = None, config_file: Optional[str] = None,
                 overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
     """Build and check the run config (see the module docstring). Raises ``ConfigError``."""

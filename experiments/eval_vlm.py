@@ -31,7 +31,8 @@ references in ``answers.jsonl``):
 - peak GPU memory (``n/a`` on a CPU).
 
 Default budgets: for LLaVA-NeXT the Gumbel paper's keep ratios 0.056, 0.111, 0.222, 0.4 and 0.5;
-K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep ratios 0.111 and 0.25 of its tokens. ``--limit N`` stops after N samples and marks the table partial.
+K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep ratios 0.111 and 0.25 of its tokens.
+``--limit N`` stops after N samples and marks the table partial.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -56,6 +58,19 @@ METRIC_OF = {"docvqa": "docvqa_anls", "chartqa": "chartqa_relaxed", "coco": "coc
 
 class EvalVLMError(TokenselError):
     """A user mistake on the eval-vlm command line."""
+
+
+@dataclass
+class HeldOutData:
+    root: str = "data/default"  # shards with a shards.json index
+    val_split: str = "val"
+
+
+@dataclass
+class HeldOutConfig:
+    """What eval-vlm's ``key=value`` overrides may set: where the held-out samples are."""
+
+    data: HeldOutData = field(default_factory=HeldOutData)
 
 
 def held_out_samples(root: str, split: str, limit: Optional[int] = None,
@@ -201,9 +216,7 @@ def relative_to_full(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from omegaconf import OmegaConf
-
-    from tokensel.experiments.config import parse_overrides
+    from tokensel.experiments.config import merge_overrides
     from tokensel.experiments.report import plot_metrics, write_table
     from tokensel.selectors.budget import parse_budgets
     from tokensel.selectors.catalog import baseline_names, build_baseline, load_selector
@@ -227,11 +240,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="data.root=..., data.val_split=...")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings()
-    data = OmegaConf.merge({"data": {"root": "data/default", "val_split": "val"}}, parse_overrides(args.overrides))
-    given = OmegaConf.to_container(data)
-    unknown = [f"data.{k}" for k in given["data"] if k not in ("root", "val_split")] + [k for k in given if k != "data"]
-    if unknown:
-        raise EvalVLMError(f"overrides: unknown key {unknown[0]!r}; eval-vlm takes data.root and data.val_split")
+    data = merge_overrides(HeldOutConfig(), args.overrides)
     names = [s.strip() for s in args.selectors.split(",") if s.strip()]
     bad = [n for n in names if n != "full" and n not in baseline_names()]
     if bad:
