@@ -233,7 +233,7 @@ class CacheSampleDecoder(SampleDecoder):
 
     def collate(self, examples: list[dict], n_skipped: int) -> dict:
         names = ("features", "image", "box") + (("cls_attention",) if self.cls_attention else ())
-        return collate(examples, n_skipped, names)
+        return collate(examples, n_skipped, names, multi=self.views)
 
 
 # ---- building --------------------------------------------------------------------------------

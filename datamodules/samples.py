@@ -160,11 +160,12 @@ def with_pixels(example: dict, pre: Preprocess, resize_mode: str, pinpoints=None
     return example
 
 
-def collate(examples: list[dict], n_skipped: int, tensors: tuple[str, ...] = ("pixels", "box")) -> dict:
-    """Examples → one batch dict. Single-view examples stack; multi-view ones (their tensors have
-    a leading view axis) are flattened, one row per view in sample-major order, with the text
-    repeated, ``keys`` ``<key>/v<j>``, and ``view_of`` / ``view_index`` saying whose view each row is."""
-    multi = examples[0][tensors[0]].dim() > _single_dims(tensors[0])  # a stream is all one or the other
+def collate(examples: list[dict], n_skipped: int, tensors: tuple[str, ...] = ("pixels", "box"),
+            multi: bool = False) -> dict:
+    """Examples → one batch dict. Single-view examples stack; ``multi``-view ones (the decoder
+    knows: their tensors have a leading view axis) are flattened, one row per view in
+    sample-major order, with the text repeated, ``keys`` ``<key>/v<j>``, and ``view_of`` /
+    ``view_index`` saying whose view each row is."""
     views = [e[tensors[0]].shape[0] if multi else 1 for e in examples]
     join = torch.cat if multi else torch.stack
     batch = {("boxes" if t == "box" else t): join([e[t] for e in examples]) for t in tensors}
@@ -181,11 +182,6 @@ def collate(examples: list[dict], n_skipped: int, tensors: tuple[str, ...] = ("p
     else:
         batch["keys"] = [e["key"] for e in examples]
     return batch
-
-
-def _single_dims(name: str) -> int:
-    """Dimensions of one view's tensor: pixels/image (3, H, W); features (N, C); box (4,); cls (N,)."""
-    return {"pixels": 3, "image": 3, "features": 2, "box": 1, "cls_attention": 1}[name]
 
 
 class SampleDecoder:
@@ -223,4 +219,4 @@ class ImageSampleDecoder(SampleDecoder):
         return with_pixels(example, self.preprocess, self.resize_mode, self.pinpoints)
 
     def collate(self, examples: list[dict], n_skipped: int) -> dict:
-        return collate(examples, n_skipped)
+        return collate(examples, n_skipped, multi=self.pinpoints is not None)
