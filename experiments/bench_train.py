@@ -37,6 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import lightning as L
 import torch
 
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
@@ -50,32 +51,25 @@ LARGE = ["encoder.name=open_clip:ViT-L-14-336", "encoder.pretrained=", "encoder.
          "selector.reconstructor_depth=4", "selector.image_decoder_depth=2"]
 
 
-class StepClock:
+class StepClock(L.Callback):
     """Lightning callback: the wall time of every finished training batch."""
 
-    def __new__(cls):
-        import lightning as L
+    def __init__(self):
+        self.times: list[float] = []
 
-        class _Clock(L.Callback):
-            def __init__(self):
-                self.times: list[float] = []
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
 
-            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.times.append(time.perf_counter())
-
-            def steps_per_s(self) -> float:
-                timed = self.times[WARMUP_STEPS - 1:]
-                return (len(timed) - 1) / (timed[-1] - timed[0])
-
-        return _Clock()
+    def steps_per_s(self) -> float:
+        timed = self.times[WARMUP_STEPS - 1:]
+        return (len(timed) - 1) / (timed[-1] - timed[0])
 
 
 def fit(config, dims, datamodule=None, batches: Optional[list] = None) -> tuple[float, float]:
     """Train ``config.trainer.max_steps`` steps from a datamodule or from a list of FeatureBatches;
     returns ``(steps/s after warm-up, encoder seconds per timed step)``."""
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from tokensel.selectors.catalog import selector_entry
