@@ -114,9 +114,8 @@ class FeatureDataModule(L.LightningDataModule):
         barrier = strategy.barrier if strategy is not None else (lambda: None)
         fp = self.fingerprints[split]
         # another run may have finished it meanwhile; rank 0 decides for all, so no rank waits alone
-        found = find_cache(self.cache_base, fp) is not None
-        if strategy is not None:
-            found = strategy.broadcast(found, src=0)
+        cache = find_cache(self.cache_base, fp)
+        found = strategy.broadcast(cache is not None, src=0) if strategy is not None else cache is not None
         if not found:
             device = strategy.root_device if strategy is not None else torch.device("cpu")
             before = source.encoder_batches
@@ -125,7 +124,8 @@ class FeatureDataModule(L.LightningDataModule):
                         progress=self.rank == 0)
             self.cache_build_batches += source.encoder_batches - before
             source.encoder_batches = before
-        cache = find_cache(self.cache_base, fp)
+            cache = None
+        cache = cache or find_cache(self.cache_base, fp)  # read once more only after a build
         if cache is None:
             raise FeatureCacheError(f"{self.cache_base}: the {split} feature cache is missing after its build")
         self.sources[split] = CachedFeatures(cache)
