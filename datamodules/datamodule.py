@@ -125,7 +125,8 @@ class FeatureDataModule(L.LightningDataModule):
             self.cache_build_batches += source.encoder_batches - before
             source.encoder_batches = before
             cache = None
-        cache = cache or find_cache(self.cache_base, fp)  # read once more only after a build
+        if cache is None:  # read once more only after a build
+            cache = find_cache(self.cache_base, fp)
         if cache is None:
             raise FeatureCacheError(f"{self.cache_base}: the {split} feature cache is missing after its build")
         self.sources[split] = CachedFeatures(cache)
