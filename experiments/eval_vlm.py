@@ -23,6 +23,9 @@ references in ``answers.jsonl``):
   the full-token average it retains;
 - prefill time (median over batches; CUDA events on a GPU, ``perf_counter`` on a CPU) and the
   speed-up over full tokens;
+- per benchmark metric, the paired difference from ``random`` at the same budget
+  (``<metric>_vs_random``, mean ± 95 % CI over the same samples): whether a selector beats random
+  selection, which overlapping independent CIs cannot say;
 - the image tokens per prompt (``k``, a mean: NeXT images differ in view count) and the keep
   ratio against the views' ``V * N`` tokens (for NeXT's full row, its own unpadded layout with
   newlines, so it need not be 1);
@@ -53,6 +56,7 @@ from tokensel.common.errors import TokenselError
 LLAVA15_COUNTS = (64, 128, 192)
 NEXT_KEEP_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)
 ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+PAIRED_REFERENCE = "random"  # the paired differences are against random selection at the same budget
 METRIC_OF = {"docvqa": "docvqa_anls", "chartqa": "chartqa_relaxed", "coco": "coco_cider"}
 
 
@@ -172,7 +176,7 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
     warm = PrunedLlava(vlm.model, vlm.processor)  # one untimed prefill: first calls pay for allocation
     with torch.no_grad():
         prefill_ms(warm.model, warm.prefill_inputs([samples[0][2]], [samples[0][3]]), cuda)
-    rows = []
+    rows, per_sample = [], []
     for name, selector, budget in runs:
         pruned = PrunedLlava(vlm.model, vlm.processor, selector, budget, vlm.feature_space, vlm.view_selection)
         records, times, kept, candidates = [], [], [], []
@@ -189,7 +193,9 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
             records += [{"key": s[0], "source": s[1], "answer": a, "answers": s[4]} for s, a in zip(batch, answers)]
             log(f"[eval-vlm] {name} {budget or 'all'}: {len(records)}/{len(samples)}", end="\r")
         k = statistics.mean(kept)  # image tokens per prompt (NeXT images differ in view count)
-        metrics = {metric: mean_ci(values) for metric, values in score(records).items()}
+        values = score(records)  # per sample, in the same sample order for every run
+        per_sample.append(values)
+        metrics = {metric: mean_ci(v) for metric, v in values.items()}
         row = {"selector": name, "budget": "all" if budget is None else str(budget),
                "keep_ratio": statistics.mean(a / b for a, b in zip(kept, candidates)),
                "k": int(k) if float(k).is_integer() else round(k, 1), "samples": len(records), **metrics,
@@ -202,7 +208,25 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
         if answers_out is not None:
             answers_out += [{"selector": name, "budget": row["budget"], "k": n, **r} for r, n in zip(records, kept)]
         log(f"[eval-vlm] {name} k={row['k']}: average {row['average']:.3f}, prefill {row['prefill_ms']:.1f} ms/sample")
-    return relative_to_full(rows)
+    return paired_against(relative_to_full(rows), per_sample, PAIRED_REFERENCE)
+
+
+def paired_against(rows: list[dict], per_sample: list[dict], reference: str) -> list[dict]:
+    """Add ``<metric>_vs_<reference>``: the mean ± 95 % CI of the per-sample difference from the
+    ``reference`` selector at the same budget, on the same samples. Independent CIs of two
+    selectors may overlap while the paired difference, which removes the samples' own spread,
+    does not include 0; this is the test of whether two selectors differ."""
+    from tokensel.experiments.stats import mean_ci
+
+    ref = {row["budget"]: values for row, values in zip(rows, per_sample) if row["selector"] == reference}
+    for row, values in zip(rows, per_sample):
+        base = ref.get(row["budget"])
+        if base is None or row["selector"] == reference:
+            continue
+        for metric, v in values.items():
+            if metric in base and len(base[metric]) == len(v):
+                row[f"{metric}_vs_{reference}"] = mean_ci([a - b for a, b in zip(v, base[metric])])
+    return rows
 
 
 def relative_to_full(rows: list[dict]) -> list[dict]:

@@ -23,6 +23,8 @@ def test_eval_vlm_compares_selectors_in_one_llava(tiny_llava, tiny_corpus, tmp_p
         assert int(r["samples"]) == 10
         assert all(int(r[f"{m}_n"]) > 0 for m in ("docvqa_anls", "chartqa_relaxed", "coco_cider"))
         assert float(r["prefill_ms"]) > 0 and float(r["tflops_2ndm"]) < float(r["tflops_3ndm"])
+    assert int(rows[3]["coco_cider_vs_random_n"]) > 0  # divprune at 4, paired with random at 4
+    assert rows[0]["coco_cider_vs_random_n"] in ("", "0") and rows[1]["coco_cider_vs_random_n"] in ("", "0")
     assert float(rows[1]["tflops_2ndm"]) < float(rows[0]["tflops_2ndm"])  # 4 tokens cost less than 16
     assert "PARTIAL" in (out / "results.md").read_text()
     assert list(out.glob("*.png"))
@@ -46,6 +48,21 @@ def test_eval_vlm_runs_llava_next_with_the_papers_keep_ratios(tiny_llava_next, t
     assert ratios == pytest.approx(list(NEXT_KEEP_RATIOS), abs=0.02)  # of each image's V x N tokens
     ks = [float(r["k"]) for r in rows[1:]]
     assert ks == sorted(ks) and float(rows[0]["k"]) > ks[-1]
+
+
+def test_paired_difference_from_random_is_per_sample_at_the_same_budget():
+    from tokensel.experiments.eval_vlm import paired_against
+
+    rows = [{"selector": "full", "budget": "all"}, {"selector": "random", "budget": "0.25"},
+            {"selector": "divprune", "budget": "0.25"}, {"selector": "divprune", "budget": "0.5"}]
+    # divprune beats random by exactly 0.1 on every sample: the samples' own spread cancels
+    per_sample = [{"cider": [0.9, 0.5, 0.1]}, {"cider": [0.8, 0.2, 0.0]}, {"cider": [0.9, 0.3, 0.1]},
+                  {"cider": [0.9, 0.9, 0.9]}]
+    out = paired_against(rows, per_sample, "random")
+    mean, half, n = out[2]["cider_vs_random"]
+    assert mean == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12) and n == 3
+    assert "cider_vs_random" not in out[0] and "cider_vs_random" not in out[1]  # no random at "all"; itself
+    assert "cider_vs_random" not in out[3]  # no random row at budget 0.5
 
 
 def test_retained_share_and_speed_up_are_relative_to_the_full_token_row():
