@@ -166,9 +166,13 @@ class TokenselLlava(lmms):
 
     def _report(self, what: str, count: int) -> None:
         budget = "all tokens" if self.budget is None else f"budget {self.budget}"
-        kept = sum(self.image_tokens) / max(1, len(self.image_tokens))
-        total = sum(self.candidate_tokens) / max(1, len(self.candidate_tokens))
-        logger.info(f"{MODEL_ID} {what}: {count} prompts, {kept:.1f} of {total:.1f} image tokens per prompt "
+
+        def mean(values: list[int]) -> str:
+            m = sum(values) / max(1, len(values))
+            return f"{m:g}" if float(m).is_integer() else f"{m:.1f}"
+
+        logger.info(f"{MODEL_ID} {what}: {count} prompts, {mean(self.image_tokens)} of {mean(self.candidate_tokens)} "
+                    f"image tokens per prompt "
                     f"({self.selector_name}, {budget})")
 
     @torch.no_grad()

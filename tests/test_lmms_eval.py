@@ -180,10 +180,12 @@ def test_generation_stops_at_until_and_batches_like_single_requests(pruned):
 def test_full_and_divprune_differ_by_the_pruned_image_tokens(tiny_llava, pruned):
     full = TokenselLlava(pretrained=str(tiny_llava), selector="full", device="cpu")
     image, question = images(1), QUESTIONS[:1]
-    full_len = full.vlm.prefill_inputs(image, question)["inputs_embeds"].shape[1]
-    pruned_len = pruned.vlm.prefill_inputs(image, question)["inputs_embeds"].shape[1]
+    full_prompt, pruned_prompt = full.vlm.prune(image, question), pruned.vlm.prune(image, question)
+    full_len = full_prompt.inputs["inputs_embeds"].shape[1]
+    pruned_len = pruned_prompt.inputs["inputs_embeds"].shape[1]
     assert full_len - pruned_len == IMAGE_TOKENS - BUDGET
-    assert (full.vlm.kept, full.vlm.total, pruned.vlm.kept) == (IMAGE_TOKENS, IMAGE_TOKENS, BUDGET)
+    assert (full_prompt.image_tokens, full_prompt.candidate_tokens, pruned_prompt.image_tokens) == (
+        [IMAGE_TOKENS], [IMAGE_TOKENS], [BUDGET])
 
 
 def test_bad_model_args_are_one_line(tiny_llava):
