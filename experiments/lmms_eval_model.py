@@ -184,7 +184,7 @@ class TokenselLlava(lmms):
             logger.warning(f"{MODEL_ID} decodes greedily; the task's sampling settings are ignored")
             self._warned_sampling = True
         tokenizer = self.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = self.vlm.pad_token_id
         out = self.vlm.model.generate(**self._prefill(images, contexts), do_sample=False, num_beams=1,
                                       max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens),
                                       pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,

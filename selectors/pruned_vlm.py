@@ -177,6 +177,12 @@ class PrunedLlava:
         return out, [v * self.tokens_per_view for v in counts]
 
     # ---- the prompt side -----------------------------------------------------------------------
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id, else its EOS id (what the cut rows are padded and decoded with)."""
+        tokenizer = self.processor.tokenizer
+        return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
     def prompts(self, questions: Sequence[str]) -> list[str]:
         """One user turn per question (an image, then the text), in the processor's chat template."""
         return [self.processor.apply_chat_template(
@@ -192,8 +198,7 @@ class PrunedLlava:
         batch = self.processor(images=list(images), text=self.prompts(questions), return_tensors="pt",
                                padding=True).to(self.model.device)
         embeddings, candidates = self._per_image(batch)
-        tokenizer = self.processor.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = self.pad_token_id
         rows = []
         for ids, mask, emb in zip(batch["input_ids"], batch["attention_mask"], embeddings):
             ids = ids[mask.bool()]
@@ -218,10 +223,9 @@ class PrunedLlava:
     @torch.no_grad()
     def answer(self, prompt: PrunedPrompt, max_new_tokens: int = 32) -> list[str]:
         """Greedy answers to an already pruned batch (so a timed prefill and generation share it)."""
-        tokenizer = self.processor.tokenizer
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        out = self.model.generate(**prompt.inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        return [text.strip() for text in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        out = self.model.generate(**prompt.inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=self.pad_token_id)
+        return [text.strip() for text in self.processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def generate(self, images: Sequence, questions: Sequence[str], max_new_tokens: int = 32) -> list[str]:
         """Greedy answers, one per (image, question)."""

@@ -117,21 +117,16 @@ def tiny_llava_next(tiny_llava, tmp_path_factory):
     """A tiny random LLaVA-NeXT (the tiny LLaVA's tower, LLM and tokenizer; anyres views of 32 px
     over TINY_NEXT_PINPOINTS), saved like a hub folder."""
     import torch
-    from transformers import (AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor)
+    from transformers import (AutoTokenizer, LlavaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
 
     from tokensel.selectors.vlm_llava import LLAVA15_CHAT_TEMPLATE
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
-    config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=2),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                pad_token_id=tokenizer.pad_token_id),
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=TINY_NEXT_PINPOINTS,
-    )
+    small = LlavaConfig.from_pretrained(tiny_llava)
+    small.text_config.max_position_embeddings = 256  # up to 5 views of 16 tokens, plus newlines
+    config = LlavaNextConfig(vision_config=small.vision_config, text_config=small.text_config,
+                             image_token_index=small.image_token_id, image_grid_pinpoints=TINY_NEXT_PINPOINTS)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("llava_next_tiny")
     LlavaNextForConditionalGeneration(config).save_pretrained(folder)
