@@ -45,7 +45,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from tokensel.datamodules.samples import RESIZE_MODES, ImageSampleDecoder, Preprocess, SampleDecoder, SkipSample
-from tokensel.datamodules.shards import SOURCES, ShardEntry, ShardFormatError
+from tokensel.datamodules.shards import SOURCES, ShardEntry, ShardFormatError, source_seed
 
 log = logging.getLogger("tokensel.data")
 MAX_SKIPS_IN_A_ROW = 1000  # past this the data is broken, not noisy: stop instead of spinning
@@ -231,7 +231,7 @@ class ShardStream(IterableDataset):
         """One source's share for this reader, repeated forever; reshuffled on every pass."""
         paths = [str(self.root / e.path) for e in self.by_source[source]]
         for repeat in range(1 << 62):
-            order = np.random.default_rng([self.seed, epoch, repeat, SOURCES.index(source)]).permutation(len(paths))
+            order = np.random.default_rng([self.seed, epoch, repeat, source_seed(source)]).permutation(len(paths))
             share = plan_shares([paths[i] for i in order], reader, self.readers)
             yielded = False
             for sample in self._read(share, skipped):

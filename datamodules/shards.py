@@ -27,6 +27,7 @@ in the project obeys the same schema and every split has an exact count.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -46,6 +47,12 @@ IMAGE_EXTS = ("jpg", "png")
 REFUSED_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz")
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_SHARD_SAMPLES = 5000
+
+
+def source_seed(source: str) -> int:
+    """A source's part of every per-source RNG seed: from its name, never its position in a
+    table, so that adding a source changes no other source's stream."""
+    return int.from_bytes(hashlib.sha256(source.encode("utf-8")).digest()[:4], "little")
 
 
 class ShardFormatError(TokenselError):

@@ -13,10 +13,10 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tokensel.datamodules.shards import SOURCES, encode_image
+from tokensel.datamodules.shards import encode_image, source_seed
 
 GENERATOR = "tokensel.synthetic"
-GENERATOR_VERSION = 1  # bump when the generated images or text change
+GENERATOR_VERSION = 2  # bump when the generated images or text change
 SPLIT_IDS = {"train": 0, "val": 1}
 
 Sample = tuple[str, bytes, str, dict]  # key, image bytes, image ext, meta
@@ -32,7 +32,7 @@ COUNT_WORDS = ["zero", "one", "two", "three", "four"]
 
 def sample_rng(seed: int, split: str, source: str, index: int) -> np.random.Generator:
     """The RNG of one sample: independent of every other sample and of the worker running it."""
-    return np.random.default_rng([seed, SPLIT_IDS[split], SOURCES.index(source), index])
+    return np.random.default_rng([seed, SPLIT_IDS[split], source_seed(source), index])
 
 
 def pick(rng: np.random.Generator, items):
