@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tokensel.experiments.flops import GEOMETRIES, flops_report, llm_flops, sampler_flops
-from tokensel.experiments.metrics import evidence_recall, keep_mask, psnr, token_coverage
+from tokensel.selectors.metrics import evidence_recall, keep_mask, psnr, token_coverage
 from tokensel.experiments.report import plot_metrics, write_table
-from tokensel.experiments.stats import MetricAccumulator, mean_ci, t_quantile
+from tokensel.common.stats import MetricAccumulator, mean_ci, t_quantile
 
 # ---------------------------------------------------------------- keep_mask / evidence recall
 

@@ -1,8 +1,8 @@
 """Per-sample evaluation metrics for token selectors: pure torch functions, no Lightning.
 
-Used by ``make eval`` (``experiments/evaluate.py``). Each metric returns a 1-D float64 tensor with
+Used by ``make eval`` (``experiments/evaluate.py``) and the learning-curve callback. Each metric returns a 1-D float64 tensor with
 one value per (counted) sample, so the caller can accumulate them over batches and report
-confidence intervals (``experiments/stats.py``): :func:`evidence_recall`, :func:`token_coverage`,
+confidence intervals (``common/stats.py``): :func:`evidence_recall`, :func:`token_coverage`,
 :func:`psnr`; plus the helper :func:`keep_mask` (top-K indices -> boolean keep mask).
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-__all__ = ["keep_mask", "evidence_recall", "token_coverage", "psnr"]
+__all__ = ["keep_mask", "evidence_rows", "evidence_recall", "token_coverage", "psnr"]
 
 # torchmetrics turns ``base`` into a tensor with torch.tensor(base): a NumPy float64 keeps the dB
 # factor 10 / ln(base) in float64 (a Python float would make it float32 and cost ~2e-6 dB at 40 dB).
@@ -39,6 +39,21 @@ def keep_mask(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return mask
 
 
+def evidence_rows(answer_tokens: torch.Tensor, has_box: Optional[torch.Tensor] = None,
+                  negatives: bool = False) -> torch.Tensor:
+    """``(B,)`` bool: the samples an evidence metric scores: with a box (``has_box``; None means
+    "wherever a row has an answer token") and at least one answer token; with ``negatives``, also
+    at least one token outside the box (a ranking metric needs both)."""
+    answer = answer_tokens.bool()
+    n_answer = answer.sum(dim=1)
+    valid = n_answer > 0
+    if negatives:
+        valid = valid & (n_answer < answer.shape[1])
+    if has_box is not None:
+        valid = valid & has_box.bool().to(valid.device)
+    return valid
+
+
 def evidence_recall(
     keep: torch.Tensor, answer_tokens: Optional[torch.Tensor], has_box: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -58,9 +73,7 @@ def evidence_recall(
         raise ValueError(f"keep {tuple(keep.shape)} and answer_tokens {tuple(answer_tokens.shape)} differ")
     keep, answer = keep.bool(), answer_tokens.bool()
     n_answer = answer.sum(dim=1)
-    valid = n_answer > 0
-    if has_box is not None:
-        valid = valid & has_box.bool().to(valid.device)
+    valid = evidence_rows(answer, has_box)
     hit = (keep & answer).sum(dim=1)
     return (hit[valid].double() / n_answer[valid].double())
 
