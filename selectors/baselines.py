@@ -73,10 +73,9 @@ class RandomSelector(TrainingFreeSelector):
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)
 
-    def positions(self, features, k, context):
+    def scores(self, features, context=None):
         B, N, _ = features.shape
-        noise = torch.rand(B, N, generator=self.generator)
-        return noise.topk(k, dim=-1).indices.to(features.device)
+        return torch.rand(B, N, generator=self.generator).to(features.device)
 
     def extra_repr(self) -> str:
         return f"name='random', seed={self.seed}"
@@ -193,6 +192,20 @@ class DivPruneSelector(TrainingFreeSelector):
         B, N, _ = features.shape
         if k == N:
             return torch.arange(N, device=features.device).expand(B, N)
+        return self.greedy_order(features, k)
+
+    def ranking(self, features, context=None):
+        """The greedy pick order over all N tokens: the first pick ranks highest."""
+        B, N, _ = features.shape
+        order = self.greedy_order(features, N)
+        rank = torch.empty(B, N, dtype=torch.float32, device=features.device)
+        rank.scatter_(1, order, torch.arange(N, 0, -1, dtype=torch.float32, device=features.device).expand(B, N))
+        return rank
+
+    @staticmethod
+    def greedy_order(features: torch.Tensor, k: int) -> torch.Tensor:
+        """``(B, k)`` the first ``k`` greedy max-min picks, in pick order."""
+        B, N, _ = features.shape
         D = cosine_distance(features)
         rows = torch.arange(B, device=features.device)
         eye = torch.eye(N, dtype=torch.bool, device=features.device)

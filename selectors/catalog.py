@@ -23,8 +23,8 @@ from tokensel.selectors.baselines import BASELINES, build_baseline
 from tokensel.selectors.inference import CheckpointError, SelectorNet, read_checkpoint
 from tokensel.selectors.registry import SELECTORS, SelectorEntry
 
-__all__ = ["all_names", "baseline_names", "build_baseline", "build_net", "load_selector", "selector_entry",
-           "trained_names"]
+__all__ = ["all_names", "baseline_names", "build_baseline", "build_net", "load_module", "load_selector",
+           "selector_entry", "trained_names"]
 
 
 def selector_entry(name: str) -> SelectorEntry:
@@ -73,3 +73,19 @@ def load_selector(path: str | Path, map_location: str | torch.device = "cpu") ->
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match {entry.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return net.eval()
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu"):
+    """The whole training objective of a checkpoint (its LightningModule, with the frozen VLM an
+    objective trains through rebuilt from its config), in eval mode and without a Trainer: what a
+    diagnostic of the objective itself needs (``SelectorModule.train_test_gap``). Returns
+    ``(module, global_step)``."""
+    ckpt = read_checkpoint(path, map_location)
+    hp = ckpt["hyper_parameters"]
+    entry = selector_entry(hp["selector"]["name"])
+    module = entry.module_cls(selector=hp["selector"], dims=hp["dims"], optim=hp.get("optim"), config=hp.get("config"))
+    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+    missing = [k for k in missing if not k.startswith("vlm.")]  # the frozen VLM is never in a checkpoint
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match {entry.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return module.eval(), int(ckpt.get("global_step", 0))

@@ -12,7 +12,12 @@ the ``cls_attention`` baseline); selectors that need nothing ignore it.
 What an evaluation may ask of a selector beyond ``select`` is an optional method with a default
 here, never a ``hasattr`` probe: :meth:`SelectorNet.image_from_kept` (image reconstruction from
 the kept tokens, auto-encoders only), :attr:`SelectorNet.sampler_layers` (its own Transformer
-layers, for FLOPs) and :attr:`SelectorNet.vlm_config` (the frozen VLM it was trained against).
+layers, for FLOPs), :attr:`SelectorNet.vlm_config` (the frozen VLM it was trained against), and
+the diagnostics of why a selector wins or loses (``selectors/diagnostics.py``):
+:meth:`SelectorNet.ranking` (the order in which it keeps tokens, for the evidence AUROC),
+:meth:`SelectorNet.objective_loss` (its own training loss on *any* kept set, so that "did not
+learn its objective" and "learned something other than the answer evidence" can be told apart)
+and :attr:`SelectorNet.trained_budget` (the keep ratio it was trained for, if any).
 
 A trained selector loads from its checkpoint with :func:`tokensel.selectors.catalog.load_selector`.
 """
@@ -28,6 +33,7 @@ from torch import nn
 
 from tokensel.common.checkpoint_files import load_plain
 from tokensel.common.errors import CheckpointError
+from tokensel.datamodules.batch import FeatureBatch
 from tokensel.selectors.budget import Budget, resolve_budget
 
 
@@ -116,6 +122,29 @@ class SelectorNet(nn.Module):
     @property
     def vlm_config(self) -> Optional[Any]:
         """The ``selector.vlm`` config of the frozen VLM this selector was trained against, if any."""
+        return None
+
+    def ranking(self, features: torch.Tensor, context: Optional[SelectionContext] = None) -> Optional[torch.Tensor]:
+        """``(B, N)`` the order in which this selector keeps tokens, higher first, or None when it has
+        no order (an even grid). A top-K selector ranks by its :meth:`scores`; a rule that is not a
+        top-K overrides this (DivPrune: its greedy pick order)."""
+        if type(self).scores is SelectorNet.scores:
+            return None
+        return self.scores(features, context)
+
+    def objective_loss(self, batch: FeatureBatch, keep: torch.Tensor, vlm: Optional[nn.Module] = None
+                       ) -> Optional[torch.Tensor]:
+        """Per-sample loss ``(B,)`` of this selector's own training objective when only the tokens
+        of ``keep`` (a ``(B, N)`` bool mask) are kept; lower is better; NaN for a sample the
+        objective cannot score (vp_noise: empty text). ``vlm`` is the frozen VLM an objective
+        needs (built by the caller from :attr:`vlm_config`). None for selectors with no objective
+        (the training-free baselines), or when the objective needs a VLM and none is given."""
+        return None
+
+    @property
+    def trained_budget(self) -> Optional[float]:
+        """The keep ratio this selector's objective trained it for, or None when it was not
+        trained for one (an auto-encoder with the paper's wide band, a baseline)."""
         return None
 
 
