@@ -44,6 +44,34 @@ def test_make_eval_compares_baselines_and_the_trained_selector(trained, tiny_cor
     markdown = (out / "results.md").read_text()
     assert "n/a" in markdown and "±" in markdown
     assert list(out.glob("*.png")) and list(out.glob("events.out.tfevents.*"))
+    assert "gumbel_ae was trained for a keep ratio of 0.222" in result.stdout  # asked for other budgets
+
+
+def test_make_eval_says_why_a_selector_wins_or_loses(trained, tiny_corpus, tmp_path):
+    out = tmp_path / "why"
+    result = make_eval(f"ARGS=--out {out} --max-samples 12 --headroom-draws 3 data.root={tiny_corpus} "
+                       f"run.root={trained}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    # the budget-matched checkpoint at the keep ratio it was trained for; the baselines at every default one
+    gumbel = [r for r in rows if r["selector"] == "gumbel_ae"]
+    assert [(r["budget"], r["trained_at"]) for r in gumbel] == [("0.222", "0.222")]
+    assert len([r for r in rows if r["selector"] == "divprune"]) == 5
+    for row in rows:
+        ranks = row["selector"] != "uniform"  # an even grid has no order
+        assert (row["auroc_n"] != "0") == ranks, row["selector"]
+        assert (row["norm_spearman_n"] != "0") == ranks
+        assert row["gumbel_ae_loss_vs_random_n"] == "12"  # the objective scores every selector's kept set
+        if ranks:
+            assert 0.0 <= float(row["auroc_mean"]) <= 1.0
+    room = list(csv.DictReader((out / "headroom.csv").open()))
+    assert {r["loss"] for r in room} == {"gumbel_ae_loss"} and len(room) == 5
+    assert all(r["verdict"] in ("separable", "within noise") and float(r["best_gain_mean"]) >= 0 for r in room)
+    assert "headroom" in result.stdout and "noise floor" in result.stdout
+    samples = list(csv.DictReader((out / "samples.csv").open()))
+    paired = [float(s["value"]) for s in samples if s["selector"] == "gumbel_ae"
+              and s["metric"] == "gumbel_ae_loss_vs_random"]
+    assert len(paired) == 12 and sum(paired) / 12 == pytest.approx(float(gumbel[0]["gumbel_ae_loss_vs_random_mean"]))
 
 
 @pytest.mark.parametrize("args, words", [
