@@ -23,7 +23,7 @@ BUDGETS ?=
 SWEEP ?=
 SEEDS ?=
 
-.PHONY: help setup train data test eval eval-vlm bench bench-train sweep collapse tensorboard clean vlm teacher lmms-setup test-lmms eval-lmms
+.PHONY: help setup train data test eval eval-vlm bench bench-train sweep collapse curve tensorboard clean vlm teacher lmms-setup test-lmms eval-lmms
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
@@ -35,6 +35,7 @@ help:
 	@echo "make bench-train [ARGS=--skip-large]                                training steps/s: online vs feature cache vs memory"
 	@echo "make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS=...]  an ablation sweep (table + plots)"
 	@echo "make collapse [SEEDS=0,1,2] [ARGS=...]                              the regulariser collapse study (App. B)"
+	@echo "make curve SELECTOR=gumbel_ae [SEEDS=0,1,2] [ARGS=...]              learning curves over seeds, steps to beat random"
 	@echo "make data                                                           generate the default corpus (data/default)"
 	@echo "make vlm [ARGS='steps=20 ...']                                       build (once) a small real LLaVA: DINOv2-S + SmolLM2-135M (data/vlm)"
 	@echo "make teacher [ARGS='teacher.epochs=5 ...']                           build (once) the corpus teacher, vp_noise's default VLM"
@@ -79,6 +80,9 @@ sweep: $(STAMP)
 
 collapse: $(STAMP)
 	$(PY) -m tokensel.experiments.sweep experiments/sweeps/collapse.yaml $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
+
+curve: $(STAMP)
+	$(PY) -m tokensel.experiments.sweep experiments/sweeps/curve.yaml --selector "$(or $(SELECTOR),gumbel_ae)" $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

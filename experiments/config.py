@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +30,7 @@ from tokensel.datamodules.anyres import check_pinpoints
 from tokensel.datamodules.config import (FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, VIEW_MODES, VIEW_SELECTIONS,
                                          DataConfig, EncoderConfig)
 from tokensel.selectors.base import OptimConfig
+from tokensel.selectors.budget import check_budget
 from tokensel.selectors.catalog import selector_entry
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "read_yaml", "parse_overrides", "flatten", "to_container"]
@@ -77,6 +78,15 @@ class RunConfig:
     # many consecutive steps. The paper gives no number; 0 patience turns it off.
     collapse_threshold: float = 0.05
     collapse_patience: int = 25
+    # Learning curves (callbacks/learning_curve.py): held-out recall, evidence AUROC and the
+    # objective's own loss against random and DivPrune, at every validation (curve_steps=0) or at
+    # curve_steps log-spaced steps (and step 0). Budgets: empty means the objective's trained
+    # budget, else 0.222 (the Gumbel paper's 22.2 % keep ratio).
+    curve: bool = True
+    curve_budgets: List[Any] = field(default_factory=list)
+    curve_steps: int = 0
+    curve_samples: int = 192
+    curve_random_draws: int = 3
 
 
 @dataclass
@@ -254,6 +264,12 @@ def check_run_config(config: TrainConfig) -> None:
             raise ConfigError(f"run.{key}={getattr(config.run, key)}: must be >= 0 (0 turns it off)")
     if config.run.collapse_patience < 0:
         raise ConfigError(f"run.collapse_patience={config.run.collapse_patience}: must be >= 0 (0 turns it off)")
+    for key in ("curve_steps", "curve_samples", "curve_random_draws"):
+        if getattr(config.run, key) < (0 if key == "curve_steps" else 1):
+            raise ConfigError(f"run.{key}={getattr(config.run, key)}: must be {'>= 0' if key == 'curve_steps' else '>= 1'}")
+    if config.run.curve_steps and config.trainer.max_steps < 1:
+        raise ConfigError(f"run.curve_steps={config.run.curve_steps}: log-spaced steps need trainer.max_steps")
+    config.run.curve_budgets = [check_budget(b, "run.curve_budgets") for b in config.run.curve_budgets]
     if config.trainer.max_epochs < 1 and config.trainer.max_steps < 1:
         raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
     check_trainer(config.trainer)

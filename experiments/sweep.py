@@ -17,7 +17,11 @@ A sweep file (unknown keys are errors)::
     eval_max_samples: null           # cap on held-out samples per eval
     val_metrics: [val/feat_recon]    # training's val/* scalars in the table (default: all)
     report: ablation                 # ablation | collapse (experiments/collapse.py)
+                                     #   | curve (experiments/curve_report.py; axes may be empty)
     out: sweeps
+
+``--selector NAME`` replaces the file's selector (and its default base), and suffixes the
+sweep's folder with it: ``make curve SELECTOR=vp_noise`` is ``sweeps/curve_vp_noise/``.
 
 Runs are the Cartesian product of the axes, times the seeds. Each is one
 ``python -m tokensel.experiments.train`` process (so ``trainer.strategy=ddp`` works inside a
@@ -58,12 +62,13 @@ import yaml
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
 from tokensel.common.errors import TokenselError
 from tokensel.experiments.collapse import report_collapse
+from tokensel.experiments.curve_report import report_curve
 from tokensel.experiments.sweep_report import label, report_ablation, short_keys
 from tokensel.experiments.sweep_runner import execute, is_done, read_status, write_hparams
 
 SWEEP_KEYS = ("name", "selector", "base", "config", "axes", "seeds", "budgets", "eval_max_samples",
               "val_metrics", "report", "out")
-REPORTS = ("ablation", "collapse")
+REPORTS = ("ablation", "collapse", "curve")
 OWNED_KEYS = ("seed", "run.root", "run.name", "run.version", "run.resume")  # set per run by the sweep
 SWEEP_DEFAULTS = {"trainer.enable_progress_bar": False}  # runs log to a file; the sweep prints progress
 
@@ -125,8 +130,10 @@ def parse_seeds(text: str, source: str) -> list[int]:
 
 
 def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optional[str] = None,
-               overrides: tuple[str, ...] | list[str] = ()) -> Sweep:
-    """Parse and check a sweep file's own keys (the grid itself is checked by :func:`check_grid`)."""
+               overrides: tuple[str, ...] | list[str] = (), selector: Optional[str] = None) -> Sweep:
+    """Parse and check a sweep file's own keys (the grid itself is checked by :func:`check_grid`).
+    ``selector`` replaces the file's (``make curve SELECTOR=...``): the sweep's folder is then
+    ``<name>_<selector>`` and, unless the file names a base, the base is that selector's YAML."""
     from omegaconf import OmegaConf
 
     from tokensel.experiments.config import EXPERIMENTS_DIR, ConfigError, flatten, parse_overrides
@@ -147,6 +154,8 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
     if unknown:
         raise SweepError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(SWEEP_KEYS)}")
 
+    if selector:
+        raw = {**raw, "selector": selector, "name": f"{raw.get('name') or path.stem}_{selector}"}
     selector = raw.get("selector") or "gumbel_ae"
     if selector not in trained_names():
         raise SweepError(f"{path}: selector={selector!r} is not registered; choose from {', '.join(trained_names())}")
@@ -168,8 +177,11 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
         raise SweepError(str(err)) from None
     config.update(cli)
 
-    axes = raw.get("axes")
-    if not isinstance(axes, dict) or not axes:
+    report = raw.get("report", "ablation")
+    if report not in REPORTS:
+        raise SweepError(f"{path}: report={report!r}: expected one of {', '.join(REPORTS)}")
+    axes = raw.get("axes") or ({} if report == "curve" else None)
+    if not isinstance(axes, dict) or (not axes and report != "curve"):
         raise SweepError(f"{path}: axes must map at least one dotted config key to a list of values")
     axes = flatten(axes)
     for key, values in axes.items():
@@ -205,9 +217,6 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
     val_metrics = raw.get("val_metrics")
     if val_metrics is not None and (not isinstance(val_metrics, list) or not all(isinstance(m, str) for m in val_metrics)):
         raise SweepError(f"{path}: val_metrics must be a list of val/* scalar names")
-    report = raw.get("report", "ablation")
-    if report not in REPORTS:
-        raise SweepError(f"{path}: report={report!r}: expected one of {', '.join(REPORTS)}")
     name = str(raw.get("name") or path.stem)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise SweepError(f"{path}: name={name!r}: use letters, digits, '_', '.', '-'")
@@ -321,7 +330,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> int:
     resolved = check_grid(sweep, runs)
     done = [r for r in runs if is_done(r, sweep)]
     todo = [r for r in runs if r not in done]
-    grid = " x ".join(f"{len(v)} {k}" for k, v in sweep.axes.items())
+    grid = " x ".join(f"{len(v)} {k}" for k, v in sweep.axes.items()) or "1 point"
     log(f"sweep {sweep.name}: {len(runs)} runs ({grid} x {len(sweep.seeds)} seeds); {len(done)} done, "
         f"{len(todo)} to run -> {sweep.folder}/")
     if dry_run:
@@ -349,6 +358,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> int:
     failed = [s for r, s in statuses if s and s.get("status") == "failed"]
     if sweep.report == "collapse":
         outputs = report_collapse(sweep, resolved, records, failed)
+    elif sweep.report == "curve":
+        outputs = report_curve(sweep, records, failed)
     else:
         outputs = report_ablation(sweep, records, failed)
     minutes, secs = divmod(int(time.time() - started), 60)
@@ -364,6 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = ArgumentParser(prog="python -m tokensel.experiments.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", nargs="?", help="the sweep YAML (experiments/sweeps/*.yaml)")
     parser.add_argument("--seeds", default="", help="comma list; replaces the file's seeds")
+    parser.add_argument("--selector", default="", help="the selector every run trains; replaces the file's")
     parser.add_argument("--out", default=None, help="parent folder of the sweep folder (default: the file's out)")
     parser.add_argument("--dry-run", action="store_true", help="check the grid and list its runs; run nothing")
     parser.add_argument("overrides", nargs="*", help="train-config key=value for every run")
@@ -375,7 +387,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if bad:
         raise SweepError(f"{bad[0]!r} is not key=value (ARGS= takes train-config overrides)")
     seeds = parse_seeds(args.seeds, "SEEDS") if args.seeds.strip() else None
-    sweep = read_sweep(args.sweep, seeds, args.out, args.overrides)
+    sweep = read_sweep(args.sweep, seeds, args.out, args.overrides, args.selector.strip() or None)
     return run_sweep(sweep, args.dry_run)
 
 

@@ -37,6 +37,7 @@ from tokensel.common.errors import ConfigError
 VERSION_ENV = "TOKENSEL_RUN_VERSION"  # lets DDP child ranks write into the parent's run folder
 
 
+DEFAULT_CURVE_BUDGET = 0.222  # the Gumbel paper's 22.2 % keep ratio (Table 1)
 RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")  # Lightning, torchrun, SLURM
 
 
@@ -175,6 +176,8 @@ def train(config) -> dict:
         callbacks.insert(0, ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=1, monitor="val/loss",
                                             filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
                                             enable_version_counter=False))
+    if datamodule.has_val and config.run.curve:
+        callbacks.append(learning_curve(config, module))
     collapse = None
     if config.run.collapse_patience > 0:
         collapse = CollapseDetector(config.run.collapse_threshold, config.run.collapse_patience)
@@ -209,6 +212,16 @@ def train(config) -> dict:
         write_run_record(run_dir, metrics, seconds, skipped.total, collapse, trainer, features)
         print_summary(run_dir, metrics, seconds, skipped.total, collapse, features)
     return metrics
+
+
+def learning_curve(config, module):
+    """The run's :class:`~tokensel.callbacks.learning_curve.LearningCurve` (``run.curve*``)."""
+    from tokensel.callbacks.learning_curve import LearningCurve, log_spaced_steps
+
+    run = config.run
+    budgets = list(run.curve_budgets) or [module.net.trained_budget or DEFAULT_CURVE_BUDGET]
+    steps = log_spaced_steps(config.trainer.max_steps, run.curve_steps) if run.curve_steps else None
+    return LearningCurve(budgets, steps, run.curve_samples, run.curve_random_draws, seed=config.seed)
 
 
 def write_run_record(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse, trainer,
