@@ -73,14 +73,13 @@ def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
 
 
 def load_trained(path: Path):
-    """(name, network, run config) of a checkpoint; one-line errors for foreign files."""
+    """(name, network, run config) of a checkpoint or exported folder; one-line errors for foreign files."""
     from tokensel.selectors.catalog import load_selector
-    from tokensel.selectors.inference import read_checkpoint
 
-    hp = read_checkpoint(path)["hyper_parameters"]
-    if not hp.get("config"):
+    net = load_selector(path)
+    if not net.run_config:
         raise EvalError(f"{path}: the checkpoint has no run config (encoder unknown); retrain with this version")
-    return hp["selector"]["name"], load_selector(path), hp["config"]
+    return net.config.name, net, net.run_config
 
 
 def encoder_key(run_config: dict) -> tuple:
