@@ -33,6 +33,7 @@ from tokensel.common.errors import TokenselError
 
 EVAL_METRICS = ("recall", "coverage", "psnr", "ntp_increase")  # the eval's results.csv columns a sweep reads
 LAUNCHERS = ("inline", "local", "slurm")  # local: submitit's LocalExecutor, the slurm path on this machine
+DEFAULT_TIMEOUT_MIN = 24 * 60  # an array task's time limit unless --slurm timeout_min=... says otherwise
 
 
 class LaunchError(TokenselError):
@@ -198,8 +199,8 @@ def submit_array(sweep, runs: list, base_yaml: Path, launcher: str, params: dict
     except RuntimeError as err:  # submitit's "Could not detect srun": no SLURM on this machine
         raise LaunchError(f"--launcher {launcher}: {str(err).strip().splitlines()[0]} (submit from the cluster's "
                           "login node; here, --launcher local or --shard I/N)") from None
-    try:
-        executor.update_parameters(name=f"tokensel-{sweep.name}", **params)
+    try:  # submitit's own default time limit is 5 minutes: far too short for a training run
+        executor.update_parameters(name=f"tokensel-{sweep.name}", **{"timeout_min": DEFAULT_TIMEOUT_MIN, **params})
     except (NameError, ValueError, TypeError) as err:  # submitit lists the parameters it does not know
         first = str(err).strip().splitlines()[0]
         raise LaunchError(f"--slurm: {first} (submitit's executor parameters: timeout_min, gpus_per_node, "
