@@ -28,6 +28,7 @@ keep sets per sample: the loss's spread over them, the best-of-``draws`` gain, t
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -140,7 +141,8 @@ def build_objectives(trained: list, ntp: Optional[torch.nn.Module]) -> list[Obje
     out = []
     for t in trained:
         module, tau = None, None
-        if selector_entry(t["name"]).module_cls.train_test_gap is not SelectorModule.train_test_gap:
+        soft = selector_entry(t["name"]).module_cls.train_test_gap is not SelectorModule.train_test_gap
+        if soft and Path(t["path"]).is_file():  # an exported folder holds the network only, not the gate
             module, step = load_module(t["path"])
             tau = module.tau_at(step)
         vlm = None

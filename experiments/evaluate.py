@@ -75,14 +75,14 @@ def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
 
 
 def load_trained(path: Path) -> dict:
-    """A checkpoint's ``name``, ``net``, run ``config`` and ``path``; one-line errors for foreign files."""
+    """A checkpoint's or exported folder's ``name``, ``net``, run ``config`` and ``path``; one-line
+    errors for foreign files."""
     from tokensel.selectors.catalog import load_selector
-    from tokensel.selectors.inference import read_checkpoint
 
-    hp = read_checkpoint(path)["hyper_parameters"]
-    if not hp.get("config"):
+    net = load_selector(path)
+    if not net.run_config:
         raise EvalError(f"{path}: the checkpoint has no run config (encoder unknown); retrain with this version")
-    return {"name": hp["selector"]["name"], "net": load_selector(path), "config": hp["config"], "path": path}
+    return {"name": net.config.name, "net": net, "config": net.run_config, "path": path}
 
 
 def encoder_key(run_config: dict) -> tuple:

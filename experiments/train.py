@@ -4,7 +4,8 @@ Equivalent to::
 
     python -m tokensel.experiments.train [SELECTOR] [--config FILE.yaml] [key=value ...]
 
-The run writes ``runs/<selector>/<version>/``: TensorBoard events, ``config.yaml`` and
+The run writes ``runs/<selector>/<version>/``: TensorBoard events (``run.logger`` adds or swaps in
+CSV, W&B or any Lightning logger), ``config.yaml`` and
 ``checkpoints/`` (selector network and optimiser state only; the frozen encoder is rebuilt
 from the config). Keep the ``-m`` form: Lightning's DDP launcher re-runs this same command for
 every extra rank.
@@ -122,7 +123,6 @@ def train(config) -> dict:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     from tokensel.callbacks.checkpoint_io import SafeCheckpointIO
     from tokensel.callbacks.collapse import CollapseDetector
@@ -135,6 +135,7 @@ def train(config) -> dict:
     from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
     from tokensel.datamodules.synthetic import ensure_default_corpus, read_params
     from tokensel.experiments.config import check_hardware, to_container
+    from tokensel.experiments.lightning_options import build_callbacks, build_loggers
     from tokensel.selectors.catalog import selector_entry
     from tokensel.selectors.inference import read_checkpoint
 
@@ -160,8 +161,8 @@ def train(config) -> dict:
     module = entry.module_cls(selector=asdict(config.selector), dims=dims, optim=asdict(config.optim),
                               config=full_config)
 
-    logger = TensorBoardLogger(save_dir=config.run.root, name=run_name, version=version, default_hp_metric=False)
-    run_dir = Path(logger.log_dir)
+    loggers = build_loggers(config.run, run_name, version)
+    run_dir = Path(config.run.root) / run_name / version
     checkpoint_dir = run_dir / "checkpoints"
     skipped = SkippedSamples()
     callbacks = [
@@ -184,14 +185,16 @@ def train(config) -> dict:
         callbacks.append(collapse)
     if config.trainer.enable_progress_bar:
         callbacks.append(ProgressBar())
-    trainer_kwargs = {k: v for k, v in asdict(config.trainer).items() if v is not None}
+    callbacks += build_callbacks(config.run)
+    trainer_kwargs = {k: v for k, v in asdict(config.trainer).items() if v is not None and k != "extra"}
+    trainer_kwargs.update(config.trainer.extra)
     if not datamodule.has_val:
         trainer_kwargs["limit_val_batches"] = 0
     try:
         # default_root_dir: where Lightning's SLURM auto-requeue saves (and finds) hpc_ckpt_*.ckpt
-        trainer = L.Trainer(logger=logger, callbacks=callbacks, plugins=[SafeCheckpointIO()],
+        trainer = L.Trainer(logger=loggers or False, callbacks=callbacks, plugins=[SafeCheckpointIO()],
                             default_root_dir=run_dir, **trainer_kwargs)
-    except (MisconfigurationException, ValueError) as err:  # a trainer.* value Lightning refuses
+    except (MisconfigurationException, ValueError, TypeError) as err:  # a trainer.* value Lightning refuses
         raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,13 +260,17 @@ def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, co
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import load_config, parse_run_args
+    from tokensel.experiments.config import config_yaml, load_config, parse_run_args
 
     quiet_known_warnings()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    selector, config_file, overrides = parse_run_args(sys.argv[1:] if argv is None else argv,
-                                                      "python -m tokensel.experiments.train", __doc__)
-    train(load_config(selector, config_file, overrides))
+    selector, config_file, overrides, print_only = parse_run_args(sys.argv[1:] if argv is None else argv,
+                                                                  "python -m tokensel.experiments.train", __doc__)
+    config = load_config(selector, config_file, overrides)
+    if print_only:
+        print(config_yaml(config), end="")
+        return 0
+    train(config)
     return 0
 
 

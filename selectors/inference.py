@@ -35,6 +35,7 @@ from tokensel.common.checkpoint_files import load_plain
 from tokensel.common.errors import CheckpointError
 from tokensel.datamodules.batch import FeatureBatch
 from tokensel.selectors.budget import Budget, resolve_budget
+from tokensel.selectors.pretrained import PretrainedMixin
 
 
 @dataclass
@@ -58,9 +59,10 @@ def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
     return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
 
-class SelectorNet(nn.Module):
+class SelectorNet(nn.Module, PretrainedMixin):
     """Base of every selector. Subclasses implement :meth:`scores` (a top-K rule) or
-    :meth:`positions` (any other rule, e.g. greedy diversity)."""
+    :meth:`positions` (any other rule, e.g. greedy diversity). A trained one saves and loads as a
+    folder or hub repo (``save_pretrained``, ``from_pretrained``, ``push_to_hub``; ``pretrained.py``)."""
 
     needs_cls_attention: bool = False
 
