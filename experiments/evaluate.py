@@ -7,7 +7,8 @@ What is compared (``--selectors``, default: every baseline plus every trained se
 has a run under ``runs/``):
 
 - the training-free baselines (``random``, ``uniform``, ``l2norm``, ``divprune``,
-  ``cls_attention``), and
+  ``cls_attention``, ``dart``, ``pool``, ``visionzip``, ``cdpruner``; ``docs/baselines.md``), with
+  their options as ``baselines.<name>.<key>=value`` overrides, and
 - trained selectors: ``--ckpts`` paths, or the newest ``checkpoints/last.ckpt`` of each
   trained selector under ``run.root``.
 
@@ -24,8 +25,10 @@ it comes from the selector's optional methods (``image_from_kept``, ``sampler_la
 Metrics per selector x budget (mean ± 95 % CI over samples; ``metrics.py``, ``stats.py``):
 
 - ``recall``: the share of the answer box's tokens that are kept (samples with a box only;
-  ``n/a`` when the split has none);
-- ``coverage``: over dropped tokens, the mean of the max cosine similarity to a kept token;
+  ``n/a`` when the split has none); for a merging selector (``pool``, ``visionzip``) a token counts
+  as kept in proportion to the kept tokens spent on it (``SelectorNet.kept_share``);
+- ``coverage``: over dropped tokens, the mean of the max cosine similarity to a kept token
+  (merging selectors: weighted by how much of each token was dropped);
 - ``ntp_increase``: the frozen VLM's NTP loss with only the kept tokens minus with all tokens.
   The VLM is a trained vp_noise's own, else the corpus teacher of the group's encoder when it is
   built (``make teacher``; ``experiments/teacher.py``); ``n/a`` when there is none or the VLM needs
@@ -34,6 +37,12 @@ Metrics per selector x budget (mean ± 95 % CI over samples; ``metrics.py``, ``s
 - LLM and sampler FLOPs for a named VLM geometry (``--geometry``, LLaVA-NeXT by default; the
   LLM's FFN counts LLaMA's three gated matrices, see ``flops.llm_flops``; the sampler counts
   the selector's own layers at the encoder width) and the prefill reduction.
+
+A query-aware selector (``cdpruner``) reads each sample's question (a caption sample's: LLaVA's
+caption instruction) embedded by the text tower of the group's ``open_clip:`` encoder
+(:func:`selection_context`); with an encoder that has none (timm, DINOv2, ...) its rows are
+``n/a``, never a query-agnostic stand-in. ``pool`` keeps at most ``k`` cells; its ``k`` column is
+the count it kept.
 
 Output: ``results.csv``, ``results.md``, one PNG per metric (per encoder group, in a subfolder
 when there are several) and TensorBoard scalars in the eval folder, whose path is printed.
@@ -125,26 +134,61 @@ def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]
     return out
 
 
-def score_across_views(batch, candidates: list, budget_of_k: dict, acc: dict) -> None:
+def score_across_views(batch, candidates: list, budget_of_k: dict, acc: dict, context=None) -> None:
     """``data.view_selection=across``: each image's views are one selection (``select_across``);
     recall and coverage are measured over all of the image's V x N tokens."""
-    from tokensel.experiments.metrics import evidence_recall, keep_mask, token_coverage
+    from tokensel.experiments.metrics import evidence_recall, token_coverage
     from tokensel.selectors.inference import SelectionContext
 
+    context = context or SelectionContext(cls_attention=batch.cls_attention)
     for rows in batch.image_groups():
         G, V = rows.shape
         views = batch.features[rows]  # (G, V, N, C)
         flat = views.reshape(G, -1, views.shape[-1])
-        cls = None if batch.cls_attention is None else batch.cls_attention[rows.reshape(-1)]
+        group_context = context.take(rows.reshape(-1))
         answer = None if batch.answer_tokens is None else batch.answer_tokens[rows].reshape(G, -1)
         has_box = None if batch.has_answer_box is None else batch.has_answer_box[rows].any(dim=1)
         for name, selector in candidates:
             for k, budget in budget_of_k.items():
-                indices, _ = selector.select_across(views, budget, context=SelectionContext(cls_attention=cls))
-                mask = keep_mask(indices, flat.shape[1])
+                indices, kept = selector.select_across(views, budget, context=group_context)
+                share = selector.kept_share_across(views, indices, group_context)
                 if answer is not None:
-                    acc[(name, k)].add("recall", evidence_recall(mask, answer, has_box))
-                acc[(name, k)].add("coverage", token_coverage(flat, mask))
+                    acc[(name, k)].add("recall", evidence_recall(share, answer, has_box))
+                acc[(name, k)].add("coverage", token_coverage(flat, share, kept=kept if selector.merges else None))
+
+
+def text_tower_for(config, candidates: list, log=print):
+    """The text tower of the group's encoder when a candidate is query-aware and the encoder has one
+    (``open_clip:``), else None; the query-aware candidates are then ``n/a`` (logged once)."""
+    query_aware = [name for name, selector in candidates if selector.uses_instruction]
+    if not query_aware:
+        return None
+    from tokensel.datamodules.encoders import build_text_tower
+
+    enc = config.encoder
+    tower = build_text_tower(enc.name, enc.pretrained, enc.norm, enc.image_size, enc.init_seed)
+    if tower is None:
+        log(f"[eval] {', '.join(query_aware)}: n/a (query-aware, and encoder {enc.name} has no text tower to embed "
+            "the question; an open_clip: encoder has one)")
+    return tower
+
+
+def selection_context(batch, text_tower=None):
+    """The ``SelectionContext`` of one batch: the CLS attention (when ``data.cls_attention_layer`` is
+    set) and the instruction, each sample's question or, for a caption sample (empty prompt),
+    LLaVA's caption instruction; with a text tower, also its embedding and the patch tokens in the
+    same space (``OpenClipTextTower``)."""
+    from tokensel.selectors.inference import SelectionContext
+    from tokensel.selectors.vlm_llava import CAPTION_INSTRUCTION
+
+    instruction = [prompt.strip() or CAPTION_INSTRUCTION for prompt in batch.prompt]
+    if text_tower is None:
+        return SelectionContext(cls_attention=batch.cls_attention, instruction=instruction)
+    device = batch.features.device
+    text_tower.to(device)
+    return SelectionContext(cls_attention=batch.cls_attention, instruction=instruction,
+                            instruction_embedding=text_tower.embed_text(instruction).to(device),
+                            token_embedding=text_tower.embed_tokens(batch.features).to(device))
 
 
 def ntp_vlm(config, trained: list) -> tuple:
@@ -175,7 +219,7 @@ def resolve_budget_list(budgets: Optional[list], num_tokens: int, counts: bool =
 
 
 def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], max_samples: Optional[int],
-                   seed: int, geometry: str, log=print) -> list[dict]:
+                   seed: int, geometry: str, log=print, options: Optional[dict] = None) -> list[dict]:
     """All rows of one encoder group (see the module docstring)."""
     from tokensel.datamodules.datamodule import FeatureDataModule
     from tokensel.experiments.flops import GEOMETRIES, flops_report
@@ -184,7 +228,7 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
     from tokensel.selectors.baselines import BASELINES
     from tokensel.selectors.catalog import baseline_names, build_baseline
     from tokensel.selectors.budget import resolve_budget
-    from tokensel.selectors.inference import CheckpointError, SelectionContext
+    from tokensel.selectors.inference import CheckpointError
 
     config = group["config"]
     if any(BASELINES.get(n).needs_cls_attention for n in selectors if n in BASELINES) \
@@ -198,12 +242,17 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
         if net.dims.as_dict() != dims.as_dict():
             raise CheckpointError(f"{name} was trained on features {net.dims.as_dict()}, "
                                   f"the eval encoder {config.encoder.name} gives {dims.as_dict()}")
-    candidates = [(n, build_baseline(n, dims.grid, seed)) for n in selectors if n in baseline_names()]
+    candidates = [(n, build_baseline(n, dims.grid, seed, (options or {}).get(n))) for n in selectors
+                  if n in baseline_names()]
     candidates += [(n, net) for n, net, _ in group["trained"] if n in selectors]
     across = config.data.views == "anyres" and config.data.view_selection == "across"
     budget_list = resolve_budget_list(budgets, dims.num_tokens, counts=not across)
     ks = [resolve_budget(b, dims.num_tokens) for b in budget_list]
 
+    text_tower = text_tower_for(config, candidates, log)
+    if text_tower is None:  # query-aware selectors without the question's embedding: n/a rows
+        candidates = [(n, s) for n, s in candidates if not s.uses_instruction] + \
+                     [(n, None) for n, s in candidates if s.uses_instruction]
     vlm, vlm_cfg = ntp_vlm(config, group["trained"])
     log(f"[eval] encoder {config.encoder.name}: {dims.num_tokens} tokens x {dims.dim}; "
         f"{len(candidates)} selectors x {len(ks)} budgets; NTP metric: {vlm_cfg}")
@@ -217,6 +266,8 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
         log("[eval] anyres views, selected across each image's views: budgets count all its V x N tokens; "
             "ntp_increase and psnr are per view, so n/a here")
     acc = {(name, k): MetricAccumulator() for name, _ in candidates for k in unique_ks}
+    runnable = [(name, selector) for name, selector in candidates if selector is not None]
+    kept_count: dict = {}  # (name, k) -> tokens returned, where fewer than k (pool)
     seen = 0
     with torch.no_grad():
         for raw in datamodule.val_dataloader():
@@ -226,20 +277,22 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
             if max_samples is not None and seen + len(batch) > max_samples:
                 batch = batch.head(max_samples - seen)
             seen += len(batch)
+            context = selection_context(batch, text_tower)
             if across:
-                score_across_views(batch, candidates, {k: b for b, k in zip(budget_list, ks)}, acc)
+                score_across_views(batch, runnable, {k: b for b, k in zip(budget_list, ks)}, acc, context)
                 log(f"[eval] {seen} held-out views", end="\r")
                 continue
             full = vlm.ntp_loss(batch.features, batch.prompt, batch.target).per_sample if vlm is not None else None
-            context = SelectionContext(cls_attention=batch.cls_attention)
-            for name, selector in candidates:
+            for name, selector in runnable:
                 for k in unique_ks:
                     indices, kept = selector.select(batch.features, k, context=context)
                     mask = keep_mask(indices, dims.num_tokens)
+                    share = selector.kept_share(batch.features, indices, context)
+                    kept_count[(name, k)] = kept.shape[1]
                     a = acc[(name, k)]
                     if batch.answer_tokens is not None:
-                        a.add("recall", evidence_recall(mask, batch.answer_tokens, batch.has_answer_box))
-                    a.add("coverage", token_coverage(batch.features, mask))
+                        a.add("recall", evidence_recall(share, batch.answer_tokens, batch.has_answer_box))
+                    a.add("coverage", token_coverage(batch.features, share, kept=kept if selector.merges else None))
                     if full is not None:
                         a.add("ntp_increase", vlm.ntp_loss(kept, batch.prompt, batch.target).per_sample - full)
                     image = selector.image_from_kept(batch.features, mask)
@@ -251,12 +304,12 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
     rows = []
     for name, selector in candidates:
         for budget, k in zip(budget_list, ks):
-            ratio = k / dims.num_tokens
+            ratio = kept_count.get((name, k), k) / dims.num_tokens
             summary = acc[(name, k)].summary()
             # The sampler term: the selector's own layers at the encoder's width (baselines: none).
-            flops = flops_report(geo, ratio, sampler_layers=selector.sampler_layers)
+            flops = flops_report(geo, ratio, sampler_layers=0 if selector is None else selector.sampler_layers)
             row = {"encoder": config.encoder.name, "selector": name, "budget": str(budget), "keep_ratio": ratio,
-                   "k": k, "samples": seen}
+                   "k": kept_count.get((name, k), k), "samples": seen}
             for metric in METRICS:
                 row[metric] = summary.get(metric, (float("nan"), float("nan"), 0))
             row.update({f"{geometry}_{key}": flops[key] for key in FLOPS_COLUMNS})
@@ -277,7 +330,7 @@ def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import load_config
+    from tokensel.experiments.config import baseline_options, load_config
     from tokensel.experiments.report import plot_metrics, write_table
     from tokensel.selectors.budget import parse_budgets
     from tokensel.selectors.catalog import all_names, baseline_names, trained_names
@@ -291,7 +344,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-samples", type=int, default=None, help="cap on held-out samples")
     parser.add_argument("--out", default=None, help="eval folder (default: eval/<time>)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="data.* / encoder.* / run.root overrides, key=value")
+    parser.add_argument("overrides", nargs="*", help="data.* / encoder.* / run.root / baselines.<name>.* overrides, "
+                                                     "key=value")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings()
     started = time.time()
@@ -311,6 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if missing:
         raise EvalError(f"no checkpoint for {', '.join(missing)} under {base.run.root}/; train it or pass CKPTS=")
     budgets = parse_budgets(args.budgets) or None
+    options = baseline_options([o for o in args.overrides if o.startswith("baselines.")])
     if base.data.root is None:
         from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
         from tokensel.datamodules.synthetic import ensure_default_corpus
@@ -318,7 +373,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ensure_default_corpus(DEFAULT_DATA_ROOT)
     rows = []
     for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):
-        rows += evaluate_group(group, chosen, budgets, args.max_samples, args.seed, args.geometry)
+        rows += evaluate_group(group, chosen, budgets, args.max_samples, args.seed, args.geometry, options=options)
     out_dir = Path(args.out or f"eval/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_table(rows, out_dir, "results")
