@@ -33,12 +33,13 @@ def instruction_relevance(features: torch.Tensor, context: Optional[SelectionCon
         raise ContextError(f"{name} is query-aware and needs the instruction's embedding "
                            "(SelectionContext.instruction_embedding); none was passed to select()")
     tokens = context.token_embedding if context.token_embedding is not None else features
-    query = query.to(tokens.device).float()
+    dtype = torch.promote_types(tokens.dtype, torch.float32)
+    tokens, query = tokens.to(dtype), query.to(tokens.device, dtype)
     query = query.unsqueeze(1) if query.dim() == 2 else query  # (B, M, D)
     if tokens.shape[:2] != (B, N) or query.shape[0] != B or query.shape[-1] != tokens.shape[-1]:
         raise ContextError(f"{name}: token embedding {tuple(tokens.shape)} and instruction embedding "
                            f"{tuple(query.shape)} do not fit features {tuple(features.shape)} (need (B, N, D) and (B, M, D))")
-    cos = F.normalize(tokens.float(), dim=-1) @ F.normalize(query, dim=-1).transpose(1, 2)  # (B, N, M)
+    cos = F.normalize(tokens, dim=-1) @ F.normalize(query, dim=-1).transpose(1, 2)  # (B, N, M)
     r = cos.mean(dim=-1) * (-1.0 if negate else 1.0)
     low, high = r.amin(dim=-1, keepdim=True), r.amax(dim=-1, keepdim=True)
     return (r - low + 1e-6) / (high - low + 1e-6)
@@ -125,12 +126,13 @@ class CDPrunerSelector(TrainingFreeSelector):
 
     def positions(self, features, k, context):
         x = features.to(torch.promote_types(features.dtype, torch.float32))
-        r = instruction_relevance(x, context, self.options.negate_relevance).to(x.dtype)
-        if self.options.theta is not None:
-            r = torch.exp(self.options.theta / (2 * (1 - self.options.theta)) * r)
-        unit = F.normalize(x, dim=-1)
-        kernel = r.unsqueeze(2) * (unit @ unit.transpose(1, 2)) * r.unsqueeze(1)
-        return greedy_map_dpp(kernel, k, fallback=r)
+        with torch.autocast(x.device.type, enabled=False):  # the greedy's gains need float32 at least
+            r = instruction_relevance(x, context, self.options.negate_relevance).to(x.dtype)
+            if self.options.theta is not None:
+                r = torch.exp(self.options.theta / (2 * (1 - self.options.theta)) * r)
+            unit = F.normalize(x, dim=-1)
+            kernel = r.unsqueeze(2) * (unit @ unit.transpose(1, 2)) * r.unsqueeze(1)
+            return greedy_map_dpp(kernel, k, fallback=r)
 
     def extra_repr(self) -> str:
         theta = "None" if self.options.theta is None else f"{self.options.theta:.3g}"
