@@ -310,11 +310,12 @@ class DARTSelector(TrainingFreeSelector):
         free[rows[:, None], pivots] = False
         chosen = [pivots]
         rest = k - P
+        sims = unit @ unit[rows[:, None], pivots].transpose(1, 2)  # (B, N, P): cosine to each pivot
         for p in range(P):
             take = rest // P + (1 if p < rest % P else 0)
             if not take:
                 continue
-            sim = (unit * unit[rows, pivots[:, p]].unsqueeze(1)).sum(-1)  # (B, N) cosine to pivot p
+            sim = sims[..., p]
             picked = stable_topk((-sim).masked_fill(~free, float("-inf")), take)  # least similar, free only
             free[rows[:, None], picked] = False
             chosen.append(picked)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from tokensel.common.errors import ConfigError
 from tokensel.selectors.baselines import BASELINES, TrainingFreeSelector, band_centres, stable_topk, subgrid_shape
-from tokensel.selectors.budget import BudgetError
+from tokensel.selectors.budget import BudgetError, resolve_budget
 from tokensel.selectors.inference import ContextError
 
 
@@ -69,13 +69,20 @@ class PoolSelector(TrainingFreeSelector):
     def build(cls, grid, seed, options=None):
         return cls(grid)
 
+    @torch.no_grad()
     def select(self, features, budget, *, context=None):
         h, w = self.grid
         if isinstance(budget, int) and not isinstance(budget, bool) and features.dim() == 3 \
                 and budget > features.shape[1]:
             raise BudgetError(f"pool: budget={budget} is more cells than the {h}x{w} token grid has "
                               f"({features.shape[1]} tokens)")
-        return super().select(features, budget, context=context)
+        if features.dim() != 3 or features.shape[1] != h * w:
+            return super().select(features, budget, context=context)
+        B, N, C = features.shape  # the pooled tokens straight from adaptive_avg_pool2d (= weights @ features)
+        rows, cols = subgrid_shape(self.grid, resolve_budget(budget, N))
+        anchors, _ = self.cells(N, rows, cols, features.device)
+        kept = F.adaptive_avg_pool2d(features.transpose(1, 2).reshape(B, C, h, w), (rows, cols))
+        return anchors.expand(B, -1), kept.flatten(2).transpose(1, 2)
 
     def grid_of(self, num_tokens: int) -> tuple[int, int]:
         """The grid of ``num_tokens`` tokens: its own, or ``V`` views of it stacked (``select_across``)."""
