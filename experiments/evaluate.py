@@ -251,8 +251,7 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
 
     text_tower = text_tower_for(config, candidates, log)
     if text_tower is None:  # query-aware selectors without the question's embedding: n/a rows
-        candidates = [(n, s) for n, s in candidates if not s.uses_instruction] + \
-                     [(n, None) for n, s in candidates if s.uses_instruction]
+        candidates = [(n, None if s.uses_instruction else s) for n, s in candidates]
     vlm, vlm_cfg = ntp_vlm(config, group["trained"])
     log(f"[eval] encoder {config.encoder.name}: {dims.num_tokens} tokens x {dims.dim}; "
         f"{len(candidates)} selectors x {len(ks)} budgets; NTP metric: {vlm_cfg}")
@@ -267,7 +266,7 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
             "ntp_increase and psnr are per view, so n/a here")
     acc = {(name, k): MetricAccumulator() for name, _ in candidates for k in unique_ks}
     runnable = [(name, selector) for name, selector in candidates if selector is not None]
-    kept_count: dict = {}  # (name, k) -> tokens returned, where fewer than k (pool)
+    kept_count: dict = {}  # (name, k) -> tokens returned (pool: at most k)
     seen = 0
     with torch.no_grad():
         for raw in datamodule.val_dataloader():
