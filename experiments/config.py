@@ -193,6 +193,23 @@ def merge_overrides(schema: Any, overrides: list[str], source: str = "overrides"
         raise _one_line(err, node, source) from None
 
 
+def baseline_options(overrides: list[str]) -> dict[str, Any]:
+    """``baselines.<name>.<key>=value`` items as each named baseline's ``Options`` dataclass
+    (``selectors/baselines.py``), by name; an unknown baseline, key or value is one ``ConfigError``."""
+    from tokensel.selectors.catalog import baseline_class
+
+    by_name: dict[str, list[str]] = {}
+    for item in overrides:
+        parts = item.partition("=")[0].split(".")
+        if len(parts) < 3 or parts[0] != "baselines":
+            raise ConfigError(f"override {item!r}: baseline options are baselines.<name>.<key>=value")
+        if baseline_class(parts[1]).Options is None:
+            raise ConfigError(f"override {item!r}: baseline {parts[1]!r} has no options")
+        by_name.setdefault(parts[1], []).append(item.split(".", 2)[2])
+    return {name: merge_overrides(baseline_class(name).Options(), items, f"baselines.{name}")
+            for name, items in by_name.items()}
+
+
 def load_config(selector: Optional[str] = None, config_file: Optional[str] = None,
                 overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
     """Build and check the run config (see the module docstring). Raises ``ConfigError``."""

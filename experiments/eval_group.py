@@ -15,6 +15,12 @@ Per selector x budget, besides the outcome metrics (recall, coverage, ntp_increa
   ``alpha_on_topk`` (the share of the soft top-K mass on the hard top-K) and
   ``ntp_soft_minus_hard`` (its VLM's NTP as trained, through the gate, minus as deployed).
 
+Recall and coverage use each token's kept share (``SelectorNet.kept_share``), so a merging
+selector (``pool``, ``visionzip``) is scored in proportion to the cells that cover a box; an
+objective's loss scores a subset, so it is ``n/a`` for a merging selector. A query-aware selector
+(``cdpruner``) reads each sample's question embedded by the group encoder's text tower
+(:func:`selection_context`); without one its rows are ``n/a``.
+
 A trained selector with a training budget (:attr:`SelectorNet.trained_budget`) is scored at that
 budget only, unless budgets are given; rows off a selector's training budget say so in
 ``trained_at``.
@@ -58,6 +64,7 @@ class Recorder:
     def __init__(self) -> None:
         self.acc: dict[tuple, MetricAccumulator] = {}
         self.samples: list[tuple] = []
+        self.kept: dict[tuple, int] = {}  # (selector, k) -> tokens it returned (a merging one may return fewer)
 
     def add(self, selector: str, k: int, metric: str, values: torch.Tensor, keys: list[str]) -> None:
         values = values.detach().double().cpu()
@@ -99,7 +106,7 @@ def ntp_vlm(config, trained: list) -> tuple:
     return build_vlm(vlm_cfg), what
 
 
-def score_across_views(batch, candidates: list, budget_of_k: dict, rec: Recorder) -> None:
+def score_across_views(batch, candidates: list, budget_of_k: dict, rec: Recorder, context) -> None:
     """``data.view_selection=across``: each image's views are one selection (``select_across``);
     recall and coverage are measured over all of the image's V x N tokens."""
     for rows in batch.image_groups():
@@ -107,17 +114,50 @@ def score_across_views(batch, candidates: list, budget_of_k: dict, rec: Recorder
         views = batch.features[rows]  # (G, V, N, C)
         flat = views.reshape(G, -1, views.shape[-1])
         keys = [batch.keys[int(r)] for r in rows[:, 0]]
-        cls = None if batch.cls_attention is None else batch.cls_attention[rows.reshape(-1)]
+        group_context = context.take(rows.reshape(-1))
         answer = None if batch.answer_tokens is None else batch.answer_tokens[rows].reshape(G, -1)
         has_box = None if batch.has_answer_box is None else batch.has_answer_box[rows].any(dim=1)
         boxed = [keys[i] for i in evidence_rows(answer, has_box).nonzero().flatten().tolist()] if answer is not None else []
         for name, selector, ks in candidates:
             for k in ks:
-                indices, _ = selector.select_across(views, budget_of_k[k], context=SelectionContext(cls_attention=cls))
-                mask = keep_mask(indices, flat.shape[1])
+                indices, kept = selector.select_across(views, budget_of_k[k], context=group_context)
+                share = selector.kept_share_across(views, indices, group_context)
                 if answer is not None:
-                    rec.add(name, k, "recall", evidence_recall(mask, answer, has_box), boxed)
-                rec.add(name, k, "coverage", token_coverage(flat, mask), keys)
+                    rec.add(name, k, "recall", evidence_recall(share, answer, has_box), boxed)
+                rec.add(name, k, "coverage", token_coverage(flat, share, kept=kept if selector.merges else None), keys)
+
+
+def text_tower_for(config, candidates: list, log=print):
+    """The text tower of the group's encoder when a candidate is query-aware and the encoder has one
+    (``open_clip:``), else None; the query-aware candidates are then ``n/a`` (logged once)."""
+    query_aware = [name for name, selector, _ in candidates if selector.uses_instruction]
+    if not query_aware:
+        return None
+    from tokensel.datamodules.encoders import build_text_tower
+
+    enc = config.encoder
+    tower = build_text_tower(enc.name, enc.pretrained, enc.norm, enc.image_size, enc.init_seed)
+    if tower is None:
+        log(f"[eval] {', '.join(query_aware)}: n/a (query-aware, and encoder {enc.name} has no text tower to embed "
+            "the question; an open_clip: encoder has one)")
+    return tower
+
+
+def selection_context(batch, text_tower=None) -> SelectionContext:
+    """The ``SelectionContext`` of one batch: the CLS attention (when ``data.cls_attention_layer`` is
+    set) and the instruction, each sample's question or, for a caption sample (empty prompt),
+    LLaVA's caption instruction; with a text tower, also its embedding and the patch tokens in the
+    same space (``OpenClipTextTower``)."""
+    from tokensel.selectors.vlm_llava import CAPTION_INSTRUCTION
+
+    instruction = [prompt.strip() or CAPTION_INSTRUCTION for prompt in batch.prompt]
+    if text_tower is None:
+        return SelectionContext(cls_attention=batch.cls_attention, instruction=instruction)
+    device = batch.features.device
+    text_tower.to(device)
+    return SelectionContext(cls_attention=batch.cls_attention, instruction=instruction,
+                            instruction_embedding=text_tower.embed_text(instruction).to(device),
+                            token_embedding=text_tower.embed_tokens(batch.features).to(device))
 
 
 class Objective:
@@ -157,7 +197,8 @@ def build_objectives(trained: list, ntp: Optional[torch.nn.Module]) -> list[Obje
 
 
 def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], max_samples: Optional[int],
-                   seed: int, geometry: str, draws: int = 8, log=print) -> tuple[list[dict], list[dict], list[tuple]]:
+                   seed: int, geometry: str, draws: int = 8, log=print, options: Optional[dict] = None
+                   ) -> tuple[list[dict], list[dict], list[tuple]]:
     """All rows of one encoder group: ``(rows, headroom rows, per-sample values)``."""
     from tokensel.datamodules.datamodule import FeatureDataModule
     from tokensel.experiments.flops import GEOMETRIES, flops_report
@@ -200,10 +241,14 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
         if explicit and off:
             log(f"[eval] note: {name} was trained for a keep ratio of {own:.3g}; its rows at "
                 f"{', '.join(str(b) for b in off)} are off its training budget (trained_at)")
-    candidates = [(n, build_baseline(n, dims.grid, seed), all_ks) for n in selectors if n in baseline_names()]
+    candidates = [(n, build_baseline(n, dims.grid, seed, (options or {}).get(n)), all_ks) for n in selectors
+                  if n in baseline_names()]
     vlm, vlm_what = ntp_vlm(config, trained)
     objectives = build_objectives(trained, vlm)
     candidates += [(o.name, o.net, ks_for(o.name)) for o in objectives]
+    text_tower = text_tower_for(config, candidates, log)
+    if text_tower is None:  # query-aware selectors without the question's embedding: n/a rows
+        candidates = [(n, s, [] if s.uses_instruction else ks) for n, s, ks in candidates]
     log(f"[eval] encoder {config.encoder.name}: {dims.num_tokens} tokens x {dims.dim}; "
         f"{len(candidates)} selectors x {len(budget_list)} budgets; NTP metric: {vlm_what}; "
         f"headroom from {draws} random keep sets per sample")
@@ -222,24 +267,26 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
             if max_samples is not None and seen + len(batch) > max_samples:
                 batch = batch.head(max_samples - seen)
             seen += len(batch)
+            context = selection_context(batch, text_tower)
             if across:
-                score_across_views(batch, candidates, {k: b for b, k in k_of.items()}, rec)
+                score_across_views(batch, candidates, {k: b for b, k in k_of.items()}, rec, context)
                 log(f"[eval] {seen} held-out views", end="\r")
                 continue
-            score_batch(batch, candidates, objectives, vlm, all_ks, draws, generator, rec, room)
+            score_batch(batch, context, candidates, objectives, vlm, all_ks, draws, generator, rec, room)
             log(f"[eval] {seen} held-out samples", end="\r")
     log(f"[eval] {seen} held-out samples from {datamodule.root}")
     geo = GEOMETRIES[geometry]
     rows = []
     for name, selector, ks in candidates:
         for budget, k in k_of.items():
-            if k not in ks:
+            if k not in ks and not (selector.uses_instruction and k in all_ks):
                 continue
-            ratio = k / dims.num_tokens
+            kept = rec.kept.get((name, k), k)  # pool keeps at most k cells
+            ratio = kept / dims.num_tokens
             summary = rec.summary(name, k)
             flops = flops_report(geo, ratio, sampler_layers=selector.sampler_layers)
             row = {"encoder": config.encoder.name, "selector": name, "budget": str(budget), "keep_ratio": ratio,
-                   "k": k, "samples": seen}
+                   "k": kept, "samples": seen}
             for metric in METRICS + tuple(f"{o.name}_loss_vs_random" for o in objectives) \
                     + ("alpha_on_topk", "ntp_soft_minus_hard"):
                 if metric in summary or metric in METRICS:
@@ -251,8 +298,8 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
     return rows, headroom_rows(room, k_of, dims.num_tokens, config.encoder.name, draws), rec.samples
 
 
-def score_batch(batch, candidates: list, objectives: list[Objective], vlm, ks: list[int], draws: int,
-                generator: torch.Generator, rec: Recorder, room: Recorder) -> None:
+def score_batch(batch, context: SelectionContext, candidates: list, objectives: list[Objective], vlm, ks: list[int],
+                draws: int, generator: torch.Generator, rec: Recorder, room: Recorder) -> None:
     """Every metric of one held-out batch (see the module docstring)."""
     n, N = len(batch), batch.features.shape[1]
     keys = list(batch.keys)
@@ -261,7 +308,6 @@ def score_batch(batch, candidates: list, objectives: list[Objective], vlm, ks: l
     ranked = [keys[i] for i in evidence_rows(batch.answer_tokens, batch.has_answer_box, negatives=True)
               .nonzero().flatten().tolist()] if batch.answer_tokens is not None else []
     full = vlm.ntp_loss(batch.features, batch.prompt, batch.target).per_sample if vlm is not None else None
-    context = SelectionContext(cls_attention=batch.cls_attention)
 
     def ntp_increase(mask: torch.Tensor) -> torch.Tensor:
         indices = mask.nonzero()[:, 1].view(n, -1)
@@ -281,25 +327,30 @@ def score_batch(batch, candidates: list, objectives: list[Objective], vlm, ks: l
             for part, values in headroom(losses).items():
                 room.add(f"{o.name}_loss", k, part, values, keys)
     for name, selector, sel_ks in candidates:
+        if not sel_ks:  # n/a here (a query-aware selector without the question's embedding)
+            continue
         rank = selector.ranking(batch.features, context)
         auroc = evidence_auroc(rank, batch.answer_tokens, batch.has_answer_box) if rank is not None else None
         follows_norm = rank_correlation(rank, batch.features.float().norm(dim=-1)) if rank is not None else None
         for k in sel_ks:
             indices, kept = selector.select(batch.features, k, context=context)
             mask = keep_mask(indices, N)
+            share = selector.kept_share(batch.features, indices, context)  # a merging selector's partial tokens
+            rec.kept[(name, k)] = kept.shape[1]
             if batch.answer_tokens is not None:
-                rec.add(name, k, "recall", evidence_recall(mask, batch.answer_tokens, batch.has_answer_box), boxed)
+                rec.add(name, k, "recall", evidence_recall(share, batch.answer_tokens, batch.has_answer_box), boxed)
             if auroc is not None:
                 rec.add(name, k, "auroc", auroc, ranked)
                 rec.add(name, k, "norm_spearman", follows_norm, keys)
-            rec.add(name, k, "coverage", token_coverage(batch.features, mask), keys)
+            rec.add(name, k, "coverage", token_coverage(batch.features, share, kept=kept if selector.merges else None),
+                    keys)
             if full is not None:
                 rec.add(name, k, "ntp_increase", vlm.ntp_loss(kept, batch.prompt, batch.target).per_sample - full, keys)
             image = selector.image_from_kept(batch.features, mask)
             if image is not None:
                 rec.add(name, k, "psnr", psnr(image, batch.image), keys)
-            for o in objectives:
-                if (o.name, k) in random_reference:
+            for o in objectives:  # an objective scores a subset; a merging selector keeps none
+                if (o.name, k) in random_reference and not selector.merges:
                     own = o.net.objective_loss(batch, mask, o.vlm).double().cpu()
                     rec.add(name, k, f"{o.name}_loss_vs_random", own - random_reference[(o.name, k)], keys)
         gap_owner = next((o for o in objectives if o.name == name and o.module is not None), None)

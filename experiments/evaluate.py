@@ -7,7 +7,8 @@ What is compared (``--selectors``, default: every baseline plus every trained se
 has a run under ``runs/``):
 
 - the training-free baselines (``random``, ``uniform``, ``l2norm``, ``divprune``,
-  ``cls_attention``), and
+  ``cls_attention``, ``dart``, ``pool``, ``visionzip``, ``cdpruner``; ``docs/baselines.md``), with
+  their options as ``baselines.<name>.<key>=value`` overrides, and
 - trained selectors: ``--ckpts`` paths, or the newest ``checkpoints/last.ckpt`` of each
   trained selector under ``run.root``.
 
@@ -24,8 +25,10 @@ it comes from the selector's optional methods (``image_from_kept``, ``sampler_la
 Metrics per selector x budget (mean ± 95 % CI over samples; ``selectors/metrics.py``, ``common/stats.py``):
 
 - ``recall``: the share of the answer box's tokens that are kept (samples with a box only;
-  ``n/a`` when the split has none);
-- ``coverage``: over dropped tokens, the mean of the max cosine similarity to a kept token;
+  ``n/a`` when the split has none); for a merging selector (``pool``, ``visionzip``) a token counts
+  as kept in proportion to the kept tokens spent on it (``SelectorNet.kept_share``);
+- ``coverage``: over dropped tokens, the mean of the max cosine similarity to a kept token
+  (merging selectors: weighted by how much of each token was dropped);
 - ``ntp_increase``: the frozen VLM's NTP loss with only the kept tokens minus with all tokens.
   The VLM is a trained vp_noise's own, else the corpus teacher of the group's encoder when it is
   built (``make teacher``; ``experiments/teacher.py``); ``n/a`` when there is none or the VLM needs
@@ -39,6 +42,13 @@ Metrics per selector x budget (mean ± 95 % CI over samples; ``selectors/metrics
 - LLM and sampler FLOPs for a named VLM geometry (``--geometry``, LLaVA-NeXT by default; the
   LLM's FFN counts LLaMA's three gated matrices, see ``flops.llm_flops``; the sampler counts
   the selector's own layers at the encoder width) and the prefill reduction.
+
+A query-aware selector (``cdpruner``) reads each sample's question (a caption sample's: LLaVA's
+caption instruction) embedded by the text tower of the group's ``open_clip:`` encoder
+(:func:`selection_context`); with an encoder that has none (timm, DINOv2, ...) its rows are
+``n/a``, never a query-agnostic stand-in. ``pool`` keeps at most ``k`` cells; its ``k`` column is
+the count it kept.
+
 
 A trained selector with a training budget (budget-matched gumbel_ae, vp_noise) is scored at that
 budget unless ``--budgets`` is given; its rows then carry ``trained_at`` and a note is printed.
@@ -150,7 +160,7 @@ def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import load_config
+    from tokensel.experiments.config import baseline_options, load_config
     from tokensel.experiments.report import plot_metrics, write_table
     from tokensel.selectors.budget import parse_budgets
     from tokensel.selectors.catalog import all_names, baseline_names, trained_names
@@ -166,7 +176,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--headroom-draws", type=int, default=8,
                         help="random keep sets per sample for the headroom table (>= 2)")
-    parser.add_argument("overrides", nargs="*", help="data.* / encoder.* / run.root overrides, key=value")
+    parser.add_argument("overrides", nargs="*", help="data.* / encoder.* / run.root / baselines.<name>.* overrides, "
+                                                     "key=value")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings()
     started = time.time()
@@ -188,6 +199,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if missing:
         raise EvalError(f"no checkpoint for {', '.join(missing)} under {base.run.root}/; train it or pass CKPTS=")
     budgets = parse_budgets(args.budgets) or None
+    options = baseline_options([o for o in args.overrides if o.startswith("baselines.")])
     if base.data.root is None:
         from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
         from tokensel.datamodules.synthetic import ensure_default_corpus
@@ -196,7 +208,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows, room, samples = [], [], []
     for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):
         group_rows, group_room, group_samples = evaluate_group(group, chosen, budgets, args.max_samples, args.seed,
-                                                               args.geometry, args.headroom_draws)
+                                                               args.geometry, args.headroom_draws,
+                                                               options=options)
         rows += group_rows
         room += group_room
         samples += [(group_rows[0]["encoder"] if group_rows else "", *s) for s in group_samples]

@@ -1,10 +1,10 @@
 """Every built-in selector, trained or training-free, by name: the one place names are looked up.
 
 Importing this module registers the built-in objectives (``gumbel_ae.py``, ``vp_noise.py``) and
-baselines (``baselines.py``). A new objective is one new file in ``selectors/`` with
+baselines (``baselines.py``, ``baselines_merging.py``, ``baselines_query.py``). A new objective is one new file in ``selectors/`` with
 ``@register_selector(...)``, its import below, and ``experiments/<name>.yaml``; nothing else.
 
-- :func:`selector_entry`, :func:`trained_names`, :func:`baseline_names`, :func:`all_names`;
+- :func:`selector_entry`, :func:`trained_names`, :func:`baseline_names`, :func:`baseline_class`, :func:`all_names`;
 - :func:`build_baseline` (re-exported);
 - :func:`build_net`: a trained selector's network at a given feature geometry (random weights);
 - :func:`load_selector`: a trained selector from its checkpoint, exported folder or hub repo,
@@ -19,13 +19,14 @@ from typing import Any
 import torch
 
 from tokensel.datamodules.batch import FeatureDims
-from tokensel.selectors import gumbel_ae, vp_noise  # noqa: F401  (they register themselves)
+from tokensel.selectors import baselines_merging, baselines_query, gumbel_ae, vp_noise  # noqa: F401  (they register themselves)
 from tokensel.selectors.baselines import BASELINES, build_baseline
 from tokensel.selectors.inference import CheckpointError, SelectorNet, read_checkpoint
 from tokensel.selectors.pretrained import is_pretrained_folder, load_pretrained
 from tokensel.selectors.registry import SELECTORS, SelectorEntry
 
-__all__ = ["all_names", "baseline_names", "build_baseline", "build_net", "load_module", "load_selector",
+__all__ = ["all_names", "baseline_class", "baseline_names", "build_baseline", "build_net", "load_module",
+           "load_selector",
            "selector_entry", "trained_names"]
 
 
@@ -40,6 +41,11 @@ def trained_names() -> list[str]:
 
 def baseline_names() -> list[str]:
     return BASELINES.names()
+
+
+def baseline_class(name: str) -> type:
+    """The registered baseline ``name`` (its class, with ``Options``); an unknown name is one line."""
+    return BASELINES.get(name, key="baselines")
 
 
 def all_names() -> list[str]:

@@ -8,11 +8,12 @@ import torch
 
 from tokensel.common.stats import mean_ci, paired_ci
 from tokensel.selectors.baselines import build_baseline
-from tokensel.selectors.catalog import selector_entry, trained_names
+from tokensel.datamodules.batch import FeatureDims
+from tokensel.selectors.catalog import build_net, selector_entry, trained_names
 from tokensel.selectors.diagnostics import (evidence_auroc, headroom, headroom_verdict, objective_losses,
                                             random_keep_masks, rank_correlation)
 from tokensel.selectors.gumbel_ae import GumbelAEConfig
-from tokensel.selectors.inference import SelectorNet, topk_positions
+from tokensel.selectors.inference import SelectionContext, SelectorNet, topk_positions
 from tokensel.selectors.metrics import keep_mask
 
 import test_gumbel_ae as ae
@@ -88,13 +89,17 @@ def test_every_selector_with_scores_ranks_and_divprune_ranks_by_pick_order():
     for k in (1, 5, 15):
         first = topk_positions(rank, k)
         assert torch.equal(first, divprune.select(features, k)[0])
-    assert build_baseline("uniform", (4, 4)).ranking(features) is None
+    for unordered in ("uniform", "dart", "pool"):  # no single order: a grid, k-dependent shares, merging
+        assert build_baseline(unordered, (4, 4)).ranking(features) is None, unordered
+    cdpruner, query = build_baseline("cdpruner", (4, 4)), SelectionContext(
+        instruction_embedding=torch.randn(4, 8), token_embedding=features)
+    rank = cdpruner.ranking(features, query)
+    for k in (1, 5, 15):  # greedy MAP is nested: its order's first k are its selection at k
+        assert torch.equal(topk_positions(rank, k).sort(-1).values,
+                           cdpruner.select(features, k, context=query)[0].sort(-1).values)
     assert build_baseline("l2norm", (4, 4)).ranking(features).shape == (4, 16)
     for name in trained_names():  # every trained selector ranks by its scores
         entry = selector_entry(name)
-        from tokensel.selectors.catalog import build_net
-        from tokensel.datamodules.batch import FeatureDims
-
         net = build_net(name, FeatureDims(16, 8, (4, 4), 16), head_dim=4, width=8, depth=1)
         assert torch.equal(net.ranking(features), net.scores(features)), entry.name
         # and can score any kept set on its own objective (make eval, the learning curves)

@@ -31,10 +31,15 @@ def test_make_eval_compares_baselines_and_the_trained_selector(trained, tiny_cor
     assert f"eval folder: {out}" in result.stdout
     rows = list(csv.DictReader((out / "results.csv").open()))
     selectors = {r["selector"] for r in rows}
-    assert selectors == {"random", "uniform", "l2norm", "divprune", "cls_attention", "gumbel_ae"}
-    assert len(rows) == 6 * 3
+    assert selectors == {"random", "uniform", "l2norm", "divprune", "cls_attention", "dart", "pool", "visionzip",
+                         "cdpruner", "gumbel_ae"}
+    assert len(rows) == 10 * 3
+    assert "cdpruner: n/a (query-aware, and encoder timm:vit_tiny_patch16_224 has no text tower" in result.stdout
     for row in rows:
         assert row["samples"] == "18"
+        if row["selector"] == "cdpruner":  # no question embedding on a timm encoder: n/a, not a stand-in
+            assert row["coverage_n"] == row["recall_n"] == "0"
+            continue
         assert float(row["coverage_mean"]) <= 1.0
         assert 0.0 <= float(row["recall_mean"]) <= 1.0  # the generated docs and charts have answer boxes
     gumbel = [r for r in rows if r["selector"] == "gumbel_ae"]
@@ -58,7 +63,8 @@ def test_make_eval_says_why_a_selector_wins_or_loses(trained, tiny_corpus, tmp_p
     assert [(r["budget"], r["trained_at"]) for r in gumbel] == [("0.222", "0.222")]
     assert len([r for r in rows if r["selector"] == "divprune"]) == 5
     for row in rows:
-        ranks = row["selector"] != "uniform"  # an even grid has no order
+        # no order: an even grid, a merging rule, DART (its set at k is no prefix); cdpruner is n/a here
+        ranks = row["selector"] not in ("uniform", "pool", "visionzip", "dart", "cdpruner")
         assert (row["auroc_n"] != "0") == ranks, row["selector"]
         assert (row["norm_spearman_n"] != "0") == ranks
         assert row["gumbel_ae_loss_vs_random_n"] == "12"  # the objective scores every selector's kept set
@@ -86,6 +92,20 @@ def test_bad_eval_arguments_are_one_line(args, words, tiny_corpus, trained):
     assert len(errors) == 1 and "Traceback" not in result.stderr
     for word in words:
         assert word in errors[0]
+
+
+def test_make_eval_runs_cdpruner_on_an_open_clip_encoders_text_tower(tiny_corpus, tmp_path):
+    out = tmp_path / "eval"
+    result = run_module("tokensel.experiments.evaluate", "--selectors", "random,cdpruner,pool,visionzip",
+                        "--budgets", "0.25", "--out", str(out), f"data.root={tiny_corpus}", f"run.root={tmp_path}",
+                        "encoder.name=open_clip:coca_tiny", "encoder.pretrained=", "data.num_workers=0",
+                        f"data.feature_cache_dir={tmp_path / 'cache'}", "baselines.cdpruner.theta=0.5")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["selector"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert rows["cdpruner"]["coverage_n"] == "18" and rows["cdpruner"]["recall_n"] == "10"
+    assert int(rows["pool"]["k"]) == 49 and int(rows["visionzip"]["k"]) == 49  # 14 x 14 tokens: 7 x 7 cells
+    bad = run_module("tokensel.experiments.evaluate", f"data.root={tiny_corpus}", "baselines.visionzip.merge=sum")
+    assert bad.returncode == 2 and "baselines.visionzip.merge='sum'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_a_foreign_checkpoint_is_named(tmp_path, tiny_corpus):
