@@ -35,6 +35,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from tokensel.common.stats import mean_ci, paired_ci
 from tokensel.selectors.baselines import build_baseline
 from tokensel.selectors.budget import resolve_budget
+from tokensel.callbacks.rng_state import collect_rng_state, restore_rng_state
 from tokensel.selectors.diagnostics import evidence_auroc, objective_losses, random_keep_masks
 from tokensel.selectors.inference import SelectionContext
 from tokensel.selectors.metrics import evidence_recall, keep_mask
@@ -199,6 +200,7 @@ class LearningCurve(L.Callback):
             return
         was_training = pl_module.net.training
         pl_module.net.eval()
+        rng = collect_rng_state()  # a watcher draws nothing from training's RNGs (exact resume)
         try:
             batches = self.held_out(trainer, pl_module.device)
             if not self.reference:
@@ -207,6 +209,7 @@ class LearningCurve(L.Callback):
             results = self.evaluate(pl_module, batches)
         finally:
             pl_module.net.train(was_training)
+            restore_rng_state(rng)
         self.write(trainer, step, results)
 
     # ---- where -----------------------------------------------------------------------------
