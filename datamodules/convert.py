@@ -1,29 +1,27 @@
-"""Convert the raw COCO / DocVQA / ChartQA releases into shards.
+"""Convert a benchmark's raw release into shards.
 
     python -m tokensel.datamodules.convert coco    /data/coco    data/real --split val
     python -m tokensel.datamodules.convert docvqa  /data/docvqa  data/real --split train
     python -m tokensel.datamodules.convert chartqa /data/ChartQA data/real --split test
 
-Each ``convert_<source>.py`` reads one raw layout into ``(key, image path, meta)`` records;
-:func:`convert` looks the source up in :data:`CONVERTERS` and writes the records through
-:class:`ShardWriter` into one dataset root, so one ``index.json`` lists every (split, source). A
-wrong folder is a :class:`ShardFormatError` naming the path; a single missing or unreadable image
-is skipped, counted and warned about.
+The benchmark's entry in :data:`~tokensel.datamodules.benchmarks.BENCHMARKS` names its converter
+module, whose ``records`` reads the benchmark's raw layout into ``(key, image path, meta)`` records;
+:func:`convert` writes them through :class:`ShardWriter` into one dataset root, so one
+``index.json`` lists every (split, source). A wrong folder is a :class:`ShardFormatError` naming
+the path; a single missing or unreadable image is skipped, counted and warned about.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Iterable
 
 from tokensel.common.cli import ArgumentParser, run_main
-from tokensel.common.registry import Registry
-from tokensel.datamodules.convert_chartqa import chartqa_records
-from tokensel.datamodules.convert_coco import coco_records
-from tokensel.datamodules.convert_docvqa import docvqa_records
+from tokensel.datamodules.benchmarks import BENCHMARKS, Benchmark
 from tokensel.datamodules.raw_layout import Record, Skips, read_image
 from tokensel.datamodules.shards import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -34,11 +32,19 @@ from tokensel.datamodules.shards import (
     sanitize_key,
 )
 
-# source -> records(src, split, skips, **options): checks the whole raw layout, returns its records.
-CONVERTERS: Registry[Callable[..., list[Record]]] = Registry("converter")
-CONVERTERS.register("coco", coco_records)
-CONVERTERS.register("docvqa", docvqa_records)
-CONVERTERS.register("chartqa", chartqa_records)
+# Per-benchmark options of the command line: flag -> keyword of the converter's ``records``.
+OPTIONS = {"--annotations": "annotations"}
+
+
+def records_of(benchmark: Benchmark, src: Path, split: str, skips: Skips, **options) -> Iterable[Record]:
+    """The records of ``split`` of ``benchmark``'s release under ``src``; the whole layout is checked here."""
+    return benchmark.converter_module().records(src, split, skips, **options)
+
+
+def option_names(benchmark: Benchmark) -> list[str]:
+    """The keyword options of ``benchmark``'s converter (``records(src, split, skips, **options)``)."""
+    params = list(inspect.signature(benchmark.converter_module().records).parameters)
+    return params[3:]
 
 
 def convert(
@@ -54,18 +60,18 @@ def convert(
 ) -> list[ShardEntry]:
     """Convert ``split`` of the raw ``source`` release under ``src`` into shards under ``out``.
 
-    ``options`` go to the source's records function (docvqa: ``annotations``, the json to read).
+    ``options`` go to the converter's ``records`` (docvqa: ``annotations``, the json to read).
     Pass ``skips`` to learn how many samples were left out and why.
     """
-    records_of = CONVERTERS.get(source)
+    benchmark = BENCHMARKS.get(source)
     skips = Skips() if skips is None else skips
     # The whole raw layout is checked before the writer opens: it replaces this (split, source)'s old shards.
-    records = records_of(Path(src), split, skips, **options)
+    records = records_of(benchmark, Path(src), split, skips, **options)
     return write_shards(records, out, split, source, max_bytes, max_samples, limit, skips)
 
 
 def write_shards(
-    records: list[Record],
+    records: Iterable[Record],
     out: str | os.PathLike,
     split: str,
     source: str,
@@ -113,9 +119,9 @@ def log_to_terminal() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m tokensel.datamodules.convert",
-        description="Convert a raw COCO 2017 / DocVQA / ChartQA release into tokensel shards.",
+        description="Convert a benchmark's raw release into tokensel shards.",
     )
-    parser.add_argument("source", choices=CONVERTERS.names())
+    parser.add_argument("source", choices=BENCHMARKS.names())
     parser.add_argument("src", type=Path, help="the raw dataset folder")
     parser.add_argument("out", type=Path, help="dataset root to write into (shards + index.json)")
     parser.add_argument("--split", default="train", help="split to convert, e.g. train, val, test (default: train)")
@@ -126,9 +132,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="docvqa only: the annotation json (default: the first of SPLIT_v1.0_withQT.json "
                              "and SPLIT_v1.0.json found in SRC or SRC/SPLIT)")
     args = parser.parse_args(argv)
-    if args.annotations is not None and args.source != "docvqa":
-        parser.error("--annotations is only used with docvqa")
-    options = {} if args.annotations is None else {"annotations": args.annotations}
+    benchmark = BENCHMARKS.get(args.source)
+    accepted = option_names(benchmark)
+    options = {}
+    for flag, name in OPTIONS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            users = [b for b in BENCHMARKS.names() if name in option_names(BENCHMARKS.get(b))]
+            parser.error(f"{flag} is only used with {', '.join(users)}")
+        options[name] = value
     log_to_terminal()
 
     skips = Skips()

@@ -20,7 +20,7 @@ from tokensel.datamodules.shards import ShardFormatError
 SUBSETS = ("human", "augmented")
 
 
-def chartqa_records(src: Path, split: str, skips: Skips) -> list[Record]:
+def records(src: Path, split: str, skips: Skips) -> list[Record]:
     """Check the layout and return ``(key, image path, meta)`` per entry: human first, then augmented.
 
     Every entry has its answer, so nothing is skipped here (``skips`` is for the common signature).
@@ -33,7 +33,7 @@ def chartqa_records(src: Path, split: str, skips: Skips) -> list[Record]:
         )
     image_dir = require_dir(folder / "png", f"the ChartQA {split} chart images")
 
-    records = []
+    found = []
     for subset, path in paths.items():
         if not path.is_file():
             continue
@@ -60,5 +60,5 @@ def chartqa_records(src: Path, split: str, skips: Skips) -> list[Record]:
                     "index": i,
                 },
             }
-            records.append((f"chartqa_{subset}_{i}", image_dir / item["imgname"], meta))
-    return records
+            found.append((f"chartqa_{subset}_{i}", image_dir / item["imgname"], meta))
+    return found

@@ -33,7 +33,7 @@ def find_annotations(src: Path, split: str) -> Path:
     )
 
 
-def docvqa_records(src: Path, split: str, skips: Skips, annotations: str | Path | None = None) -> list[Record]:
+def records(src: Path, split: str, skips: Skips, annotations: str | Path | None = None) -> list[Record]:
     """Check the layout and return ``(key, image path, meta)`` per answered question, in file order."""
     ann_path = Path(annotations) if annotations is not None else find_annotations(src, split)
     log.info("docvqa/%s: reading %s", split, ann_path)
@@ -43,7 +43,7 @@ def docvqa_records(src: Path, split: str, skips: Skips, annotations: str | Path 
         raise bad_shape(ann_path, f"expected {expected}")
     root = ann_path.parent
 
-    records = []
+    found = []
     for k, item in enumerate(raw["data"]):
         if not (
             isinstance(item, dict)
@@ -69,8 +69,8 @@ def docvqa_records(src: Path, split: str, skips: Skips, annotations: str | Path 
                 "doc_id": item.get("docId"),
             },
         }
-        records.append((f"docvqa_{item['questionId']}", root / item["image"], meta))
+        found.append((f"docvqa_{item['questionId']}", root / item["image"], meta))
 
-    for folder in sorted({path.parent for _, path, _ in records}):
+    for folder in sorted({path.parent for _, path, _ in found}):
         require_dir(folder, f"the document images referenced by {ann_path.name}")
-    return records
+    return found

@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from tokensel.common.errors import UnknownNameError, UsageError
-from tokensel.datamodules.convert import CONVERTERS, convert, main
+from tokensel.datamodules.benchmarks import BENCHMARKS
+from tokensel.datamodules.convert import convert, main
 from tokensel.datamodules.raw_layout import Skips
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex, validate_meta
 
@@ -179,14 +180,14 @@ def test_docvqa_without_a_json_names_every_path_tried(tmp_path):
     assert positions == sorted(positions)  # in the order of preference
 
 
-def test_unknown_source_lists_the_converters(tmp_path):
-    assert set(CONVERTERS.names()) == {"coco", "docvqa", "chartqa"}
+def test_unknown_source_lists_the_benchmarks(tmp_path):
+    assert {"coco", "docvqa", "chartqa"} <= set(BENCHMARKS.names())
     with pytest.raises(UnknownNameError) as err:
         convert("imagenet", tmp_path, tmp_path / "out")
-    assert "choose one of: " + ", ".join(CONVERTERS.names()) in str(err.value)
+    assert "choose one of: " + ", ".join(BENCHMARKS.names()) in str(err.value)
     with pytest.raises(UsageError) as err:
         main(["imagenet", str(tmp_path), str(tmp_path / "out")])
-    assert ", ".join(map(repr, CONVERTERS.names())) in str(err.value)
+    assert ", ".join(map(repr, BENCHMARKS.names())) in str(err.value)
 
 
 def test_chartqa_round_trip(tmp_path):
