@@ -7,6 +7,7 @@ import math
 import pytest
 
 from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION, KINDS, generation_batches, text_of
+from tokensel.datamodules.parquet_layout import ParquetLayout
 from tokensel.datamodules.shards import ShardFormatError, source_seed, validate_meta
 from tokensel.experiments.benchmark_metrics import METRICS, headline_average, score_answers
 
@@ -22,7 +23,11 @@ def test_every_benchmark_is_complete(name):
     benchmark = BENCHMARKS.get(name)
     assert benchmark.kind in KINDS and benchmark.max_new_tokens > 0
     module = benchmark.converter_module()
-    assert list(inspect.signature(module.records).parameters)[:3] == ["src", "split", "skips"]
+    parameters = list(inspect.signature(module.records).parameters)
+    assert parameters[:3] == ["src", "split", "skips"]
+    assert set(getattr(module, "OPTIONS", {})) <= set(parameters[3:])  # each command-line option is a keyword
+    parquet = getattr(module, "PARQUET", None)
+    assert parquet is None or isinstance(parquet, ParquetLayout)
     metric = METRICS.get(benchmark.metric)
     assert metric.columns
     validate_meta(sample_meta(name))

@@ -290,6 +290,26 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     assert set(read_split(tmp_path / "out", "train", "chartqa")) == {"chartqa_augmented_0"}
 
 
+def test_a_question_file_whose_images_are_all_missing_fails_in_one_line(tmp_path):
+    make_chartqa(tmp_path / "chartqa")
+    convert("chartqa", tmp_path / "chartqa", tmp_path / "out")
+    before = ShardIndex.load(tmp_path / "out").splits
+    for image in (tmp_path / "chartqa/train/png").iterdir():
+        image.unlink()
+    with pytest.raises(ShardFormatError) as err:
+        convert("chartqa", tmp_path / "chartqa", tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and "chartqa/train: no usable sample" in message
+    assert "5 missing image" in message and str(tmp_path / "chartqa/train/png/1234.png") in message
+    assert ShardIndex.load(tmp_path / "out").splits == before  # nothing replaced
+    assert ShardIndex.load(tmp_path / "out").shards("train")
+
+    result = run_cli("chartqa", tmp_path / "chartqa", tmp_path / "out2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "5 missing image" in errors[0]
+
+
 def test_non_jpeg_png_images_are_reencoded_as_png(tmp_path):
     make_coco(tmp_path / "coco")
     # a BMP under the COCO file name: not storable as is
