@@ -72,6 +72,7 @@ register(Benchmark("docvqa", QUESTION, "convert_docvqa", "anls"))
 register(Benchmark("chartqa", QUESTION, "convert_chartqa", "relaxed_accuracy"))
 register(Benchmark("textvqa", QUESTION, "convert_textvqa", "textvqa_accuracy", max_new_tokens=16))
 register(Benchmark("vqav2", QUESTION, "convert_vqav2", "vqav2_accuracy", max_new_tokens=16))
+register(Benchmark("pope", QUESTION, "convert_pope", "pope", max_new_tokens=128))  # lmms-eval's cap
 
 
 def text_of(meta: dict) -> tuple[str, list[str]]:

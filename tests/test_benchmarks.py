@@ -80,4 +80,6 @@ def test_score_answers_scores_each_benchmark_by_its_own_metric():
 def test_the_average_takes_each_benchmarks_headline_only():
     summaries = {"docvqa_anls": (0.5, 0.1, 4), "chartqa_relaxed": (0.9, 0.1, 4), "docvqa_other": (0.0, 0.1, 4)}
     assert headline_average(summaries) == pytest.approx(0.7)
+    # POPE reports F1 (its headline) and accuracy; the average takes F1 only
+    assert headline_average({"pope_f1": (0.8, 0.1, 4), "pope_accuracy": (0.2, 0.1, 4)}) == pytest.approx(0.8)
     assert math.isnan(headline_average({}))
