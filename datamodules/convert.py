@@ -34,6 +34,7 @@ from tokensel.datamodules.shards import (
     sanitize_key,
 )
 
+
 def records_of(benchmark: Benchmark, src: Path, split: str, skips: Skips, **options) -> Iterable[Record]:
     """The records of ``split`` of ``benchmark``'s release under ``src``: lmms-lab's parquet files
     when ``src`` holds them, else the benchmark's own layout. The whole layout is checked here."""
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="stop after this many samples")
     declared = converter_options()
     for option, users in declared.items():
-        parser.add_argument(f"--{option}", default=None, help="; ".join(f"{b} only: {text}" for b, text in users))
+        only = " only" if len(users) == 1 else ""
+        parser.add_argument(f"--{option}", default=None, help="; ".join(f"{b}{only}: {text}" for b, text in users))
     args = parser.parse_args(argv)
     options = {}
     for option, users in declared.items():
