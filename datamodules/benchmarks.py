@@ -33,8 +33,8 @@ from tokensel.common.registry import Registry
 
 CAPTION, QUESTION = "caption", "question"
 KINDS = (CAPTION, QUESTION)
-# LLaVA-1.5's short-answer prompt ("Improved Baselines with Visual Instruction Tuning", arXiv:2310.03744,
-# Table 7), which lmms-eval's tasks append too.
+# LLaVA-1.5's short-answer prompt ("Improved Baselines with Visual Instruction Tuning", arXiv:2310.03744),
+# which lmms-eval's tasks append too.
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 

@@ -42,7 +42,8 @@ def records_of(benchmark: Benchmark, src: Path, split: str, skips: Skips, **opti
     if holds_parquet(src):
         layout = getattr(module, "PARQUET", None)
         if layout is None:
-            raise ShardFormatError(f"{src}: holds parquet files, but {benchmark.name} is read from its own release only")
+            raise ShardFormatError(f"{src}: holds parquet files, but {benchmark.name} is read from its own "
+                                   "release only")
         if options:
             raise ShardFormatError(f"{src}: a parquet release takes no {', '.join(options)}")
         log.info("%s/%s: reading lmms-lab's parquet release in %s", benchmark.name, split, src)

@@ -75,8 +75,8 @@ def annotated_answers(path: Path, optional: bool) -> dict[int, dict]:
         raise bad_shape(path, f"expected {expected}")
     out = {}
     for k, ann in enumerate(raw["annotations"]):
-        if not (isinstance(ann, dict) and "question_id" in ann and isinstance(ann.get("answers"), list) and ann["answers"]
-                and all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in ann["answers"])):
+        if not (isinstance(ann, dict) and "question_id" in ann and isinstance(ann.get("answers"), list)
+                and ann["answers"] and all(isinstance(a, dict) and isinstance(a.get("answer"), str) for a in ann["answers"])):
             raise bad_shape(path, f"annotations[{k}] needs a 'question_id' and 'answers', a list of {{'answer': str}}")
         out[ann["question_id"]] = ann
     return out

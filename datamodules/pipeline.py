@@ -148,7 +148,8 @@ class ShardStream(IterableDataset):
         weights = dict(weights) if weights else counts
         unknown = sorted(set(weights) - set(BENCHMARKS))
         if unknown:
-            raise ShardFormatError(f"data.weights: unknown source(s) {', '.join(unknown)}; expected {', '.join(BENCHMARKS)}")
+            raise ShardFormatError(
+                f"data.weights: unknown source(s) {', '.join(unknown)}; expected {', '.join(BENCHMARKS)}")
         missing = sorted(s for s, w in weights.items() if w > 0 and s not in self.by_source)
         if missing:
             raise ShardFormatError(f"data.weights: source(s) {', '.join(missing)} have no shards under {self.root}")

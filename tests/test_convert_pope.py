@@ -48,8 +48,8 @@ def test_pope_round_trip(tmp_path, files):
     assert {k: s["jpg"] for k, s in samples.items()} == expected
     meta = validate_meta(json.loads(samples["pope_random_1"]["json"]))
     assert (meta["question"], meta["answers"]) == ("Is there a tv in the image?", ["no"])
-    assert meta["provenance"] == {"dataset": "pope", "subset": "random", "file": "val2014/COCO_val2014_000000548882.jpg",
-                                  "question_id": 1}
+    assert meta["provenance"] == {"dataset": "pope", "subset": "random", "question_id": 1,
+                                  "file": "val2014/COCO_val2014_000000548882.jpg"}
 
 
 def test_subsets_are_chosen_by_name(tmp_path):
@@ -98,5 +98,6 @@ def test_lmms_lab_pope_round_trip(tmp_path):
         "image": pictures, "category": ["random", "adversarial"]})
     convert("pope", tmp_path / "lmms", tmp_path / "out", split="test", out_split="val")
     samples = read_split(tmp_path / "out", "val", "pope")
-    assert {k: s["jpg"] for k, s in samples.items()} == {"pope_random_1": pictures[0], "pope_adversarial_1": pictures[1]}
+    assert {k: s["jpg"] for k, s in samples.items()} == {"pope_random_1": pictures[0],
+                                                         "pope_adversarial_1": pictures[1]}
     assert validate_meta(json.loads(samples["pope_adversarial_1"]["json"]))["answers"] == ["no"]

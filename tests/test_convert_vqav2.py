@@ -78,7 +78,8 @@ def test_coco_images_elsewhere(tmp_path):
     assert result.returncode == 2 and "--images is only used with vqav2" in result.stderr
 
 
-@pytest.mark.parametrize("missing", ["v2_mscoco_val2014_annotations.json", "v2_OpenEnded_mscoco_val2014_questions.json"])
+@pytest.mark.parametrize("missing", ["v2_mscoco_val2014_annotations.json",
+                                     "v2_OpenEnded_mscoco_val2014_questions.json"])
 def test_a_missing_file_is_named(tmp_path, missing):
     make_vqav2(tmp_path / "vqav2")
     (tmp_path / "vqav2" / missing).unlink()

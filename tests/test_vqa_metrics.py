@@ -151,7 +151,8 @@ def test_pope_accuracy_and_f1():
     # a = 2[TP] = (2, 0, 0, 0, 2), b = 2[TP] + [FP] + [FN] = (2, 1, 1, 0, 2), mean(b) = 1.2:
     # F1 + (a_i - F1 b_i) / 1.2
     f1 = 2 / 3
-    assert scores["f1"] == pytest.approx([f1 + (2 - f1 * 2) / 1.2, f1 - f1 / 1.2, f1 - f1 / 1.2, f1, f1 + (2 - f1 * 2) / 1.2])
+    tp, wrong = f1 + (2 - f1 * 2) / 1.2, f1 - f1 / 1.2
+    assert scores["f1"] == pytest.approx([tp, wrong, wrong, f1, tp])
     assert sum(scores["f1"]) / 5 == pytest.approx(f1)  # the mean is F1 exactly
     assert sum(pope_scores(["no", "yes"], ["yes", "no"])["f1"]) == 0.0  # no true positive: F1 = 0
     assert all(v != v for v in pope_scores(["no", "no"], ["no", "no"])["f1"])  # no "yes" anywhere: undefined
