@@ -160,7 +160,7 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
     from tokensel.datamodules.benchmarks import generation_batches
     from tokensel.experiments.benchmark_metrics import headline_average
     from tokensel.experiments.flops import llm_flops
-    from tokensel.experiments.stats import mean_ci
+    from tokensel.common.stats import mean_ci
     from tokensel.selectors.pruned_vlm import PrunedLlava
 
     cuda = vlm.model.device.type == "cuda"
@@ -209,7 +209,7 @@ def paired_against(rows: list[dict], per_sample: list[dict], reference: str) -> 
     ``reference`` selector at the same budget, on the same samples. Independent CIs of two
     selectors may overlap while the paired difference, which removes the samples' own spread,
     does not include 0; this is the test of whether two selectors differ."""
-    from tokensel.experiments.stats import mean_ci
+    from tokensel.common.stats import mean_ci
 
     ref = {row["budget"]: values for row, values in zip(rows, per_sample) if row["selector"] == reference}
     for row, values in zip(rows, per_sample):

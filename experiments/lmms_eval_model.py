@@ -3,19 +3,18 @@
 ``TokenselLlava`` is an lmms-eval model (``lmms_eval.api.model.lmms``) named ``tokensel_llava``.
 It wraps :class:`~tokensel.selectors.pruned_vlm.PrunedLlava`: K image tokens, chosen by the
 selector between the vision tower and the projector, then greedy decoding with the model's own
-chat template. Install (lmms-eval 0.7.3 needs protobuf<7, so it lives in its own ``.venv-lmms``,
-pinned by ``requirements-lmms.txt``)::
+chat template. ``make setup`` installs lmms-eval in the one environment (``pip install tokensel[lmms]``
+elsewhere)::
 
-    make lmms-setup
-    .venv-lmms/bin/lmms-eval --model tokensel_llava \\
+    .venv/bin/lmms-eval --model tokensel_llava \\
         --model_args pretrained=llava-hf/llava-1.5-7b-hf,selector=divprune,budget=64 \\
         --tasks docvqa_val,chartqa --batch_size 4 --output_path eval_lmms/
     # the same: make eval-lmms ARGS="--model tokensel_llava --model_args ... --tasks ..."
 
-lmms-eval 0.7.3 finds the class through the ``lmms_eval.models`` entry-point group (setup.cfg):
+lmms-eval 0.7.3 finds the class through the ``lmms_eval.models`` entry-point group (pyproject.toml):
 ``lmms_eval.models.__init__._initialize_model_registry`` calls
 ``ModelRegistryV2.load_entrypoint_manifests`` (``lmms_eval/models/registry_v2.py``), which loads
-:func:`manifest`. The entry point is visible once tokensel is (re)installed in that environment.
+:func:`manifest`. The entry point is visible once tokensel is (re)installed in the environment.
 
 ``model_args``: ``pretrained`` (a LLaVA folder or hub id), ``selector`` (``full``, a training-free
 baseline such as ``divprune``, or a trained checkpoint path), ``budget`` (a token count or keep
@@ -31,6 +30,7 @@ the hub; ``--limit N`` takes the first N documents, so do not report metrics fro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -114,9 +114,9 @@ class TokenselLlava(lmms):
         side = int(tower.image_size) // int(tower.patch_size)
         if name in baseline_names():
             return build_baseline(name, (side, side), seed)
-        if not name.endswith(".ckpt"):
+        if not (name.endswith(".ckpt") or Path(name).is_dir()):
             raise ConfigError(f"{MODEL_ID}: selector={name!r} is neither full, a baseline "
-                              f"({', '.join(baseline_names())}) nor a checkpoint (.ckpt)")
+                              f"({', '.join(baseline_names())}), a checkpoint (.ckpt) nor an exported folder")
         net = load_selector(name)
         if (net.dims.num_tokens, net.dims.dim) != (side * side, int(tower.hidden_size)):
             raise ConfigError(f"{MODEL_ID}: {name} was trained on {net.dims.num_tokens} tokens x {net.dims.dim}, "
