@@ -5,8 +5,9 @@
 
 ``--model`` defaults to the small real LLaVA of ``make vlm`` (DINOv2 ViT-S/14 + SmolLM2-135M,
 ``experiments/vlm_build.py``), built first when it is not there (about 8 minutes on a 2-core CPU).
-Questions get LLaVA-1.5's short-answer suffix, except for a ``make vlm`` model, whose projector
-was aligned on the bare questions (``--answer-suffix`` sets it either way).
+Each benchmark's entry (``datamodules/benchmarks.py``) gives its questions' suffix (LLaVA-1.5's
+short-answer line) and its generation cap (``max_new_tokens``); a ``make vlm`` model, whose projector
+was aligned on the bare questions, gets none (``--answer-suffix`` sets one for all either way).
 
 Every selector runs inside the same Hugging Face LLaVA-1.5 or LLaVA-NeXT
 (:class:`~tokensel.selectors.pruned_vlm.PrunedLlava`): K image tokens kept between the vision
@@ -18,9 +19,9 @@ prompt that the prefill was timed on. ``full`` is the all-token reference. Held-
 Per selector x budget (``results.csv``, ``results.md``, one plot per metric; every answer with its
 references in ``answers.jsonl``):
 
-- each benchmark's metric (``experiments/vqa_metrics.py``): DocVQA ANLS, ChartQA relaxed
-  accuracy, COCO CIDEr-D, each as mean ± 95 % CI over its samples; their average, and the % of
-  the full-token average it retains;
+- each benchmark's metric (``experiments/benchmark_metrics.py``): e.g. DocVQA ANLS, ChartQA relaxed
+  accuracy, COCO CIDEr-D, each as mean ± 95 % CI over its samples; the average of each benchmark's
+  headline metric, and the % of the full-token average it retains;
 - prefill time (median over batches; CUDA events on a GPU, ``perf_counter`` on a CPU) and the
   speed-up over full tokens;
 - per benchmark metric, the paired difference from ``random`` at the same budget
@@ -55,9 +56,7 @@ from tokensel.common.errors import TokenselError
 
 LLAVA15_COUNTS = (64, 128, 192)
 NEXT_KEEP_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)
-ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
 PAIRED_REFERENCE = "random"  # the paired differences are against random selection at the same budget
-METRIC_OF = {"docvqa": "docvqa_anls", "chartqa": "chartqa_relaxed", "coco": "coco_cider"}
 
 
 class EvalVLMError(TokenselError):
@@ -78,15 +77,17 @@ class HeldOutConfig:
 
 
 def held_out_samples(root: str, split: str, limit: Optional[int] = None,
-                     answer_suffix: str = ANSWER_SUFFIX) -> Iterator[tuple]:
+                     answer_suffix: Optional[str] = None) -> Iterator[tuple]:
     """``(key, source, PIL image, prompt, answers)`` of a split, taking the sources in turn (so
-    ``limit`` keeps every benchmark); unusable samples are skipped with a warning."""
+    ``limit`` keeps every benchmark); unusable samples are skipped with a warning. A question gets
+    ``answer_suffix``, or by default its benchmark's."""
     import logging
 
     from webdataset.tariterators import tarfile_samples
 
+    from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION, text_of
     from tokensel.datamodules.samples import SkipSample, parse_sample
-    from tokensel.datamodules.shards import SOURCES, ShardIndex
+    from tokensel.datamodules.shards import ShardIndex
     from tokensel.selectors.vlm_llava import CAPTION_INSTRUCTION
 
     index = ShardIndex.load(root)
@@ -100,12 +101,12 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None,
                 except SkipSample as why:
                     logging.getLogger("tokensel.eval_vlm").warning("skipped %s: %s", sample.get("__key__"), why)
                     continue
-                if meta["source"] == "coco":
-                    yield sample["__key__"], "coco", image, CAPTION_INSTRUCTION, meta["captions"]
-                else:
-                    yield sample["__key__"], meta["source"], image, meta["question"] + answer_suffix, meta["answers"]
+                benchmark, (question, references) = BENCHMARKS.get(meta["source"]), text_of(meta)
+                suffix = benchmark.answer_suffix if answer_suffix is None else answer_suffix
+                prompt = CAPTION_INSTRUCTION if benchmark.kind == CAPTION else question + suffix
+                yield sample["__key__"], meta["source"], image, prompt, references
 
-    streams = [source_stream(s) for s in SOURCES if any(e.source == s for e in entries)]
+    streams = [source_stream(s) for s in BENCHMARKS if any(e.source == s for e in entries)]
     seen = 0
     while streams and (limit is None or seen < limit):
         for stream in list(streams):
@@ -146,25 +147,18 @@ def prefill_ms(model, inputs: dict, cuda: bool) -> float:
 
 
 def score(records: list[dict]) -> dict:
-    """Per benchmark: the metric of each sample, as the benchmark defines it."""
-    from tokensel.experiments.vqa_metrics import anls, cider_d, relaxed_accuracy
+    """Per benchmark: the metric of each sample, as the benchmark defines it (its registry entry's)."""
+    from tokensel.experiments.benchmark_metrics import score_answers
 
-    out: dict[str, list[float]] = {}
-    for r in records:
-        if r["source"] == "docvqa":
-            out.setdefault("docvqa_anls", []).append(anls(r["answer"], r["answers"]))
-        elif r["source"] == "chartqa":
-            out.setdefault("chartqa_relaxed", []).append(relaxed_accuracy(r["answer"], r["answers"][0]))
-    coco = [r for r in records if r["source"] == "coco"]
-    if coco:
-        out["coco_cider"] = cider_d([r["answer"] for r in coco], [r["answers"] for r in coco])
-    return out
+    return score_answers(records)
 
 
 def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int, log=print,
              answers_out: Optional[list] = None) -> list[dict]:
     """One row per selector x budget (``full`` once, at all tokens); every answer is appended to
     ``answers_out`` when it is given."""
+    from tokensel.datamodules.benchmarks import generation_batches
+    from tokensel.experiments.benchmark_metrics import headline_average
     from tokensel.experiments.flops import llm_flops
     from tokensel.common.stats import mean_ci
     from tokensel.selectors.pruned_vlm import PrunedLlava
@@ -182,12 +176,11 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
         records, times, kept, candidates = [], [], [], []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
+        for batch, max_new_tokens in generation_batches(samples, batch_size):  # one benchmark per batch
             prompt = pruned.prune([s[2] for s in batch], [s[3] for s in batch])
             with torch.no_grad():
                 times.append(prefill_ms(pruned.model, prompt.inputs, cuda) / len(batch))
-            answers = pruned.answer(prompt)
+            answers = pruned.answer(prompt, max_new_tokens)
             kept += prompt.image_tokens
             candidates += prompt.candidate_tokens
             records += [{"key": s[0], "source": s[1], "answer": a, "answers": s[4]} for s, a in zip(batch, answers)]
@@ -199,7 +192,7 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
         row = {"selector": name, "budget": "all" if budget is None else str(budget),
                "keep_ratio": statistics.mean(a / b for a, b in zip(kept, candidates)),
                "k": int(k) if float(k).is_integer() else round(k, 1), "samples": len(records), **metrics,
-               "average": statistics.mean(v[0] for v in metrics.values()) if metrics else float("nan"),
+               "average": headline_average(metrics),
                "prefill_ms": statistics.median(times) if times else float("nan"),
                "tflops_2ndm": llm_flops(k, d, m, layers, ffn_matrices=2) / 1e12,
                "tflops_3ndm": llm_flops(k, d, m, layers, ffn_matrices=3) / 1e12,
@@ -249,7 +242,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = ArgumentParser(prog="python -m tokensel.experiments.eval_vlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a Hugging Face LLaVA folder or hub id (default: make vlm's)")
     parser.add_argument("--answer-suffix", default=None,
-                        help="text after each question (default: LLaVA-1.5's short-answer line; none for make vlm's)")
+                        help="text after each question (default: its benchmark's; none for make vlm's)")
     parser.add_argument("--selectors", default="full,random,divprune", help="full and/or baselines, comma list")
     parser.add_argument("--ckpts", default="", help="trained selector checkpoints, comma list")
     parser.add_argument("--budgets", default="", help="token counts and/or keep ratios (default: 64,128,192 of 576)")
@@ -280,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         args.model = str(ensure_vlm())
     made_here = (Path(args.model) / "vlm_build.json").is_file()  # aligned on bare questions
-    suffix = args.answer_suffix if args.answer_suffix is not None else ("" if made_here else ANSWER_SUFFIX)
+    suffix = args.answer_suffix if args.answer_suffix is not None else ("" if made_here else None)
     vlm = PrunedLlava.from_pretrained(args.model, precision=args.precision, feature_space=args.feature_space,
                                       view_selection=args.view_selection)
     if torch.cuda.is_available():
