@@ -7,16 +7,19 @@ baselines (``baselines.py``). A new objective is one new file in ``selectors/`` 
 - :func:`selector_entry`, :func:`trained_names`, :func:`baseline_names`, :func:`all_names`;
 - :func:`build_baseline` (re-exported);
 - :func:`build_net`: a trained selector's network at a given feature geometry (random weights);
-- :func:`load_selector`: a trained selector from its checkpoint, without Lightning.
+- :func:`load_selector`: a trained selector from its checkpoint, without Lightning;
+- :func:`selector_for`: ``full``, a baseline name or a trained selector's checkpoint -> a network,
+  the one place eval-vlm, the lmms-eval plugin and the benches turn a name into a selector.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from tokensel.common.errors import UnknownNameError
 from tokensel.datamodules.batch import FeatureDims
 from tokensel.selectors import gumbel_ae, vp_noise  # noqa: F401  (they register themselves)
 from tokensel.selectors.baselines import BASELINES, build_baseline
@@ -24,7 +27,8 @@ from tokensel.selectors.inference import CheckpointError, SelectorNet, read_chec
 from tokensel.selectors.registry import SELECTORS, SelectorEntry
 
 __all__ = ["all_names", "baseline_names", "build_baseline", "build_net", "load_selector", "selector_entry",
-           "trained_names"]
+           "selector_for", "trained_names"]
+FULL = "full"  # every token: no selector
 
 
 def selector_entry(name: str) -> SelectorEntry:
@@ -73,3 +77,18 @@ def load_selector(path: str | Path, map_location: str | torch.device = "cpu") ->
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match {entry.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return net.eval()
+
+
+def selector_for(spec: str, grid: tuple[int, int], seed: int = 0, key: str = "selector") -> tuple[str, Optional[SelectorNet]]:
+    """``(name, net)`` for ``spec``: ``full`` (all tokens: no net), a training-free baseline built
+    for features on ``grid`` (seeded), or the path of a trained selector, read by
+    :func:`load_selector`; anything else is one line naming ``key``."""
+    if spec == FULL:
+        return FULL, None
+    if spec in BASELINES:
+        return spec, build_baseline(spec, grid, seed)
+    if Path(spec).expanduser().exists():
+        net = load_selector(Path(spec).expanduser())
+        return net.config.name, net
+    raise UnknownNameError(f"{key}={spec!r}: neither {FULL}, a baseline ({', '.join(baseline_names())}) nor an "
+                           "existing trained selector (a checkpoint)")

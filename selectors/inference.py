@@ -54,9 +54,26 @@ def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
 
 class SelectorNet(nn.Module):
     """Base of every selector. Subclasses implement :meth:`scores` (a top-K rule) or
-    :meth:`positions` (any other rule, e.g. greedy diversity)."""
+    :meth:`positions` (any other rule, e.g. greedy diversity). A trained selector sets ``dims``,
+    the feature geometry it was trained on, and :meth:`select` holds features to it; a
+    training-free one leaves it None and takes any geometry."""
 
     needs_cls_attention: bool = False
+    dims: Optional[Any] = None  # FeatureDims of a trained selector
+
+    def check_features(self, n: int, width: int) -> None:
+        """One line when ``n`` tokens of ``width`` are not what a trained selector was trained on."""
+        dims = self.dims
+        if dims is not None and (n, width) != (dims.num_tokens, dims.dim):
+            name = getattr(getattr(self, "config", None), "name", type(self).__name__)
+            h, w = dims.grid
+            raise CheckpointError(f"{name} was trained on {dims.num_tokens} tokens ({h}x{w}) of width {dims.dim}, "
+                                  f"got {n} tokens of width {width}")
+
+    def for_grid(self, grid: tuple[int, int]) -> "SelectorNet":
+        """The selector for features on an ``(h, w)`` token grid (a VLM's images may each have
+        their own): itself, unless its rule depends on the grid (``uniform``)."""
+        return self
 
     def scores(self, features: torch.Tensor, context: Optional[SelectionContext] = None) -> torch.Tensor:
         """Per-token scores ``(B, N)``; higher means keep."""
@@ -72,6 +89,7 @@ class SelectorNet(nn.Module):
         """Keep ``budget`` tokens: ``(indices (B, k) long, sorted by position, kept (B, k, C))``."""
         if features.dim() != 3:
             raise ValueError(f"features must be (B, N, C), got shape {tuple(features.shape)}")
+        self.check_features(features.shape[1], features.shape[2])
         k = resolve_budget(budget, features.shape[1])
         indices = self.positions(features, k, context).long().sort(dim=-1).values
         return indices, gather_tokens(features, indices)
@@ -88,6 +106,7 @@ class SelectorNet(nn.Module):
         if views.dim() != 4:
             raise ValueError(f"views must be (G, V, N, C), got shape {tuple(views.shape)}")
         G, V, N, C = views.shape
+        self.check_features(N, C)
         k = resolve_budget(budget, V * N)
         flat = views.reshape(G, V * N, C)
         if type(self).positions is SelectorNet.positions:
