@@ -86,6 +86,7 @@ class QwenFamily(VLMFamily):
     def image_outputs(self, batch):
         return self.model.model.get_image_features(batch["pixel_values"].to(self.model.dtype), batch["image_grid_thw"])
 
+    @torch.no_grad()
     def candidates(self, batch, features: bool = True) -> Candidates:
         out = self.image_outputs(batch)
         tokens = list(out.pooler_output)
