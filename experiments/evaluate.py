@@ -241,7 +241,8 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
                         a.add("recall", evidence_recall(mask, batch.answer_tokens, batch.has_answer_box))
                     a.add("coverage", token_coverage(batch.features, mask))
                     if full is not None:
-                        a.add("ntp_increase", vlm.ntp_loss(kept, batch.prompt, batch.target).per_sample - full)
+                        a.add("ntp_increase", vlm.ntp_loss(kept, batch.prompt, batch.target, indices=indices).per_sample
+                              - full)
                     image = selector.image_from_kept(batch.features, mask)
                     if image is not None:
                         a.add("psnr", psnr(image, batch.image))
