@@ -30,7 +30,7 @@ help:
 	@echo "make train CONFIG=experiments/paper/llava_next.yaml ARGS='data.root=...'  a paper preset"
 	@echo "make test                                                           run the test suite"
 	@echo "make eval [SELECTORS=a,b] [CKPTS=p1,p2] [BUDGETS=0.1,64] [ARGS=...]  compare selectors on held-out data"
-	@echo "make eval-vlm [MODEL=llava-folder] [SELECTORS=full,random,divprune] [CKPTS=..] [BUDGETS=64,128] [ARGS=..]  a pruned VLM's answers"
+	@echo "make eval-vlm [MODEL=folder|hub id: LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL] [SELECTORS=full,random,divprune] [CKPTS=..] [BUDGETS=64,128] [ARGS=..]  a pruned VLM's answers"
 	@echo "make bench                                                          selector latency vs the encoder"
 	@echo "make bench-train [ARGS=--skip-large]                                training steps/s: online vs feature cache vs memory"
 	@echo "make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS=...]  an ablation sweep (table + plots)"
@@ -39,7 +39,7 @@ help:
 	@echo "make vlm [ARGS='steps=20 ...']                                       build (once) a small real LLaVA: DINOv2-S + SmolLM2-135M (data/vlm)"
 	@echo "make teacher [ARGS='teacher.epochs=5 ...']                           build (once) the corpus teacher, vp_noise's default VLM"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
-	@echo "make lmms-setup | test-lmms | eval-lmms ARGS='--model tokensel_llava ...'  lmms-eval on a pruned LLaVA (.venv-lmms)"
+	@echo "make lmms-setup | test-lmms | eval-lmms ARGS='--model tokensel ...'  lmms-eval on a pruned VLM, any family (.venv-lmms)"
 
 setup: $(STAMP)
 
@@ -91,7 +91,7 @@ clean:
 
 # lmms-eval plugin (experiments/lmms_eval_model.py) in its own .venv-lmms: lmms-eval 0.7.3 pins
 # wandb==0.25.0, which needs protobuf<7, and requirements.txt pins protobuf 7 (requirements-lmms.txt).
-#   make eval-lmms ARGS="--model tokensel_llava --model_args pretrained=...,selector=divprune,budget=64 --tasks docvqa_val"
+#   make eval-lmms ARGS="--model tokensel --model_args pretrained=...,selector=divprune,budget=64 --tasks docvqa_val"
 LMMS_VENV ?= .venv-lmms
 LMMS_PY := $(LMMS_VENV)/bin/python
 LMMS_STAMP := $(LMMS_VENV)/.installed

@@ -25,17 +25,21 @@ from tokensel.selectors.vlm import EncoderRequirement, FrozenVLM, NTPOutput, VLM
 from tokensel.vlms import check_vlm, family_of, open_vlm
 
 
-def _label(cfg: VLMConfig) -> str:
-    return "selector.vlm.model"
+KEY = "selector.vlm.model"
+
+
+def _vlm_error(cfg: VLMConfig, err: Exception) -> VLMError:
+    """A family's one line about ``image_size``, said of ``selector.vlm.image_size``."""
+    return VLMError(f"{KEY}={cfg.model!r}: {str(err).replace('image_size', 'selector.vlm.image_size')}")
 
 
 def required_encoder(cfg: VLMConfig) -> EncoderRequirement:
     """The family's own candidates, as ``hf:<model>`` (``hf_llava:<model>`` for the ``llava`` name)."""
-    family, config = family_of(cfg.model, _label(cfg))
+    family, config = family_of(cfg.model, KEY)
     try:
         need = family.training_encoder(cfg.model, config, cfg.image_size)
     except TokenselError as err:
-        raise VLMError(f"selector.vlm.model={cfg.model!r}: {str(err).replace('image_size', 'selector.vlm.image_size')}") from None
+        raise _vlm_error(cfg, err) from None
     library = "hf_llava" if cfg.backend == "llava" else "hf"
     return EncoderRequirement(name=f"{library}:{cfg.model}", layer=need["layer"], norm=need["norm"],
                               image_size=need["image_size"])
@@ -45,15 +49,15 @@ def build(cfg: VLMConfig) -> "HFVLM":
     if cfg.pretrained:
         raise VLMError(f"selector.vlm.pretrained={cfg.pretrained!r}: unused by the {cfg.backend} backend (the weights "
                        "come from selector.vlm.model); leave it empty")
-    family = check_vlm(cfg.model, _label(cfg))
+    family = check_vlm(cfg.model, KEY)
     options = {"image_size": cfg.image_size} if family.variable_resolution else {}
-    vlm = open_vlm(cfg.model, precision=cfg.precision, label=_label(cfg), **options)
+    vlm = open_vlm(cfg.model, precision=cfg.precision, label=KEY, **options)
     try:
         return HFVLM(vlm.ntp_head(cfg.max_text_tokens))
     except TokenselError as err:
-        raise VLMError(f"selector.vlm.model={cfg.model!r}: {str(err).replace('image_size', 'selector.vlm.image_size')}") from None
+        raise _vlm_error(cfg, err) from None
     except ValueError as err:
-        raise VLMError(f"selector.vlm.model={cfg.model!r}: {err}") from None
+        raise VLMError(f"{KEY}={cfg.model!r}: {err}") from None
 
 
 class HFVLM(FrozenVLM):
