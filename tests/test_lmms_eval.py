@@ -141,7 +141,7 @@ def test_loglikelihood_prefers_the_greedy_continuation(tiny_llava):
                    and tokenizer.decode([t]).strip()]
     llm = model.vlm.model
     llm.lm_head = FavourText(llm.lm_head, text_tokens, llm.config.text_config.vocab_size)
-    inputs = model.vlm.prefill_inputs(images(1), QUESTIONS[:1])
+    inputs = model.vlm.prune(images(1), QUESTIONS[:1], model.selector, model.budget).inputs
     ids = llm.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id)[0].tolist()
     while not round_trips(tokenizer, ids):  # adjacent text tokens may still merge; one always round-trips
@@ -185,7 +185,8 @@ def test_generation_stops_at_until_and_batches_like_single_requests(pruned):
 def test_full_and_divprune_differ_by_the_pruned_image_tokens(tiny_llava, pruned):
     full = TokenselLlava(pretrained=str(tiny_llava), selector="full", device="cpu")
     image, question = images(1), QUESTIONS[:1]
-    full_prompt, pruned_prompt = full.vlm.prune(image, question), pruned.vlm.prune(image, question)
+    full_prompt = full.vlm.prune(image, question, full.selector, full.budget)
+    pruned_prompt = pruned.vlm.prune(image, question, pruned.selector, pruned.budget)
     full_len = full_prompt.inputs["inputs_embeds"].shape[1]
     pruned_len = pruned_prompt.inputs["inputs_embeds"].shape[1]
     assert full_len - pruned_len == IMAGE_TOKENS - BUDGET

@@ -235,3 +235,17 @@ def test_bad_inputs_are_one_line(folders, loaded):
         type(qwen)(qwen.model, qwen.processor, image_size=30)
     with pytest.raises(TokenselError, match="positions='sideways'"):
         type(qwen)(qwen.model, qwen.processor, positions="sideways")
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_the_prefill_bench_runs_on_every_family(folders, name):
+    from tokensel.experiments.bench_prefill import prefill_rows
+
+    def timer(fn, cuda):  # one untimed call: the rows, not the timings, are under test
+        fn()
+        return 1.0, 1
+
+    rows = prefill_rows(str(folders[name]), [0.5], 2, timer, log=lambda *a, **k: None)
+    assert [r["budget"] for r in rows] == ["all", "0.5"]
+    assert rows[1]["image_tokens"] < rows[0]["image_tokens"] and rows[1]["prompt_tokens"] < rows[0]["prompt_tokens"]
+    assert rows[1]["ideal"] > 1.0
