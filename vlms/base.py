@@ -84,7 +84,8 @@ class PrunedPrompt:
 
 class VLMFamily:
     """One model family (see the module docstring). Subclasses set the class attributes and
-    implement :meth:`candidates`, :meth:`splice`, :meth:`ntp_head` and :meth:`feature_source`.
+    implement :meth:`candidates`, :meth:`splice`, :meth:`candidate_geometry`, :meth:`fixed_grid`,
+    :meth:`ntp_head`, :meth:`feature_source` and :meth:`training_encoder`.
 
     Options (checked by :meth:`check_options` before any model is loaded):
 
@@ -174,7 +175,7 @@ class VLMFamily:
 
     @classmethod
     def feature_source(cls, name: str, config, image_size: Optional[int]):
-        """The candidates from pixels (``vlms/ntp.CandidateEncoder``-like), reading only the vision
+        """The candidates from pixels (a ``vlms/sources.CandidateEncoder``), reading only the vision
         weights of the folder or hub id ``name``."""
         raise NotImplementedError
 
