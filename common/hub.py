@@ -66,9 +66,10 @@ def hf_model_is_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
 
 
-def hf_fetch(name: str, filename: str, required: bool = True) -> Optional[Path]:
+def hf_fetch(name: str, filename: str, required: bool = True, **hub_kwargs) -> Optional[Path]:
     """``filename`` of the model folder or hub repo ``name`` as a local path; None when an optional
-    file is absent. Hub downloads go through the hub cache (``HF_HUB_OFFLINE=1`` uses only the cache)."""
+    file is absent. Hub downloads go through the hub cache (``HF_HUB_OFFLINE=1`` uses only the cache);
+    ``hub_kwargs`` go to ``hf_hub_download`` (revision, token, ...)."""
     if hf_model_is_local(name):
         path = Path(name).expanduser() / filename
         if path.is_file():
@@ -80,7 +81,7 @@ def hf_fetch(name: str, filename: str, required: bool = True) -> Optional[Path]:
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(name, filename))
+        return Path(hf_hub_download(name, filename, **hub_kwargs))
     except RemoteEntryNotFoundError:  # the repo answered: no such file
         if required:
             raise

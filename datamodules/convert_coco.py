@@ -15,7 +15,7 @@ from pathlib import Path
 from tokensel.datamodules.raw_layout import Record, Skips, bad_shape, load_json, require_dir
 
 
-def coco_records(src: Path, split: str, skips: Skips) -> list[Record]:
+def records(src: Path, split: str, skips: Skips) -> list[Record]:
     """Check the layout and return ``(key, image path, meta)`` per captioned image, in file order."""
     ann_path = src / "annotations" / f"captions_{split}2017.json"
     expected = "a COCO captions json with 'images' and 'annotations' lists"
@@ -30,7 +30,7 @@ def coco_records(src: Path, split: str, skips: Skips) -> list[Record]:
             raise bad_shape(ann_path, f"annotations[{k}] needs 'image_id' and a string 'caption'")
         captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
 
-    records = []
+    found = []
     for k, image in enumerate(raw["images"]):
         if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
             raise bad_shape(ann_path, f"images[{k}] needs 'id' and a string 'file_name'")
@@ -42,5 +42,5 @@ def coco_records(src: Path, split: str, skips: Skips) -> list[Record]:
             "captions": captions[image["id"]],
             "provenance": {"dataset": "coco2017", "file": f"{split}2017/{image['file_name']}", "id": image["id"]},
         }
-        records.append((f"coco_{image['id']}", image_dir / image["file_name"], meta))
-    return records
+        found.append((f"coco_{image['id']}", image_dir / image["file_name"], meta))
+    return found

@@ -140,21 +140,23 @@ class FeatureDataModule(L.LightningDataModule):
                 "cache_build_batches": self.cache_build_batches}
 
     # ---- loaders ----------------------------------------------------------------------------
-    def _stream(self, train: bool) -> ShardStream:
+    def _stream(self, train: bool, whole: bool = False) -> ShardStream:
         cfg = self.cfg
         source = self.sources[cfg.train_split if train else cfg.val_split]
+        rank, world = (0, 1) if whole else (self.rank, self.world)
         return ShardStream(
             source.root, source.entries, train=train, decoder=source.decoder, resize_mode=cfg.resize_mode,
             batch_size=cfg.batch_size if train else (cfg.val_batch_size or cfg.batch_size),
-            rank=self.rank, world=self.world, num_workers=cfg.num_workers, seed=self.seed, weights=cfg.weights,
+            rank=rank, world=world, num_workers=cfg.num_workers, seed=self.seed, weights=cfg.weights,
             samples_per_epoch=cfg.samples_per_epoch, shuffle_buffer=cfg.shuffle_buffer,
         )
 
-    def epoch_loader(self, split: str, epoch: int = 0) -> DataLoader:
+    def epoch_loader(self, split: str, epoch: int = 0, whole: bool = False) -> DataLoader:
         """One pass over ``split`` outside a Trainer (the train split in ``epoch``'s order), read by
-        the run's workers; features are built (or cached first) as for training."""
+        the run's workers; features are built (or cached first) as for training. ``whole``: all of
+        the split in this process, not this rank's share of it."""
         self.prepare_features(split)
-        stream = self._stream(train=split == self.cfg.train_split)
+        stream = self._stream(train=split == self.cfg.train_split, whole=whole)
         stream.seek(epoch)
         return DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
                           pin_memory=torch.cuda.is_available())

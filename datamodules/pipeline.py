@@ -44,8 +44,9 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from tokensel.datamodules.benchmarks import BENCHMARKS
 from tokensel.datamodules.samples import RESIZE_MODES, ImageSampleDecoder, Preprocess, SampleDecoder, SkipSample
-from tokensel.datamodules.shards import SOURCES, ShardEntry, ShardFormatError, source_seed
+from tokensel.datamodules.shards import ShardEntry, ShardFormatError, source_seed
 
 log = logging.getLogger("tokensel.data")
 MAX_SKIPS_IN_A_ROW = 1000  # past this the data is broken, not noisy: stop instead of spinning
@@ -141,13 +142,14 @@ class ShardStream(IterableDataset):
         self.position = StreamPosition(epoch)
         self.shuffle_buffer = shuffle_buffer
         self.counts = {str(self.root / e.path): e.count for e in self.entries}
-        self.by_source = {s: [e for e in self.entries if e.source == s] for s in SOURCES}
+        self.by_source = {s: [e for e in self.entries if e.source == s] for s in BENCHMARKS}
         self.by_source = {s: es for s, es in self.by_source.items() if es}
         counts = {s: sum(e.count for e in es) for s, es in self.by_source.items()}
         weights = dict(weights) if weights else counts
-        unknown = sorted(set(weights) - set(SOURCES))
+        unknown = sorted(set(weights) - set(BENCHMARKS))
         if unknown:
-            raise ShardFormatError(f"data.weights: unknown source(s) {', '.join(unknown)}; expected {', '.join(SOURCES)}")
+            raise ShardFormatError(
+                f"data.weights: unknown source(s) {', '.join(unknown)}; expected {', '.join(BENCHMARKS)}")
         missing = sorted(s for s, w in weights.items() if w > 0 and s not in self.by_source)
         if missing:
             raise ShardFormatError(f"data.weights: source(s) {', '.join(missing)} have no shards under {self.root}")

@@ -3,16 +3,19 @@ bytes with their extension, and the count of skipped samples.
 
 A converter (``convert_<source>.py``) turns a raw layout into :data:`Record` s; ``convert.py``
 writes them as shards. A wrong folder or json is a :class:`ShardFormatError` naming the path; a
-single missing or unreadable image is skipped, counted and warned about.
+single missing or unreadable image is skipped, counted and warned about. An image is a file, or
+bytes held inside the release (:class:`EmbeddedImage`: a parquet cell).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
 from PIL import Image
 
@@ -20,8 +23,21 @@ from tokensel.datamodules.shards import ShardFormatError, encode_image
 
 log = logging.getLogger("tokensel.datamodules.convert")
 
-# One sample of a raw release: its key, its image file and its shard json (without width/height).
-Record = tuple[str, Path, dict]
+
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """Image bytes stored inside a release (a parquet cell); ``where`` names the file and row."""
+
+    data: Optional[bytes]
+    where: str
+
+    def __str__(self) -> str:
+        return self.where
+
+
+# One sample of a raw release: its key, its image (a file or embedded bytes) and its shard json
+# (without width/height).
+Record = tuple[str, Union[Path, EmbeddedImage], dict]
 
 # PIL format name -> shard extension, for images stored as they came.
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png"}
@@ -34,10 +50,12 @@ class Skips:
 
     def __init__(self, max_warnings: int = 10):
         self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}  # reason -> the first sample skipped for it
         self.max_warnings = max_warnings
 
     def add(self, reason: str, detail: str) -> None:
         self.counts[reason] += 1
+        self.first.setdefault(reason, detail)
         total = self.total
         if total <= self.max_warnings:
             log.warning("skipped (%s): %s", reason, detail)
@@ -78,21 +96,27 @@ def bad_shape(path: Path, what: str) -> ShardFormatError:
     return ShardFormatError(f"{path}: not the expected layout; {what}")
 
 
-def read_image(path: Path, skips: Skips) -> tuple[bytes, str, int, int] | None:
-    """The bytes, shard extension, width and height of an image file, or None if it is unusable.
+def read_image(path: Union[Path, EmbeddedImage], skips: Skips) -> tuple[bytes, str, int, int] | None:
+    """The bytes, shard extension, width and height of an image, or None if it is unusable.
 
-    JPEG and PNG files are stored byte for byte, with the extension of their actual format (a
+    JPEG and PNG images are stored byte for byte, with the extension of their actual format (a
     PNG named ``.jpg`` is stored as ``png``); other formats are re-encoded as PNG. The image is
     fully decoded once, so truncated files are caught here rather than in training. Missing
-    and unreadable files are counted in ``skips``.
+    and unreadable images are counted in ``skips``.
     """
+    if isinstance(path, EmbeddedImage):
+        data = path.data
+        if not data:
+            skips.add("missing image", str(path))
+            return None
+    else:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            skips.add("missing image", str(path))
+            return None
     try:
-        data = path.read_bytes()
-    except OSError:
-        skips.add("missing image", str(path))
-        return None
-    try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             width, height = image.size
             ext = STORED_FORMATS.get(image.format)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from tokensel.datamodules.anyres import anyres_layout, anyres_views, map_box_to_views
+from tokensel.datamodules.benchmarks import text_of
 from tokensel.datamodules.shards import IMAGE_EXTS, REFUSED_EXTS, ShardFormatError, validate_meta
 
 RESIZE_MODES = ("squash", "pad")
@@ -119,13 +120,11 @@ def parse_sample(sample: dict) -> tuple[Image.Image, dict]:
 
 
 def draw_text(meta: dict, rng: Optional[np.random.Generator]) -> tuple[str, str]:
-    """``(prompt, target)`` of one sample. COCO gives an empty prompt and one caption as target;
-    DocVQA/ChartQA give the question as prompt and an answer as target. With ``rng`` (training)
-    the caption/answer is drawn at random (one draw per sample), else the first is used."""
-    if meta["source"] == "coco":
-        options, prompt = meta["captions"], ""
-    else:
-        options, prompt = meta["answers"], meta["question"]
+    """``(prompt, target)`` of one sample, by its benchmark's kind (``benchmarks.text_of``): a
+    caption sample gives an empty prompt and one caption as target; a question sample gives the
+    question as prompt and an answer as target. With ``rng`` (training) the caption/answer is drawn
+    at random (one draw per sample), else the first is used."""
+    prompt, options = text_of(meta)
     return prompt, options[int(rng.integers(len(options)))] if rng is not None else options[0]
 
 

@@ -7,9 +7,9 @@ A shard is a webdataset tar. One sample is three members sharing a ``__key__``:
 
 The json holds:
 
-- ``source``: ``coco`` | ``docvqa`` | ``chartqa``;
-- the text: ``captions: [str, ...]`` (COCO), or ``question: str`` + ``answers: [str, ...]``
-  (DocVQA, ChartQA);
+- ``source``: a benchmark's name in ``benchmarks.BENCHMARKS`` (``coco``, ``docvqa``, ``textvqa``, ...);
+- the text, by the benchmark's kind: ``captions: [str, ...]`` (caption), or ``question: str`` +
+  ``answers: [str, ...]`` (question);
 - ``answer_box: [x0, y0, x1, y1]`` (optional), in the stored image's pixels;
 - ``width``, ``height``: the stored image's size;
 - ``provenance``: where the sample came from (original file and id).
@@ -38,10 +38,10 @@ from typing import Any, Iterable
 import webdataset as wds
 
 from tokensel.common.errors import TokenselError
+from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "tokensel-shards/1"
-SOURCES = ("coco", "docvqa", "chartqa")
 IMAGE_EXTS = ("jpg", "png")
 # Members that would be unpickled by webdataset's default decoders. We never decode them.
 REFUSED_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy", "npz")
@@ -64,12 +64,12 @@ def validate_meta(meta: Any, where: str = "sample") -> dict:
     if not isinstance(meta, dict):
         raise ShardFormatError(f"{where}: json is {type(meta).__name__}, expected an object")
     source = meta.get("source")
-    if source not in SOURCES:
-        raise ShardFormatError(f"{where}: source={source!r}, expected one of {', '.join(SOURCES)}")
-    if source == "coco":
+    if not isinstance(source, str) or source not in BENCHMARKS:
+        raise ShardFormatError(f"{where}: source={source!r}, expected one of {', '.join(BENCHMARKS)}")
+    if BENCHMARKS.get(source).kind == CAPTION:
         captions = meta.get("captions")
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-            raise ShardFormatError(f"{where}: coco sample needs 'captions', a non-empty list of strings")
+            raise ShardFormatError(f"{where}: {source} sample needs 'captions', a non-empty list of strings")
     else:
         if not isinstance(meta.get("question"), str):
             raise ShardFormatError(f"{where}: {source} sample needs 'question', a string")
@@ -173,8 +173,8 @@ class ShardWriter:
 
     Shards are named ``<split>/<source>-NNNNNN.tar``. A new shard starts when the current one
     would pass ``max_bytes`` or holds ``max_samples``. On ``close()`` the root's ``index.json``
-    is updated: this (split, source)'s old entries are replaced, the others kept, so the three
-    converters can write into the same root.
+    is updated: this (split, source)'s old entries are replaced, the others kept, so every
+    converter can write into the same root.
 
     Use as a context manager::
 
@@ -190,8 +190,8 @@ class ShardWriter:
         max_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         max_samples: int = DEFAULT_MAX_SHARD_SAMPLES,
     ):
-        if source not in SOURCES:
-            raise ShardFormatError(f"source={source!r}, expected one of {', '.join(SOURCES)}")
+        if source not in BENCHMARKS:
+            raise ShardFormatError(f"source={source!r}, expected one of {', '.join(BENCHMARKS)}")
         if max_bytes <= 0 or max_samples <= 0:
             raise ShardFormatError(f"max_bytes={max_bytes} and max_samples={max_samples} must be positive")
         self.root = Path(root)

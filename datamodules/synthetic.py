@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tokensel.common.cli import ArgumentParser, run_main
-from tokensel.datamodules.shards import SOURCES, ShardFormatError, ShardIndex, ShardWriter
+from tokensel.datamodules.shards import ShardFormatError, ShardIndex, ShardWriter
 from tokensel.datamodules.synthetic_chart import make_chartqa
 from tokensel.datamodules.synthetic_render import GENERATOR, GENERATOR_VERSION, Sample, make_coco, make_docvqa
 
@@ -47,6 +47,7 @@ DEFAULT_VAL = {"coco": 64, "docvqa": 64, "chartqa": 64}
 DEFAULT_SHARD_SAMPLES = 128
 
 MAKERS = {"coco": make_coco, "docvqa": make_docvqa, "chartqa": make_chartqa}
+GENERATED = tuple(MAKERS)  # the sources this corpus stands in for
 
 
 def make_sample(task: tuple[str, int, str, int]) -> Sample:
@@ -62,8 +63,8 @@ def corpus_params(seed: int, train: Mapping[str, int], val: Mapping[str, int], m
         "version": GENERATOR_VERSION,
         "seed": seed,
         "splits": {
-            "train": {s: int(train.get(s, 0)) for s in SOURCES},
-            "val": {s: int(val.get(s, 0)) for s in SOURCES},
+            "train": {s: int(train.get(s, 0)) for s in GENERATED},
+            "val": {s: int(val.get(s, 0)) for s in GENERATED},
         },
         "max_samples_per_shard": max_samples_per_shard,
     }
@@ -102,9 +103,9 @@ def generate_corpus(
     train = DEFAULT_TRAIN if train is None else train
     val = DEFAULT_VAL if val is None else val
     for name, counts in (("train", train), ("val", val)):
-        unknown = set(counts) - set(SOURCES)
+        unknown = set(counts) - set(GENERATED)
         if unknown or any(int(n) < 0 for n in counts.values()):
-            raise ShardFormatError(f"{name} counts {dict(counts)!r}: expected non-negative counts for {SOURCES}")
+            raise ShardFormatError(f"{name} counts {dict(counts)!r}: expected non-negative counts for {GENERATED}")
     if max_samples_per_shard <= 0:
         raise ShardFormatError(f"max_samples_per_shard={max_samples_per_shard} must be positive")
     out = Path(out)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     train = {"coco": args.train_coco, "docvqa": args.train_docvqa, "chartqa": args.train_chartqa}
-    val = {s: args.val_per_source for s in SOURCES}
+    val = {s: args.val_per_source for s in GENERATED}
     params = corpus_params(args.seed, train, val, args.shard_samples)
     if not args.force and read_params(args.out) == params:
         print(f"{args.out}: corpus already generated with these parameters (use --force to regenerate)")
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     index = generate_corpus(args.out, args.seed, train, val, args.shard_samples, args.workers)
     for split in params["splits"]:
         counts = index.counts(split)
-        detail = ", ".join(f"{s} {counts.get(s, 0)}" for s in SOURCES)
+        detail = ", ".join(f"{s} {counts.get(s, 0)}" for s in GENERATED)
         shards = len(index.splits.get(split, []))
         print(f"{split}: {sum(counts.values())} samples ({detail}) in {shards} shard(s) -> {Path(args.out) / split}")
     print(f"generated in {time.perf_counter() - start:.1f} s")

@@ -4,7 +4,9 @@
 
 Times each selector's inference (score + top-K + gather, i.e. ``select``) at two VLM
 geometries: LLaVA-1.5 (one 336 px image: 576 tokens x 1024) and LLaVA-NeXT (5 crops of 576
-tokens, each selected per crop), at batch 1 and 32. The figure is the median of ``--repeats``
+tokens, each selected per crop), at batch 1 and 32. Every baseline is timed, the merging ones
+(``pool``, ``visionzip``) with their merge and the query-aware ``cdpruner`` from a given
+instruction embedding (random, 768 wide): the text tower's own time is not in the figure. The figure is the median of ``--repeats``
 timed runs after ``--warmup`` untimed ones: fp32 on the CPU, and bf16 autocast on a GPU when
 CUDA is present (synchronised). Trained selectors are timed with random weights at their
 default sizes (the latency does not depend on the weights): ``gumbel_ae`` (4-layer Feature
@@ -36,6 +38,7 @@ from tokensel.common.cli import ArgumentParser, run_main
 
 GEOMETRIES = {"llava15": 1, "llava_next": 5}  # crops of 576 tokens per image
 TOKENS, WIDTH, GRID = 576, 1024, (24, 24)
+JOINT_DIM = 768  # ViT-L/14-336's image-text embedding width: where a query-aware selector compares
 
 
 SLOW_CALL_S = 2.0  # past this, one warm-up and MIN_REPEATS timed calls are enough
@@ -151,7 +154,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for batch in batches:
             enc_ms, scaled = encoder_ms(batch * crops)
             features = torch.randn(batch * crops, TOKENS, WIDTH, device=device)
-            context = SelectionContext(cls_attention=torch.rand(batch * crops, TOKENS, device=device))
+            context = SelectionContext(cls_attention=torch.rand(batch * crops, TOKENS, device=device),
+                                       instruction_embedding=torch.randn(batch * crops, JOINT_DIM, device=device),
+                                       token_embedding=torch.randn(batch * crops, TOKENS, JOINT_DIM, device=device))
             for name, selector in selectors.items():
                 with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                     ms, runs = median_ms(lambda: selector.select(features, args.keep, context=context), args.warmup,

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tokensel.experiments.report import (failed_runs_section, markdown_table, new_figure, read_scalars, save_figure,
                                          write_table)
-from tokensel.experiments.stats import aggregate
+from tokensel.common.stats import aggregate
 
 FINAL_WINDOW = 10  # logged steps averaged for the final training keep ratio
 CURVES = ("train/keep_ratio", "train/feat_recon", "train/img_recon", "train/reg")

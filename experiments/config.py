@@ -17,9 +17,9 @@ problem raises :class:`ConfigError` with a one-line message naming the key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -30,6 +30,7 @@ from tokensel.datamodules.anyres import check_pinpoints
 from tokensel.datamodules.config import (FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, VIEW_MODES, VIEW_SELECTIONS,
                                          DataConfig, EncoderConfig)
 from tokensel.selectors.base import OptimConfig
+from tokensel.selectors.budget import check_budget
 from tokensel.selectors.catalog import selector_entry
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "read_yaml", "parse_overrides", "flatten", "to_container"]
@@ -40,7 +41,9 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 
 @dataclass
 class TrainerConfig:
-    """``trainer.*``: passed to ``lightning.Trainer`` as keyword arguments."""
+    """``trainer.*``: passed to ``lightning.Trainer`` as keyword arguments. Any other ``Trainer``
+    argument may be given too (``trainer.max_time=00:04:00:00``, ``trainer.profiler=simple``): it is
+    kept in ``extra`` and checked against the Trainer's signature (``lightning_options.py``)."""
 
     max_epochs: int = 100  # the Gumbel paper trains 100 epochs
     max_steps: int = -1
@@ -58,13 +61,19 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = None
     accumulate_grad_batches: int = 1
     enable_progress_bar: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)  # other Trainer arguments, written as trainer.<name>
 
 
 @dataclass
 class RunConfig:
     """``run.*``: where a run writes and how it is watched."""
 
-    root: str = "runs"  # TensorBoard root: runs/<name>/<version>/
+    root: str = "runs"  # the run folder: runs/<name>/<version>/
+    # tensorboard | csv | wandb, a list of them, or {class_path: ..., init_args: {...}} (lightning_options.py)
+    logger: Any = "tensorboard"
+    wandb_project: str = "tokensel"  # run.logger=wandb's project (WANDB_MODE=offline: no network)
+    # Lightning callbacks added to tokensel's own: pkg.module.Class or {class_path: ..., init_args: {...}}
+    callbacks: List[Any] = field(default_factory=list)
     name: Optional[str] = None  # None: the selector's name
     version: Optional[str] = None  # None: the next version_N
     resume: Optional[str] = None  # "last": this run folder's last.ckpt (newest run if no version); or a path
@@ -77,6 +86,15 @@ class RunConfig:
     # many consecutive steps. The paper gives no number; 0 patience turns it off.
     collapse_threshold: float = 0.05
     collapse_patience: int = 25
+    # Learning curves (callbacks/learning_curve.py): held-out recall, evidence AUROC and the
+    # objective's own loss against random and DivPrune, at every validation (curve_steps=0) or at
+    # curve_steps log-spaced steps (and step 0). Budgets: empty means the objective's trained
+    # budget, else 0.222 (the Gumbel paper's 22.2 % keep ratio).
+    curve: bool = True
+    curve_budgets: List[Any] = field(default_factory=list)
+    curve_steps: int = 0
+    curve_samples: int = 192
+    curve_random_draws: int = 3
 
 
 @dataclass
@@ -175,6 +193,23 @@ def merge_overrides(schema: Any, overrides: list[str], source: str = "overrides"
         raise _one_line(err, node, source) from None
 
 
+def baseline_options(overrides: list[str]) -> dict[str, Any]:
+    """``baselines.<name>.<key>=value`` items as each named baseline's ``Options`` dataclass
+    (``selectors/baselines.py``), by name; an unknown baseline, key or value is one ``ConfigError``."""
+    from tokensel.selectors.catalog import baseline_class
+
+    by_name: dict[str, list[str]] = {}
+    for item in overrides:
+        parts = item.partition("=")[0].split(".")
+        if len(parts) < 3 or parts[0] != "baselines":
+            raise ConfigError(f"override {item!r}: baseline options are baselines.<name>.<key>=value")
+        if baseline_class(parts[1]).Options is None:
+            raise ConfigError(f"override {item!r}: baseline {parts[1]!r} has no options")
+        by_name.setdefault(parts[1], []).append(item.split(".", 2)[2])
+    return {name: merge_overrides(baseline_class(name).Options(), items, f"baselines.{name}")
+            for name, items in by_name.items()}
+
+
 def load_config(selector: Optional[str] = None, config_file: Optional[str] = None,
                 overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
     """Build and check the run config (see the module docstring). Raises ``ConfigError``."""
@@ -196,6 +231,7 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
         raise ConfigError(f"{config_file}: {required[0]} is required (???): pass {required[0]}=... (make ARGS=\"{required[0]}=...\")")
     schema = OmegaConf.structured(TrainConfig(selector=entry.make_config(),
                                               optim=OptimConfig(**entry.config_cls.optim_defaults)))
+    file_cfg, cli = lift_trainer_extras(file_cfg), lift_trainer_extras(cli)
     for layer, source in ((file_cfg, config_file), (cli, "overrides")):
         try:
             schema = OmegaConf.merge(schema, layer)
@@ -208,6 +244,25 @@ def load_config(selector: Optional[str] = None, config_file: Optional[str] = Non
     config.selector.name = name
     check_run_config(config)
     return config
+
+
+TRAINER_FIELDS = tuple(f.name for f in fields(TrainerConfig) if f.name != "extra")
+
+
+def lift_trainer_extras(layer: Any) -> Any:
+    """A config layer with the ``trainer.*`` keys that ``TrainerConfig`` does not define moved under
+    ``trainer.extra`` (where they wait to be checked against Lightning's Trainer)."""
+    tree = OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer
+    trainer = tree.get("trainer") if isinstance(tree, dict) else None
+    if not isinstance(trainer, dict):
+        return layer
+    others = {k: v for k, v in trainer.items() if k not in TRAINER_FIELDS and k != "extra"}
+    if not others:
+        return layer
+    extra = dict(trainer.get("extra") or {})
+    extra.update(others)
+    tree = {**tree, "trainer": {**{k: v for k, v in trainer.items() if k not in others}, "extra": extra}}
+    return OmegaConf.create(tree) if isinstance(layer, DictConfig) else tree
 
 
 def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
@@ -254,9 +309,18 @@ def check_run_config(config: TrainConfig) -> None:
             raise ConfigError(f"run.{key}={getattr(config.run, key)}: must be >= 0 (0 turns it off)")
     if config.run.collapse_patience < 0:
         raise ConfigError(f"run.collapse_patience={config.run.collapse_patience}: must be >= 0 (0 turns it off)")
+    for key in ("curve_steps", "curve_samples", "curve_random_draws"):
+        if getattr(config.run, key) < (0 if key == "curve_steps" else 1):
+            raise ConfigError(f"run.{key}={getattr(config.run, key)}: must be {'>= 0' if key == 'curve_steps' else '>= 1'}")
+    if config.run.curve_steps and config.trainer.max_steps < 1:
+        raise ConfigError(f"run.curve_steps={config.run.curve_steps}: log-spaced steps need trainer.max_steps")
+    config.run.curve_budgets = [check_budget(b, "run.curve_budgets") for b in config.run.curve_budgets]
     if config.trainer.max_epochs < 1 and config.trainer.max_steps < 1:
         raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
     check_trainer(config.trainer)
+    from tokensel.experiments.lightning_options import check_run_options
+
+    check_run_options(config.run)
     check = getattr(config.selector, "check_run", None)  # an objective's own cross-checks
     if check is not None:
         from tokensel.datamodules.feature_cache import weights_identity
@@ -292,6 +356,9 @@ def check_trainer(trainer: TrainerConfig) -> None:
     if str(trainer.strategy) not in strategies:
         raise ConfigError(f"trainer.strategy={trainer.strategy!r}: expected auto, ddp, ddp_spawn, fsdp, ... "
                           "(Lightning's strategy names)")
+    from tokensel.experiments.lightning_options import check_trainer_kwargs
+
+    check_trainer_kwargs(trainer.extra)
 
 
 def check_hardware(trainer: TrainerConfig) -> None:
@@ -311,16 +378,22 @@ def check_hardware(trainer: TrainerConfig) -> None:
 
 
 def to_container(config: TrainConfig) -> dict:
-    """The config as plain dicts and lists (for hparams, checkpoints and config.yaml)."""
-    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    """The config as plain dicts and lists (for hparams, checkpoints and config.yaml); other Trainer
+    arguments stand beside tokensel's own ``trainer.*`` keys, as the user wrote them."""
+    tree = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    trainer = tree["trainer"]
+    trainer.update(trainer.pop("extra", None) or {})
+    return tree
 
 
-def parse_run_args(argv: list[str], prog: str, doc: str) -> tuple[Optional[str], Optional[str], list[str]]:
-    """A run's command line (``make train``, ``make teacher``): (selector, config file, key=value overrides)."""
+def parse_run_args(argv: list[str], prog: str, doc: str) -> tuple[Optional[str], Optional[str], list[str], bool]:
+    """A run's command line (``make train``, ``make teacher``): (selector, config file, key=value
+    overrides, whether ``--print-config`` asks only for the resolved config)."""
     from tokensel.common.cli import ArgumentParser
 
     parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("--config", help="a train YAML (default: experiments/<selector>.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("args", nargs="*", metavar="[SELECTOR] key=value", help="the selector, then config overrides")
     ns = parser.parse_intermixed_args(argv)
     if ns.config is not None and not ns.config:
@@ -333,4 +406,9 @@ def parse_run_args(argv: list[str], prog: str, doc: str) -> tuple[Optional[str],
             selector = arg
         else:
             raise ConfigError(f"unexpected argument {arg!r}; overrides are key=value")
-    return selector, ns.config, overrides
+    return selector, ns.config, overrides, ns.print_config
+
+
+def config_yaml(config: TrainConfig) -> str:
+    """The resolved config as the YAML a run writes to its ``config.yaml`` (``--print-config``)."""
+    return yaml.safe_dump(to_container(config), sort_keys=False)

@@ -7,8 +7,10 @@
 Qwen2.5-VL, Qwen3-VL; its ``model_type`` picks the family). It defaults to the small real LLaVA of
 ``make vlm`` (DINOv2 ViT-S/14 + SmolLM2-135M, ``experiments/vlm_build.py``), built first when it
 is not there (about 8 minutes on a 2-core CPU). Every argument is checked before anything heavy
-is built. Questions get LLaVA-1.5's short-answer suffix, except for a ``make vlm`` model, whose
-projector was aligned on the bare questions (``--answer-suffix`` sets it either way).
+is built. Each benchmark's entry (``datamodules/benchmarks.py``) gives its questions' suffix
+(LLaVA-1.5's short-answer line) and its generation cap (``max_new_tokens``); a ``make vlm`` model,
+whose projector was aligned on the bare questions, gets none (``--answer-suffix`` sets one for all
+either way).
 
 Every selector runs inside the same model (``vlms/``): K of each image's candidate tokens kept
 (LLaVA: between the vision tower and the projector, for NeXT per view or across each image's
@@ -21,9 +23,9 @@ then the model's own greedy ``generate`` on the same pruned prompt that the pref
 Per selector x budget (``results.csv``, ``results.md``, one plot per metric; every answer with its
 references in ``answers.jsonl``):
 
-- each benchmark's metric (``experiments/vqa_metrics.py``): DocVQA ANLS, ChartQA relaxed
-  accuracy, COCO CIDEr-D, each as mean ± 95 % CI over its samples; their average, and the % of
-  the full-token average it retains;
+- each benchmark's metric (``experiments/benchmark_metrics.py``): e.g. DocVQA ANLS, ChartQA relaxed
+  accuracy, COCO CIDEr-D, each as mean ± 95 % CI over its samples; the average of each benchmark's
+  headline metric, and the % of the full-token average it retains;
 - prefill time (median over batches; CUDA events on a GPU, ``perf_counter`` on a CPU) and the
   speed-up over full tokens;
 - per benchmark metric, the paired difference from ``random`` at the same budget
@@ -59,9 +61,7 @@ from tokensel.common.errors import TokenselError
 
 LLAVA15_COUNTS = (64, 128, 192)
 NEXT_KEEP_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)
-ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
 PAIRED_REFERENCE = "random"  # the paired differences are against random selection at the same budget
-METRIC_OF = {"docvqa": "docvqa_anls", "chartqa": "chartqa_relaxed", "coco": "coco_cider"}
 
 
 class EvalVLMError(TokenselError):
@@ -82,15 +82,17 @@ class HeldOutConfig:
 
 
 def held_out_samples(root: str, split: str, limit: Optional[int] = None,
-                     answer_suffix: str = ANSWER_SUFFIX) -> Iterator[tuple]:
+                     answer_suffix: Optional[str] = None) -> Iterator[tuple]:
     """``(key, source, PIL image, prompt, answers)`` of a split, taking the sources in turn (so
-    ``limit`` keeps every benchmark); unusable samples are skipped with a warning."""
+    ``limit`` keeps every benchmark); unusable samples are skipped with a warning. A question gets
+    ``answer_suffix``, or by default its benchmark's."""
     import logging
 
     from webdataset.tariterators import tarfile_samples
 
+    from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION, text_of
     from tokensel.datamodules.samples import SkipSample, parse_sample
-    from tokensel.datamodules.shards import SOURCES, ShardIndex
+    from tokensel.datamodules.shards import ShardIndex
     from tokensel.vlms.ntp import CAPTION_INSTRUCTION
 
     index = ShardIndex.load(root)
@@ -104,12 +106,12 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None,
                 except SkipSample as why:
                     logging.getLogger("tokensel.eval_vlm").warning("skipped %s: %s", sample.get("__key__"), why)
                     continue
-                if meta["source"] == "coco":
-                    yield sample["__key__"], "coco", image, CAPTION_INSTRUCTION, meta["captions"]
-                else:
-                    yield sample["__key__"], meta["source"], image, meta["question"] + answer_suffix, meta["answers"]
+                benchmark, (question, references) = BENCHMARKS.get(meta["source"]), text_of(meta)
+                suffix = benchmark.answer_suffix if answer_suffix is None else answer_suffix
+                prompt = CAPTION_INSTRUCTION if benchmark.kind == CAPTION else question + suffix
+                yield sample["__key__"], meta["source"], image, prompt, references
 
-    streams = [source_stream(s) for s in SOURCES if any(e.source == s for e in entries)]
+    streams = [source_stream(s) for s in BENCHMARKS if any(e.source == s for e in entries)]
     seen = 0
     while streams and (limit is None or seen < limit):
         for stream in list(streams):
@@ -150,27 +152,20 @@ def prefill_ms(model, inputs: dict, cuda: bool) -> float:
 
 
 def score(records: list[dict]) -> dict:
-    """Per benchmark: the metric of each sample, as the benchmark defines it."""
-    from tokensel.experiments.vqa_metrics import anls, cider_d, relaxed_accuracy
+    """Per benchmark: the metric of each sample, as the benchmark defines it (its registry entry's)."""
+    from tokensel.experiments.benchmark_metrics import score_answers
 
-    out: dict[str, list[float]] = {}
-    for r in records:
-        if r["source"] == "docvqa":
-            out.setdefault("docvqa_anls", []).append(anls(r["answer"], r["answers"]))
-        elif r["source"] == "chartqa":
-            out.setdefault("chartqa_relaxed", []).append(relaxed_accuracy(r["answer"], r["answers"][0]))
-    coco = [r for r in records if r["source"] == "coco"]
-    if coco:
-        out["coco_cider"] = cider_d([r["answer"] for r in coco], [r["answers"] for r in coco])
-    return out
+    return score_answers(records)
 
 
 def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int, log=print,
              answers_out: Optional[list] = None) -> list[dict]:
     """One row per selector x budget (``full`` once, at all tokens); every answer is appended to
     ``answers_out`` when it is given."""
+    from tokensel.datamodules.benchmarks import generation_batches
+    from tokensel.experiments.benchmark_metrics import headline_average
     from tokensel.experiments.flops import llm_flops
-    from tokensel.experiments.stats import mean_ci
+    from tokensel.common.stats import mean_ci
 
     cuda = vlm.model.device.type == "cuda"
     text = vlm.model.config.text_config
@@ -183,12 +178,11 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
         records, times, kept, candidates = [], [], [], []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
+        for batch, max_new_tokens in generation_batches(samples, batch_size):  # one benchmark per batch
             prompt = vlm.prune([s[2] for s in batch], [s[3] for s in batch], selector, budget)
             with torch.no_grad():
                 times.append(prefill_ms(vlm.model, prompt.inputs, cuda) / len(batch))
-            answers = vlm.answer(prompt)
+            answers = vlm.answer(prompt, max_new_tokens=max_new_tokens)
             kept += prompt.image_tokens
             candidates += prompt.candidate_tokens
             records += [{"key": s[0], "source": s[1], "answer": a, "answers": s[4]} for s, a in zip(batch, answers)]
@@ -200,7 +194,7 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
         row = {"selector": name, "budget": "all" if budget is None else str(budget),
                "keep_ratio": statistics.mean(a / b for a, b in zip(kept, candidates)),
                "k": int(k) if float(k).is_integer() else round(k, 1), "samples": len(records), **metrics,
-               "average": statistics.mean(v[0] for v in metrics.values()) if metrics else float("nan"),
+               "average": headline_average(metrics),
                "prefill_ms": statistics.median(times) if times else float("nan"),
                "tflops_2ndm": llm_flops(k, d, m, layers, ffn_matrices=2) / 1e12,
                "tflops_3ndm": llm_flops(k, d, m, layers, ffn_matrices=3) / 1e12,
@@ -217,7 +211,7 @@ def paired_against(rows: list[dict], per_sample: list[dict], reference: str) -> 
     ``reference`` selector at the same budget, on the same samples. Independent CIs of two
     selectors may overlap while the paired difference, which removes the samples' own spread,
     does not include 0; this is the test of whether two selectors differ."""
-    from tokensel.experiments.stats import mean_ci
+    from tokensel.common.stats import mean_ci
 
     ref = {row["budget"]: values for row, values in zip(rows, per_sample) if row["selector"] == reference}
     for row, values in zip(rows, per_sample):
@@ -253,7 +247,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--model", default=None, help="a VLM folder or hub id: LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL "
                         "(default: make vlm's)")
     parser.add_argument("--answer-suffix", default=None,
-                        help="text after each question (default: LLaVA-1.5's short-answer line; none for make vlm's)")
+                        help="text after each question (default: its benchmark's; none for make vlm's)")
     parser.add_argument("--selectors", default="full,random,divprune", help="full and/or baselines, comma list")
     parser.add_argument("--ckpts", default="", help="trained selector checkpoints, comma list")
     parser.add_argument("--budgets", default="", help="token counts and/or keep ratios (default: 64,128,192 of 576)")
@@ -299,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         args.model = str(ensure_vlm())
     made_here = (Path(args.model) / "vlm_build.json").is_file()  # aligned on bare questions
-    suffix = args.answer_suffix if args.answer_suffix is not None else ("" if made_here else ANSWER_SUFFIX)
+    suffix = args.answer_suffix if args.answer_suffix is not None else ("" if made_here else None)
     vlm = open_vlm(args.model, precision=args.precision, label="--model", **options)
     for path, net in zip((p.strip() for p in args.ckpts.split(",") if p.strip()), trained):
         vlm.check_selector(net, path)

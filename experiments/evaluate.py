@@ -7,7 +7,8 @@ What is compared (``--selectors``, default: every baseline plus every trained se
 has a run under ``runs/``):
 
 - the training-free baselines (``random``, ``uniform``, ``l2norm``, ``divprune``,
-  ``cls_attention``), and
+  ``cls_attention``, ``dart``, ``pool``, ``visionzip``, ``cdpruner``; ``docs/baselines.md``), with
+  their options as ``baselines.<name>.<key>=value`` overrides, and
 - trained selectors: ``--ckpts`` paths, or the newest ``checkpoints/last.ckpt`` of each
   trained selector under ``run.root``.
 
@@ -21,22 +22,43 @@ Every selector answers the same ``select(features, budget, context=...)``; what 
 it comes from the selector's optional methods (``image_from_kept``, ``sampler_layers``,
 ``vlm_config``; see ``selectors/inference.py``), never from its kind.
 
-Metrics per selector x budget (mean ± 95 % CI over samples; ``metrics.py``, ``stats.py``):
+Metrics per selector x budget (mean ± 95 % CI over samples; ``selectors/metrics.py``, ``common/stats.py``):
 
 - ``recall``: the share of the answer box's tokens that are kept (samples with a box only;
-  ``n/a`` when the split has none);
-- ``coverage``: over dropped tokens, the mean of the max cosine similarity to a kept token;
+  ``n/a`` when the split has none); for a merging selector (``pool``, ``visionzip``) a token counts
+  as kept in proportion to the kept tokens spent on it (``SelectorNet.kept_share``);
+- ``coverage``: over dropped tokens, the mean of the max cosine similarity to a kept token
+  (merging selectors: weighted by how much of each token was dropped);
 - ``ntp_increase``: the frozen VLM's NTP loss with only the kept tokens minus with all tokens.
   The VLM is a trained vp_noise's own, else the corpus teacher of the group's encoder when it is
   built (``make teacher``; ``experiments/teacher.py``); ``n/a`` when there is none or the VLM needs
   another encoder;
 - ``psnr``: the auto-encoder selectors' image reconstruction from the kept tokens;
+- why a selector wins or loses (``experiments/eval_group.py``): ``auroc``, the evidence AUROC of
+  its ranking (0.5 is chance, below it the ranking points away from the evidence);
+  ``<objective>_loss_vs_random``, each trained objective's own loss on the kept tokens minus on
+  random ones, paired (negative: better than random on that objective); for vp_noise,
+  ``alpha_on_topk`` and ``ntp_soft_minus_hard`` (its train/test gap);
 - LLM and sampler FLOPs for a named VLM geometry (``--geometry``, LLaVA-NeXT by default; the
   LLM's FFN counts LLaMA's three gated matrices, see ``flops.llm_flops``; the sampler counts
   the selector's own layers at the encoder width) and the prefill reduction.
 
-Output: ``results.csv``, ``results.md``, one PNG per metric (per encoder group, in a subfolder
-when there are several) and TensorBoard scalars in the eval folder, whose path is printed.
+A query-aware selector (``cdpruner``) reads each sample's question (a caption sample's: LLaVA's
+caption instruction) embedded by the text tower of the group's ``open_clip:`` encoder
+(:func:`selection_context`); with an encoder that has none (timm, DINOv2, ...) its rows are
+``n/a``, never a query-agnostic stand-in. ``pool`` keeps at most ``k`` cells; its ``k`` column is
+the count it kept.
+
+
+A trained selector with a training budget (budget-matched gumbel_ae, vp_noise) is scored at that
+budget unless ``--budgets`` is given; its rows then carry ``trained_at`` and a note is printed.
+
+Output: ``results.csv``, ``results.md``; ``headroom.csv``/``.md`` (how far each loss can move
+with the choice of tokens, from ``--headroom-draws`` random keep sets per sample, and whether that
+is above the noise floor, i.e. whether the testbed can separate selectors on it at all);
+``samples.csv`` (every per-sample value, so each paired test can be redone); one PNG per metric
+(per encoder group, in a subfolder when there are several) and TensorBoard scalars in the eval
+folder, whose path is printed.
 """
 
 from __future__ import annotations
@@ -47,19 +69,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
-from tokensel.common.errors import TokenselError
+from tokensel.experiments.eval_group import METRICS, EvalError, evaluate_group
 
-DEFAULT_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)  # the Gumbel paper's Table 1 keep ratios
-LLAVA15_COUNTS = (64, 128, 192)  # AutoSelect's budgets, for 576-token encoders
-METRICS = ("recall", "coverage", "ntp_increase", "psnr")
-FLOPS_COLUMNS = ("llm_tflops_kept", "sampler_tflops", "total_tflops", "prefill_reduction")
-
-
-class EvalError(TokenselError):
-    """A user mistake on the eval command line: one line, exit status 2."""
 
 
 def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
@@ -72,15 +84,15 @@ def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
     return found
 
 
-def load_trained(path: Path):
-    """(name, network, run config) of a checkpoint; one-line errors for foreign files."""
+def load_trained(path: Path) -> dict:
+    """A checkpoint's or exported folder's ``name``, ``net``, run ``config`` and ``path``; one-line
+    errors for foreign files."""
     from tokensel.selectors.catalog import load_selector
-    from tokensel.selectors.inference import read_checkpoint
 
-    hp = read_checkpoint(path)["hyper_parameters"]
-    if not hp.get("config"):
+    net = load_selector(path)
+    if not net.run_config:
         raise EvalError(f"{path}: the checkpoint has no run config (encoder unknown); retrain with this version")
-    return hp["selector"]["name"], load_selector(path), hp["config"]
+    return {"name": net.config.name, "net": net, "config": net.run_config, "path": path}
 
 
 def encoder_key(run_config: dict) -> tuple:
@@ -98,10 +110,10 @@ def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]
     cli = parse_overrides(overrides)
     forced = any(o.startswith("encoder.") for o in overrides)
     groups: dict[tuple, dict] = {}
-    for name, net, run_config in trained:
-        key = ("forced",) if forced else encoder_key(run_config)
-        group = groups.setdefault(key, {"run_config": run_config, "trained": []})
-        group["trained"].append((name, net, run_config))
+    for t in trained:
+        key = ("forced",) if forced else encoder_key(t["config"])
+        group = groups.setdefault(key, {"run_config": t["config"], "trained": []})
+        group["trained"].append(t)
     if not groups:
         groups[("default",)] = {"run_config": None, "trained": []}
     out = []
@@ -125,144 +137,14 @@ def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]
     return out
 
 
-def score_across_views(batch, candidates: list, budget_of_k: dict, acc: dict) -> None:
-    """``data.view_selection=across``: each image's views are one selection (``select_across``);
-    recall and coverage are measured over all of the image's V x N tokens."""
-    from tokensel.experiments.metrics import evidence_recall, keep_mask, token_coverage
-    from tokensel.selectors.inference import SelectionContext
+def write_samples(samples: list[tuple], path: Path) -> None:
+    """Every per-sample value: one row per (encoder, selector, k, metric, sample key)."""
+    import csv
 
-    for rows in batch.image_groups():
-        G, V = rows.shape
-        views = batch.features[rows]  # (G, V, N, C)
-        flat = views.reshape(G, -1, views.shape[-1])
-        cls = None if batch.cls_attention is None else batch.cls_attention[rows.reshape(-1)]
-        answer = None if batch.answer_tokens is None else batch.answer_tokens[rows].reshape(G, -1)
-        has_box = None if batch.has_answer_box is None else batch.has_answer_box[rows].any(dim=1)
-        for name, selector in candidates:
-            for k, budget in budget_of_k.items():
-                indices, _ = selector.select_across(views, budget, context=SelectionContext(cls_attention=cls))
-                mask = keep_mask(indices, flat.shape[1])
-                if answer is not None:
-                    acc[(name, k)].add("recall", evidence_recall(mask, answer, has_box))
-                acc[(name, k)].add("coverage", token_coverage(flat, mask))
-
-
-def ntp_vlm(config, trained: list) -> tuple:
-    """(the frozen VLM of the ``ntp_increase`` column or None, what it is in words): a trained
-    vp_noise's own VLM, else the corpus teacher of the group's encoder when one is built
-    (``make teacher``, or the first ``make train SELECTOR=vp_noise``)."""
-    from tokensel.experiments.config import encoder_mismatch
-    from tokensel.experiments.teacher import find_teacher
-    from tokensel.selectors.vlm import VLMConfig
-    from tokensel.selectors.vlm_backends import build_vlm, required_encoder
-
-    vlm_cfg = next((copy.deepcopy(net.vlm_config) for _, net, _ in trained if net.vlm_config is not None), None)
-    if vlm_cfg is None:
-        teacher = find_teacher(config)
-        if teacher is None:
-            return None, "n/a (no corpus teacher for this encoder and corpus yet: make teacher)"
-        vlm_cfg = VLMConfig(backend="coca", model=config.teacher.model, pretrained=str(teacher))
-    what = f"{vlm_cfg.backend}:{vlm_cfg.model}" + (f" ({vlm_cfg.pretrained})" if vlm_cfg.pretrained else "")
-    if encoder_mismatch(required_encoder(vlm_cfg), config.encoder) is not None:
-        return None, f"{what} n/a (it needs another encoder)"
-    return build_vlm(vlm_cfg), what
-
-
-def resolve_budget_list(budgets: Optional[list], num_tokens: int, counts: bool = True) -> list:
-    if budgets is not None:
-        return budgets
-    return list(DEFAULT_RATIOS) + (list(LLAVA15_COUNTS) if num_tokens == 576 and counts else [])
-
-
-def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], max_samples: Optional[int],
-                   seed: int, geometry: str, log=print) -> list[dict]:
-    """All rows of one encoder group (see the module docstring)."""
-    from tokensel.datamodules.datamodule import FeatureDataModule
-    from tokensel.experiments.flops import GEOMETRIES, flops_report
-    from tokensel.experiments.metrics import evidence_recall, keep_mask, psnr, token_coverage
-    from tokensel.experiments.stats import MetricAccumulator
-    from tokensel.selectors.baselines import BASELINES
-    from tokensel.selectors.catalog import baseline_names, build_baseline
-    from tokensel.selectors.budget import resolve_budget
-    from tokensel.selectors.inference import CheckpointError, SelectionContext
-
-    config = group["config"]
-    if any(BASELINES.get(n).needs_cls_attention for n in selectors if n in BASELINES) \
-            and config.data.cls_attention_layer is None:
-        config.data.cls_attention_layer = -2
-    datamodule = FeatureDataModule(config.data, config.encoder, seed)
-    if not datamodule.has_val:
-        raise EvalError(f"{datamodule.root}: no {config.data.val_split!r} split to evaluate on")
-    dims = datamodule.dims
-    for name, net, _ in group["trained"]:
-        if net.dims.as_dict() != dims.as_dict():
-            raise CheckpointError(f"{name} was trained on features {net.dims.as_dict()}, "
-                                  f"the eval encoder {config.encoder.name} gives {dims.as_dict()}")
-    candidates = [(n, build_baseline(n, dims.grid, seed)) for n in selectors if n in baseline_names()]
-    candidates += [(n, net) for n, net, _ in group["trained"] if n in selectors]
-    across = config.data.views == "anyres" and config.data.view_selection == "across"
-    budget_list = resolve_budget_list(budgets, dims.num_tokens, counts=not across)
-    ks = [resolve_budget(b, dims.num_tokens) for b in budget_list]
-
-    vlm, vlm_cfg = ntp_vlm(config, group["trained"])
-    log(f"[eval] encoder {config.encoder.name}: {dims.num_tokens} tokens x {dims.dim}; "
-        f"{len(candidates)} selectors x {len(ks)} budgets; NTP metric: {vlm_cfg}")
-
-    unique_ks = sorted(set(ks))  # a ratio and a count may name the same K: measure it once
-    if across and any(not isinstance(b, float) for b in budget_list):
-        raise EvalError(f"data.view_selection=across: budgets must be keep ratios, not counts "
-                        f"({', '.join(str(b) for b in budget_list if not isinstance(b, float))}): "
-                        "a count of an image's V x N tokens would mean another ratio for every view count")
-    if across:
-        log("[eval] anyres views, selected across each image's views: budgets count all its V x N tokens; "
-            "ntp_increase and psnr are per view, so n/a here")
-    acc = {(name, k): MetricAccumulator() for name, _ in candidates for k in unique_ks}
-    seen = 0
-    with torch.no_grad():
-        for raw in datamodule.val_dataloader():
-            if max_samples is not None and seen >= max_samples:
-                break
-            batch = datamodule.features(raw)
-            if max_samples is not None and seen + len(batch) > max_samples:
-                batch = batch.head(max_samples - seen)
-            seen += len(batch)
-            if across:
-                score_across_views(batch, candidates, {k: b for b, k in zip(budget_list, ks)}, acc)
-                log(f"[eval] {seen} held-out views", end="\r")
-                continue
-            full = vlm.ntp_loss(batch.features, batch.prompt, batch.target).per_sample if vlm is not None else None
-            context = SelectionContext(cls_attention=batch.cls_attention)
-            for name, selector in candidates:
-                for k in unique_ks:
-                    indices, kept = selector.select(batch.features, k, context=context)
-                    mask = keep_mask(indices, dims.num_tokens)
-                    a = acc[(name, k)]
-                    if batch.answer_tokens is not None:
-                        a.add("recall", evidence_recall(mask, batch.answer_tokens, batch.has_answer_box))
-                    a.add("coverage", token_coverage(batch.features, mask))
-                    if full is not None:
-                        a.add("ntp_increase", vlm.ntp_loss(kept, batch.prompt, batch.target, indices=indices).per_sample
-                              - full)
-                    image = selector.image_from_kept(batch.features, mask)
-                    if image is not None:
-                        a.add("psnr", psnr(image, batch.image))
-            log(f"[eval] {seen} held-out samples", end="\r")
-    log(f"[eval] {seen} held-out samples from {datamodule.root}")
-    geo = GEOMETRIES[geometry]
-    rows = []
-    for name, selector in candidates:
-        for budget, k in zip(budget_list, ks):
-            ratio = k / dims.num_tokens
-            summary = acc[(name, k)].summary()
-            # The sampler term: the selector's own layers at the encoder's width (baselines: none).
-            flops = flops_report(geo, ratio, sampler_layers=selector.sampler_layers)
-            row = {"encoder": config.encoder.name, "selector": name, "budget": str(budget), "keep_ratio": ratio,
-                   "k": k, "samples": seen}
-            for metric in METRICS:
-                row[metric] = summary.get(metric, (float("nan"), float("nan"), 0))
-            row.update({f"{geometry}_{key}": flops[key] for key in FLOPS_COLUMNS})
-            rows.append(row)
-    return rows
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["encoder", "selector", "k", "metric", "key", "value"])
+        writer.writerows((enc, sel, k, metric, key, repr(value)) for enc, sel, k, metric, key, value in samples)
 
 
 def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
@@ -278,7 +160,7 @@ def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import load_config
+    from tokensel.experiments.config import baseline_options, load_config
     from tokensel.experiments.report import plot_metrics, write_table
     from tokensel.selectors.budget import parse_budgets
     from tokensel.selectors.catalog import all_names, baseline_names, trained_names
@@ -292,10 +174,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-samples", type=int, default=None, help="cap on held-out samples")
     parser.add_argument("--out", default=None, help="eval folder (default: eval/<time>)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="data.* / encoder.* / run.root overrides, key=value")
+    parser.add_argument("--headroom-draws", type=int, default=8,
+                        help="random keep sets per sample for the headroom table (>= 2)")
+    parser.add_argument("overrides", nargs="*", help="data.* / encoder.* / run.root / baselines.<name>.* overrides, "
+                                                     "key=value")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings()
     started = time.time()
+    if args.headroom_draws < 2:
+        raise EvalError(f"--headroom-draws={args.headroom_draws}: need at least 2 random keep sets")
     base = load_config("gumbel_ae", overrides=[o for o in args.overrides if o.startswith(("data.", "run."))])
     chosen = [s.strip() for s in args.selectors.split(",") if s.strip()] or None
     unknown = [s for s in chosen or [] if s not in all_names()]
@@ -307,22 +194,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         ckpt_paths = newest_checkpoints(Path(base.run.root), wanted)
     trained = [load_trained(p) for p in ckpt_paths]
     if chosen is None:
-        chosen = baseline_names() + sorted({name for name, _, _ in trained})
-    missing = [s for s in chosen if s in trained_names() and s not in {n for n, _, _ in trained}]
+        chosen = baseline_names() + sorted({t["name"] for t in trained})
+    missing = [s for s in chosen if s in trained_names() and s not in {t["name"] for t in trained}]
     if missing:
         raise EvalError(f"no checkpoint for {', '.join(missing)} under {base.run.root}/; train it or pass CKPTS=")
     budgets = parse_budgets(args.budgets) or None
+    options = baseline_options([o for o in args.overrides if o.startswith("baselines.")])
     if base.data.root is None:
         from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
         from tokensel.datamodules.synthetic import ensure_default_corpus
 
         ensure_default_corpus(DEFAULT_DATA_ROOT)
-    rows = []
+    rows, room, samples = [], [], []
     for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):
-        rows += evaluate_group(group, chosen, budgets, args.max_samples, args.seed, args.geometry)
+        group_rows, group_room, group_samples = evaluate_group(group, chosen, budgets, args.max_samples, args.seed,
+                                                               args.geometry, args.headroom_draws,
+                                                               options=options)
+        rows += group_rows
+        room += group_room
+        samples += [(group_rows[0]["encoder"] if group_rows else "", *s) for s in group_samples]
     out_dir = Path(args.out or f"eval/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_table(rows, out_dir, "results")
+    room_csv, room_md = write_table(room, out_dir, "headroom", key_columns=("loss", "budget", "keep_ratio", "k"))
+    write_samples(samples, out_dir / "samples.csv")
     encoders = sorted({row["encoder"] for row in rows})
     plots = []
     for encoder in encoders:  # one set of plots per encoder: rows of different features don't share axes
@@ -330,8 +225,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         plots += plot_metrics([row for row in rows if row["encoder"] == encoder], folder)
     write_tensorboard(rows, out_dir)
     print(md_path.read_text())
-    print(f"eval folder: {out_dir}  ({csv_path.name}, {md_path.name}, {len(plots)} plots, TensorBoard events; "
-          f"{time.time() - started:.0f}s)")
+    if room:
+        print("headroom: how far each loss moves with the choice of tokens (best of the random keep sets vs "
+              "their mean), against the noise floor of two random draws")
+        print(room_md.read_text())
+    print(f"eval folder: {out_dir}  ({csv_path.name}, {md_path.name}, {room_csv.name}, samples.csv, {len(plots)} "
+          f"plots, TensorBoard events; {time.time() - started:.0f}s)")
     return 0
 
 

@@ -4,19 +4,18 @@
 family (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL; the folder's ``model_type`` picks it), with
 ``tokensel_llava`` kept as another name. It prunes each prompt with the family
 (``VLMFamily.prune``: K image tokens chosen by the selector among the family's candidates), then
-decodes greedily with the model's own chat template and ``generate``. Install (lmms-eval 0.7.3
-needs protobuf<7, so it lives in its own ``.venv-lmms``, pinned by ``requirements-lmms.txt``)::
+decodes greedily with the model's own chat template and ``generate``. ``make setup`` installs
+lmms-eval in the one environment (``pip install tokensel[lmms]`` elsewhere)::
 
-    make lmms-setup
-    .venv-lmms/bin/lmms-eval --model tokensel \\
+    .venv/bin/lmms-eval --model tokensel \\
         --model_args pretrained=Qwen/Qwen2.5-VL-7B-Instruct,selector=divprune,budget=0.25 \\
         --tasks docvqa_val,chartqa --batch_size 4 --output_path eval_lmms/
     # the same: make eval-lmms ARGS="--model tokensel --model_args ... --tasks ..."
 
-lmms-eval 0.7.3 finds the class through the ``lmms_eval.models`` entry-point group (setup.cfg):
+lmms-eval 0.7.3 finds the class through the ``lmms_eval.models`` entry-point group (pyproject.toml):
 ``lmms_eval.models.__init__._initialize_model_registry`` calls
 ``ModelRegistryV2.load_entrypoint_manifests`` (``lmms_eval/models/registry_v2.py``), which loads
-:func:`manifest`. The entry point is visible once tokensel is (re)installed in that environment.
+:func:`manifest`. The entry point is visible once tokensel is (re)installed in the environment.
 
 ``model_args``: ``pretrained`` (a VLM folder or hub id), ``selector`` (``full``, a training-free
 baseline such as ``divprune``, or a trained selector's checkpoint), ``budget`` (a token count or

@@ -1,7 +1,7 @@
 """Report writers shared by ``make eval``, ``make sweep`` and ``make collapse``: tables (CSV and
 markdown) of metric triples, PNG plots in one matplotlib style, and one TensorBoard scalar reader.
 
-A *metric triple* is ``(mean, spread, n)`` (``experiments/stats.py``); ``n == 0`` means "no sample
+A *metric triple* is ``(mean, spread, n)`` (``common/stats.py``); ``n == 0`` means "no sample
 could be scored" and is always written as ``n/a`` (an empty CSV cell), never as 0.
 
 Plots are ``matplotlib.figure.Figure`` objects on an Agg canvas (:func:`new_figure`: no pyplot

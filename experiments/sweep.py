@@ -1,6 +1,7 @@
 """Ablation sweeps: ``make sweep SWEEP=experiments/sweeps/depth.yaml [SEEDS=0,1,2] [ARGS="key=value ..."]``.
 
     python -m tokensel.experiments.sweep SWEEP.yaml [--seeds 0,1,2] [--out DIR] [--dry-run] [key=value ...]
+        [--launcher inline|slurm|local [--slurm KEY=VALUE ...] [--wait]] [--shard I/N] [--report-only]
 
 A sweep file (unknown keys are errors)::
 
@@ -17,7 +18,11 @@ A sweep file (unknown keys are errors)::
     eval_max_samples: null           # cap on held-out samples per eval
     val_metrics: [val/feat_recon]    # training's val/* scalars in the table (default: all)
     report: ablation                 # ablation | collapse (experiments/collapse.py)
+                                     #   | curve (experiments/curve_report.py; axes may be empty)
     out: sweeps
+
+``--selector NAME`` replaces the file's selector (and its default base), and suffixes the
+sweep's folder with it: ``make curve SELECTOR=vp_noise`` is ``sweeps/curve_vp_noise/``.
 
 Runs are the Cartesian product of the axes, times the seeds. Each is one
 ``python -m tokensel.experiments.train`` process (so ``trainer.strategy=ddp`` works inside a
@@ -25,6 +30,16 @@ sweep) on the sweep's ``base.yaml`` plus the run's axis values and seed, writing
 ``<out>/<name>/runs/<run>/train/``; ``python -m tokensel.experiments.evaluate`` then scores its
 ``last.ckpt`` on the held-out split at ``budgets``. Command-line ``key=value`` overrides join
 ``config``; ``--seeds`` replaces ``seeds``.
+
+``SWEEP`` is a file, or the name of a shipped one (``depth``, ``paper/depth``: ``experiments/sweeps/``).
+
+Many machines: ``--launcher slurm`` submits the runs still to do as one SLURM job array through
+submitit (one task per run; ``--slurm timeout_min=240 --slurm gpus_per_node=8 --slurm
+slurm_partition=gpu`` set the executor's parameters) and returns; ``--wait`` waits for the array
+and writes the report. ``--launcher local`` is the same path on this machine (submitit's local
+executor). ``--shard I/N`` (I from 0 to N-1) runs only every N-th run from the I-th, for any other
+scheduler: start N commands, then run the plain command (or ``--report-only``) once they are done.
+Every way writes the same run folders, so the report merges them, whoever ran them.
 
 Resume: re-running the same command skips runs whose ``status.json`` says ``done``, resumes an
 interrupted run from its ``last.ckpt`` and retries failed ones. A failed run is recorded with
@@ -45,7 +60,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 import sys
 import time
@@ -55,15 +69,17 @@ from typing import Any, Optional
 
 import yaml
 
+from tokensel.common.cache import atomic_write
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
 from tokensel.common.errors import TokenselError
 from tokensel.experiments.collapse import report_collapse
+from tokensel.experiments.curve_report import report_curve
 from tokensel.experiments.sweep_report import label, report_ablation, short_keys
-from tokensel.experiments.sweep_runner import execute, is_done, read_status, write_hparams
+from tokensel.experiments.sweep_runner import LAUNCHERS, Shard, is_done, parse_params, read_status, run_one, submit_array
 
 SWEEP_KEYS = ("name", "selector", "base", "config", "axes", "seeds", "budgets", "eval_max_samples",
               "val_metrics", "report", "out")
-REPORTS = ("ablation", "collapse")
+REPORTS = ("ablation", "collapse", "curve")
 OWNED_KEYS = ("seed", "run.root", "run.name", "run.version", "run.resume")  # set per run by the sweep
 SWEEP_DEFAULTS = {"trainer.enable_progress_bar": False}  # runs log to a file; the sweep prints progress
 
@@ -125,8 +141,10 @@ def parse_seeds(text: str, source: str) -> list[int]:
 
 
 def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optional[str] = None,
-               overrides: tuple[str, ...] | list[str] = ()) -> Sweep:
-    """Parse and check a sweep file's own keys (the grid itself is checked by :func:`check_grid`)."""
+               overrides: tuple[str, ...] | list[str] = (), selector: Optional[str] = None) -> Sweep:
+    """Parse and check a sweep file's own keys (the grid itself is checked by :func:`check_grid`).
+    ``selector`` replaces the file's (``make curve SELECTOR=...``): the sweep's folder is then
+    ``<name>_<selector>`` and, unless the file names a base, the base is that selector's YAML."""
     from omegaconf import OmegaConf
 
     from tokensel.experiments.config import EXPERIMENTS_DIR, ConfigError, flatten, parse_overrides
@@ -147,6 +165,8 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
     if unknown:
         raise SweepError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(SWEEP_KEYS)}")
 
+    if selector:
+        raw = {**raw, "selector": selector, "name": f"{raw.get('name') or path.stem}_{selector}"}
     selector = raw.get("selector") or "gumbel_ae"
     if selector not in trained_names():
         raise SweepError(f"{path}: selector={selector!r} is not registered; choose from {', '.join(trained_names())}")
@@ -168,8 +188,11 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
         raise SweepError(str(err)) from None
     config.update(cli)
 
-    axes = raw.get("axes")
-    if not isinstance(axes, dict) or not axes:
+    report = raw.get("report", "ablation")
+    if report not in REPORTS:
+        raise SweepError(f"{path}: report={report!r}: expected one of {', '.join(REPORTS)}")
+    axes = raw.get("axes") or ({} if report == "curve" else None)
+    if not isinstance(axes, dict) or (not axes and report != "curve"):
         raise SweepError(f"{path}: axes must map at least one dotted config key to a list of values")
     axes = flatten(axes)
     for key, values in axes.items():
@@ -205,9 +228,6 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
     val_metrics = raw.get("val_metrics")
     if val_metrics is not None and (not isinstance(val_metrics, list) or not all(isinstance(m, str) for m in val_metrics)):
         raise SweepError(f"{path}: val_metrics must be a list of val/* scalar names")
-    report = raw.get("report", "ablation")
-    if report not in REPORTS:
-        raise SweepError(f"{path}: report={report!r}: expected one of {', '.join(REPORTS)}")
     name = str(raw.get("name") or path.stem)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise SweepError(f"{path}: name={name!r}: use letters, digits, '_', '.', '-'")
@@ -304,10 +324,13 @@ def prepare_folder(sweep: Sweep, resolved_base: dict) -> Path:
     merged = OmegaConf.merge(layers, OmegaConf.from_dotlist(base_overrides(sweep)),
                              {"selector": {"name": sweep.selector}})
     base_yaml = folder / "base.yaml"
-    base_yaml.write_text(f"# written by the sweep {sweep.file}; every run = this + its axis values and seed\n"
-                         + yaml.safe_dump(OmegaConf.to_container(merged), sort_keys=False))
-    record.write_text(json.dumps({"sweep_file": str(sweep.file), "selector": sweep.selector,
-                                  "resolved_base": resolved_base}, indent=1, sort_keys=True))
+    base_text = (f"# written by the sweep {sweep.file}; every run = this + its axis values and seed\n"
+                 + yaml.safe_dump(OmegaConf.to_container(merged), sort_keys=False))
+    record_text = json.dumps({"sweep_file": str(sweep.file), "selector": sweep.selector,
+                              "resolved_base": resolved_base}, indent=1, sort_keys=True)
+    # atomic: the shards of one sweep may open the folder at the same moment
+    atomic_write(base_yaml, lambda tmp: tmp.write_text(base_text))
+    atomic_write(record, lambda tmp: tmp.write_text(record_text))
     return base_yaml
 
 
@@ -315,57 +338,97 @@ def prepare_folder(sweep: Sweep, resolved_base: dict) -> Path:
 # the command
 # ---------------------------------------------------------------------------------------------
 
-def run_sweep(sweep: Sweep, dry_run: bool = False, log=print) -> int:
-    """Check the whole grid, run what is not done, report. Returns the exit status."""
+def run_sweep(sweep: Sweep, dry_run: bool = False, log=print, shard: Optional[Shard] = None,
+              launcher: str = "inline", launcher_params: Optional[dict] = None, wait: bool = False,
+              report_only: bool = False) -> int:
+    """Check the whole grid, run what is not done (here, or as a job array), report. Returns the
+    exit status."""
     runs = expand(sweep)
     resolved = check_grid(sweep, runs)
-    done = [r for r in runs if is_done(r, sweep)]
-    todo = [r for r in runs if r not in done]
-    grid = " x ".join(f"{len(v)} {k}" for k, v in sweep.axes.items())
-    log(f"sweep {sweep.name}: {len(runs)} runs ({grid} x {len(sweep.seeds)} seeds); {len(done)} done, "
+    mine = shard.take(runs) if shard else runs
+    done = [r for r in mine if is_done(r, sweep)]
+    todo = [] if report_only else [r for r in mine if r not in done]
+    grid = " x ".join(f"{len(v)} {k}" for k, v in sweep.axes.items()) or "1 point"
+    part = f"; shard {shard.index}/{shard.count}: {len(mine)} of them" if shard else ""
+    log(f"sweep {sweep.name}: {len(runs)} runs ({grid} x {len(sweep.seeds)} seeds){part}; {len(done)} done, "
         f"{len(todo)} to run -> {sweep.folder}/")
     if dry_run:
-        for run in runs:
+        for run in mine:
             log(f"  {'done' if run in done else 'todo'}  {run.run_id}  {' '.join(run.overrides)} seed={run.seed}")
         return 0
     base_yaml = prepare_folder(sweep, resolved)
     started = time.time()
-    try:
-        for i, run in enumerate(todo, 1):
-            log(f"[{i}/{len(todo)}] {run.run_id}: training (log: {run.folder(sweep) / 'train.log'})", flush=True)
-            record = execute(sweep, run, base_yaml, log)
-            if record["status"] == "done":
-                write_hparams(sweep, run, record)
-                scores = "; ".join(f"{m} {v:.3f}@{b}" for b, row in record["eval"].items()
-                                   for m, v in row.items() if m == "recall" and not math.isnan(v))
-                log(f"      done: trained in {record['train_s']:.0f}s" + (f", {scores}" if scores else ""), flush=True)
-            else:
-                log(f"      FAILED ({record['stage']}): {record['error']}", flush=True)
-    except KeyboardInterrupt:
-        log(f"\ninterrupted: re-run the same command to resume ({sweep.folder}/)")
-        return 130
+    if launcher != "inline" and todo:
+        jobs = submit_array(sweep, todo, base_yaml.resolve(), launcher, launcher_params or {})
+        log(f"submitted {len(jobs)} runs as job array {jobs[0].job_id.split('_')[0]} ({launcher}); logs: "
+            f"{sweep.folder}/submitit/ and each run's train.log", flush=True)
+        if not wait:
+            log("once it is done, the report: the same command with --report-only (or without --launcher, "
+                "which also runs what failed)")
+            return 0
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as err:  # a task that died (killed, out of time): its status.json says where
+                log(f"      job {job.job_id}: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}")
+    else:
+        try:
+            for i, run in enumerate(todo, 1):
+                log(f"[{i}/{len(todo)}] {run.run_id}: training (log: {run.folder(sweep) / 'train.log'})", flush=True)
+                run_one(sweep, run, base_yaml, log)
+        except KeyboardInterrupt:
+            log(f"\ninterrupted: re-run the same command to resume ({sweep.folder}/)")
+            return 130
+    if shard is not None:
+        failed = [r for r in mine if (read_status(r, sweep) or {}).get("status") == "failed"]
+        log(f"shard {shard.index}/{shard.count}: {len(mine) - len(failed)} of {len(mine)} runs done. The report, once "
+            "every shard is done: the same command without --shard, with --report-only")
+        return 1 if failed else 0
     statuses = [(r, read_status(r, sweep)) for r in runs]
     records = [s for r, s in statuses if s and s.get("status") == "done" and s.get("overrides") == r.overrides]
     failed = [s for r, s in statuses if s and s.get("status") == "failed"]
     if sweep.report == "collapse":
         outputs = report_collapse(sweep, resolved, records, failed)
+    elif sweep.report == "curve":
+        outputs = report_curve(sweep, records, failed)
     else:
         outputs = report_ablation(sweep, records, failed)
     minutes, secs = divmod(int(time.time() - started), 60)
     log("\n" + outputs[0].read_text())
-    log(f"sweep {sweep.name}: {len(records)}/{len(runs)} runs done, {len(failed)} failed ({minutes}m{secs:02d}s)")
+    missing = len(runs) - len(records) - len(failed)
+    log(f"sweep {sweep.name}: {len(records)}/{len(runs)} runs done, {len(failed)} failed"
+        f"{f', {missing} not run yet' if missing else ''} ({minutes}m{secs:02d}s)")
     for path in outputs:
         log(f"  {path}")
     log(f"TensorBoard:  .venv/bin/tensorboard --logdir {sweep.folder}")
     return 1 if failed else 0
 
 
+def find_sweep_file(name: str) -> str:
+    """A sweep file as given, else a shipped one by name (``depth`` -> ``experiments/sweeps/depth.yaml``)."""
+    from tokensel.experiments.config import EXPERIMENTS_DIR
+
+    if Path(name).is_file():
+        return name
+    shipped = EXPERIMENTS_DIR / "sweeps" / (name if name.endswith(".yaml") else f"{name}.yaml")
+    return str(shipped) if shipped.is_file() else name
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = ArgumentParser(prog="python -m tokensel.experiments.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", nargs="?", help="the sweep YAML (experiments/sweeps/*.yaml)")
     parser.add_argument("--seeds", default="", help="comma list; replaces the file's seeds")
+    parser.add_argument("--selector", default="", help="the selector every run trains; replaces the file's")
     parser.add_argument("--out", default=None, help="parent folder of the sweep folder (default: the file's out)")
     parser.add_argument("--dry-run", action="store_true", help="check the grid and list its runs; run nothing")
+    parser.add_argument("--launcher", default="inline", choices=LAUNCHERS,
+                        help="inline: one run after another here; slurm: a SLURM job array through submitit; "
+                             "local: submitit's local executor")
+    parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                        help="a submitit executor parameter (timeout_min=240, gpus_per_node=8, slurm_partition=gpu, ...)")
+    parser.add_argument("--wait", action="store_true", help="with --launcher: wait for the job array, then report")
+    parser.add_argument("--shard", default=None, metavar="I/N", help="run only the runs I, I+N, I+2N, ... (0 <= I < N)")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; report the runs that are done")
     parser.add_argument("overrides", nargs="*", help="train-config key=value for every run")
     args = parser.parse_intermixed_args(argv)
     quiet_known_warnings()
@@ -375,8 +438,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if bad:
         raise SweepError(f"{bad[0]!r} is not key=value (ARGS= takes train-config overrides)")
     seeds = parse_seeds(args.seeds, "SEEDS") if args.seeds.strip() else None
-    sweep = read_sweep(args.sweep, seeds, args.out, args.overrides)
-    return run_sweep(sweep, args.dry_run)
+    if args.slurm and args.launcher == "inline":
+        raise SweepError("--slurm sets the job array's parameters: add --launcher slurm (or local)")
+    shard = Shard.parse(args.shard) if args.shard else None
+    sweep = read_sweep(find_sweep_file(args.sweep), seeds, args.out, args.overrides, args.selector.strip() or None)
+    return run_sweep(sweep, args.dry_run, shard=shard, launcher=args.launcher, launcher_params=parse_params(args.slurm),
+                     wait=args.wait, report_only=args.report_only)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tokensel.experiments.report import failed_runs_section, markdown_table, new_figure, save_figure, write_table
-from tokensel.experiments.stats import aggregate
+from tokensel.common.stats import aggregate
 from tokensel.experiments.sweep_runner import EVAL_METRICS
 
 

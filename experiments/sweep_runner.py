@@ -4,6 +4,10 @@ then one ``python -m tokensel.experiments.evaluate`` process on its ``last.ckpt`
 ``eval.log``) and a ``status.json`` record: ``done`` (with its metrics) or ``failed`` (with the
 stage and the error line), which is what resuming a sweep reads.
 
+Runs go one after another in this process (``--launcher inline``), or as one job array through
+submitit (``--launcher slurm``, or ``local`` for submitit's local executor): each array task is
+:func:`run_task` on one run, on the node it lands on; the folder is the only thing tasks share.
+
 ``sweep`` and ``run`` below are ``sweep.Sweep`` and ``sweep.Run`` objects.
 """
 
@@ -12,15 +16,28 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+import yaml
+
+from tokensel.common.errors import TokenselError
 
 EVAL_METRICS = ("recall", "coverage", "psnr", "ntp_increase")  # the eval's results.csv columns a sweep reads
+LAUNCHERS = ("inline", "local", "slurm")  # local: submitit's LocalExecutor, the slurm path on this machine
+DEFAULT_TIMEOUT_MIN = 24 * 60  # an array task's time limit unless --slurm timeout_min=... says otherwise
+
+
+class LaunchError(TokenselError):
+    """A job array that cannot be submitted (submitit missing, an unknown executor parameter, no sbatch)."""
 
 
 def read_status(run, sweep) -> Optional[dict]:
@@ -48,11 +65,18 @@ def _wait(process: subprocess.Popen) -> int:
         raise
 
 
+def child_env() -> dict:
+    """The environment of a run's processes. Inside a SLURM array task the scheduler's variables are
+    left out, so Lightning starts the run's ``trainer.devices`` processes itself, as on a workstation
+    (a run of an array task is one node)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
 def _run_logged(cmd: list[str], log_path: Path) -> int:
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
-        return _wait(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        return _wait(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env()))
 
 
 def error_line(log_path: Path) -> str:
@@ -111,6 +135,82 @@ def execute(sweep, run, base_yaml: Path, log=print) -> dict:
         eval_s = round(time.time() - started, 2)
     return finish("done", train_s=trained["wall_s"], eval_s=eval_s, global_step=trained["global_step"],
                   metrics=trained["metrics"], collapse_step=trained.get("collapse_step"), eval=evaluation)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """``--shard I/N``: the runs ``I, I+N, I+2N, ...`` of the grid's fixed order."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+            raise LaunchError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4 ... 3/4")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def take(self, runs: list) -> list:
+        return runs[self.index::self.count]
+
+
+def parse_params(items: list[str]) -> dict:
+    """``--slurm KEY=VALUE`` items -> submitit's executor parameters (values read as YAML)."""
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LaunchError(f"--slurm {item!r}: expected KEY=VALUE, e.g. --slurm timeout_min=240")
+        params[key.strip()] = yaml.safe_load(value) if value else ""
+    return params
+
+
+def run_one(sweep, run, base_yaml: Path, log=print) -> dict:
+    """Train and evaluate one run, record its hparams, say how it went; returns ``status.json``."""
+    record = execute(sweep, run, base_yaml, log)
+    if record["status"] == "done":
+        write_hparams(sweep, run, record)
+        scores = "; ".join(f"{m} {v:.3f}@{b}" for b, row in record["eval"].items()
+                           for m, v in row.items() if m == "recall" and not math.isnan(v))
+        log(f"      done: trained in {record['train_s']:.0f}s" + (f", {scores}" if scores else ""), flush=True)
+    else:
+        log(f"      FAILED ({record['stage']}): {record['error']}", flush=True)
+    return record
+
+
+def run_task(sweep, run, base_yaml: Path, workdir: str) -> dict:
+    """One task of a job array: :func:`run_one` from the folder the sweep was submitted from."""
+    os.chdir(workdir)
+    print(f"{sweep.name}: {run.run_id} (log: {run.folder(sweep) / 'train.log'})", flush=True)
+    return run_one(sweep, run, base_yaml)
+
+
+def submit_array(sweep, runs: list, base_yaml: Path, launcher: str, params: dict[str, Any]) -> list:
+    """Submit ``runs`` as one job array (one task per run) through submitit; returns its jobs.
+    ``params``: submitit's executor parameters (``timeout_min``, ``gpus_per_node``, ``slurm_partition``,
+    ``slurm_array_parallelism``, ...)."""
+    try:
+        import submitit
+    except ImportError:
+        raise LaunchError(f"--launcher {launcher}: submitit is not installed; pip install 'tokensel[slurm]'") from None
+    try:
+        executor = submitit.AutoExecutor(folder=sweep.folder / "submitit" / "%j", cluster=launcher)
+    except RuntimeError as err:  # submitit's "Could not detect srun": no SLURM on this machine
+        raise LaunchError(f"--launcher {launcher}: {str(err).strip().splitlines()[0]} (submit from the cluster's "
+                          "login node; here, --launcher local or --shard I/N)") from None
+    try:  # submitit's own default time limit is 5 minutes: far too short for a training run
+        executor.update_parameters(name=f"tokensel-{sweep.name}", **{"timeout_min": DEFAULT_TIMEOUT_MIN, **params})
+    except (NameError, ValueError, TypeError) as err:  # submitit lists the parameters it does not know
+        first = str(err).strip().splitlines()[0]
+        raise LaunchError(f"--slurm: {first} (submitit's executor parameters: timeout_min, gpus_per_node, "
+                          "cpus_per_task, mem_gb, slurm_partition, slurm_array_parallelism, ...)") from None
+    workdir = os.getcwd()
+    try:
+        return executor.map_array(run_task, [sweep] * len(runs), runs, [base_yaml] * len(runs), [workdir] * len(runs))
+    except (FileNotFoundError, subprocess.CalledProcessError) as err:  # no sbatch here, or sbatch refused
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LaunchError(f"--launcher {launcher}: the job array could not be submitted ({first})") from None
 
 
 def _read_json(path: Path) -> Optional[dict]:

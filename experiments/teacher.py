@@ -210,12 +210,15 @@ def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Pat
 def main(argv: Optional[list[str]] = None) -> int:
     from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
     from tokensel.datamodules.synthetic import ensure_default_corpus
-    from tokensel.experiments.config import load_config, parse_run_args
+    from tokensel.experiments.config import config_yaml, load_config, parse_run_args
 
     quiet_known_warnings()
-    selector, config_file, overrides = parse_run_args(sys.argv[1:] if argv is None else argv,
-                                                      "python -m tokensel.experiments.teacher", __doc__)
+    selector, config_file, overrides, print_only = parse_run_args(sys.argv[1:] if argv is None else argv,
+                                                                  "python -m tokensel.experiments.teacher", __doc__)
     config = load_config(selector or "vp_noise", config_file, overrides)
+    if print_only:
+        print(config_yaml(config), end="")
+        return 0
     if config.data.root is None:
         ensure_default_corpus(DEFAULT_DATA_ROOT)
     ensure_teacher(config)

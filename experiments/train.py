@@ -4,7 +4,8 @@ Equivalent to::
 
     python -m tokensel.experiments.train [SELECTOR] [--config FILE.yaml] [key=value ...]
 
-The run writes ``runs/<selector>/<version>/``: TensorBoard events, ``config.yaml`` and
+The run writes ``runs/<selector>/<version>/``: TensorBoard events (``run.logger`` adds or swaps in
+CSV, W&B or any Lightning logger), ``config.yaml`` and
 ``checkpoints/`` (selector network and optimiser state only; the frozen encoder is rebuilt
 from the config). Keep the ``-m`` form: Lightning's DDP launcher re-runs this same command for
 every extra rank.
@@ -37,6 +38,7 @@ from tokensel.common.errors import ConfigError
 VERSION_ENV = "TOKENSEL_RUN_VERSION"  # lets DDP child ranks write into the parent's run folder
 
 
+DEFAULT_CURVE_BUDGET = 0.222  # the Gumbel paper's 22.2 % keep ratio (Table 1)
 RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID")  # Lightning, torchrun, SLURM
 
 
@@ -121,7 +123,6 @@ def train(config) -> dict:
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     from tokensel.callbacks.checkpoint_io import SafeCheckpointIO
     from tokensel.callbacks.collapse import CollapseDetector
@@ -134,6 +135,7 @@ def train(config) -> dict:
     from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
     from tokensel.datamodules.synthetic import ensure_default_corpus, read_params
     from tokensel.experiments.config import check_hardware, to_container
+    from tokensel.experiments.lightning_options import build_callbacks, build_loggers
     from tokensel.selectors.catalog import selector_entry
     from tokensel.selectors.inference import read_checkpoint
 
@@ -159,8 +161,8 @@ def train(config) -> dict:
     module = entry.module_cls(selector=asdict(config.selector), dims=dims, optim=asdict(config.optim),
                               config=full_config)
 
-    logger = TensorBoardLogger(save_dir=config.run.root, name=run_name, version=version, default_hp_metric=False)
-    run_dir = Path(logger.log_dir)
+    loggers = build_loggers(config.run, run_name, version)
+    run_dir = Path(config.run.root) / run_name / version
     checkpoint_dir = run_dir / "checkpoints"
     skipped = SkippedSamples()
     callbacks = [
@@ -175,20 +177,24 @@ def train(config) -> dict:
         callbacks.insert(0, ModelCheckpoint(dirpath=checkpoint_dir, save_top_k=1, monitor="val/loss",
                                             filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
                                             enable_version_counter=False))
+    if datamodule.has_val and config.run.curve:
+        callbacks.append(learning_curve(config, module))
     collapse = None
     if config.run.collapse_patience > 0:
         collapse = CollapseDetector(config.run.collapse_threshold, config.run.collapse_patience)
         callbacks.append(collapse)
     if config.trainer.enable_progress_bar:
         callbacks.append(ProgressBar())
-    trainer_kwargs = {k: v for k, v in asdict(config.trainer).items() if v is not None}
+    callbacks += build_callbacks(config.run)
+    trainer_kwargs = {k: v for k, v in asdict(config.trainer).items() if v is not None and k != "extra"}
+    trainer_kwargs.update(config.trainer.extra)
     if not datamodule.has_val:
         trainer_kwargs["limit_val_batches"] = 0
     try:
         # default_root_dir: where Lightning's SLURM auto-requeue saves (and finds) hpc_ckpt_*.ckpt
-        trainer = L.Trainer(logger=logger, callbacks=callbacks, plugins=[SafeCheckpointIO()],
+        trainer = L.Trainer(logger=loggers or False, callbacks=callbacks, plugins=[SafeCheckpointIO()],
                             default_root_dir=run_dir, **trainer_kwargs)
-    except (MisconfigurationException, ValueError) as err:  # a trainer.* value Lightning refuses
+    except (MisconfigurationException, ValueError, TypeError) as err:  # a trainer.* value Lightning refuses
         raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +215,16 @@ def train(config) -> dict:
         write_run_record(run_dir, metrics, seconds, skipped.total, collapse, trainer, features)
         print_summary(run_dir, metrics, seconds, skipped.total, collapse, features)
     return metrics
+
+
+def learning_curve(config, module):
+    """The run's :class:`~tokensel.callbacks.learning_curve.LearningCurve` (``run.curve*``)."""
+    from tokensel.callbacks.learning_curve import LearningCurve, log_spaced_steps
+
+    run = config.run
+    budgets = list(run.curve_budgets) or [module.net.trained_budget or DEFAULT_CURVE_BUDGET]
+    steps = log_spaced_steps(config.trainer.max_steps, run.curve_steps) if run.curve_steps else None
+    return LearningCurve(budgets, steps, run.curve_samples, run.curve_random_draws, seed=config.seed)
 
 
 def write_run_record(run_dir: Path, metrics: dict, seconds: float, skipped: int, collapse, trainer,
@@ -244,13 +260,17 @@ def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, co
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import load_config, parse_run_args
+    from tokensel.experiments.config import config_yaml, load_config, parse_run_args
 
     quiet_known_warnings()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    selector, config_file, overrides = parse_run_args(sys.argv[1:] if argv is None else argv,
-                                                      "python -m tokensel.experiments.train", __doc__)
-    train(load_config(selector, config_file, overrides))
+    selector, config_file, overrides, print_only = parse_run_args(sys.argv[1:] if argv is None else argv,
+                                                                  "python -m tokensel.experiments.train", __doc__)
+    config = load_config(selector, config_file, overrides)
+    if print_only:
+        print(config_yaml(config), end="")
+        return 0
+    train(config)
     return 0
 
 

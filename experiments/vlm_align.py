@@ -22,7 +22,7 @@ over samples of the per-token NLL of the target,
 - trained, with the image tokens of another sample (a seeded derangement: one random cycle
   through all samples, so no sample keeps its own image).
 
-real - shuffled is reported with a paired Student-t 95 % CI over samples (``experiments/stats.py``).
+real - shuffled is reported with a paired Student-t 95 % CI over samples (``common/stats.py``).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def lr_at(step: int, recipe) -> float:
 
 
 def summary(values: np.ndarray) -> dict:
-    from tokensel.experiments.stats import mean_ci
+    from tokensel.common.stats import mean_ci
 
     mean, half, n = mean_ci(values)
     return {"mean": mean, "ci95": half, "n": n}

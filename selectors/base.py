@@ -146,6 +146,22 @@ class SelectorModule(L.LightningModule):
     def parse_hparams(cls, hp: dict) -> tuple[Any, FeatureDims]:
         return cls.config_cls(**hp["selector"]), FeatureDims.from_dict(hp["dims"])
 
+    def train_test_gap(self, features: torch.Tensor, prompt: list[str], target: list[str], tau: float,
+                       seed: int = 0) -> Optional[Dict[str, torch.Tensor]]:
+        """Per-sample measures of how the selection it trains under differs from the hard top-K it
+        is deployed with (an objective with a soft selection overrides this; see vp_noise)."""
+        return None
+
+    def tau_at(self, step: int) -> Optional[float]:
+        """The relaxation's temperature at optimiser step ``step``, when the objective anneals one."""
+        return None
+
+    @property
+    def objective_vlm(self) -> Optional[nn.Module]:
+        """The frozen VLM this objective's loss runs through (passed to
+        :meth:`SelectorNet.objective_loss`), if it has one."""
+        return None
+
     def select(self, features: torch.Tensor, budget: int | float, *,
                context: Optional[SelectionContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net.select(features, budget, context=context)

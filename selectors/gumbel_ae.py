@@ -31,6 +31,16 @@ Where the paper is silent (each is a ``selector.*`` key):
   in the band: the paper's selector is *adaptive* (the number of kept tokens follows the image's
   content), and a per-image band would force every image into ``[q, p]``.
   ``keep_ratio_reduction="image"`` applies Eq. 8's term to each image's ``L_pr`` and averages.
+
+Budget-matched training (``selector.budget``; tokensel's recipe, off in the paper presets):
+strictly inside ``(q, p)`` the max/min term of Eq. 4 has no gradient, so under the paper's
+band the selector is trained only to tell the tokens it keeps (about ``p`` of them, or more when
+alpha1 cannot pull the ratio down) from the rest, never to rank the best K of a smaller eval
+budget. ``budget=b`` puts the band at ``[b - budget_band/2, b + budget_band/2]`` with
+``alpha1 = alpha2 = budget_alpha`` on each image's ``L_pr`` (``keep_ratio_reduction="image"``),
+so every image's sampled mask is pulled to ``b``; explicit ``p``, ``q``, ``alpha1``, ``alpha2``
+or ``keep_ratio_reduction`` still win. ``make eval`` scores such a checkpoint at ``b``
+(:attr:`TokenAutoEncoder.trained_budget`).
 """
 
 from __future__ import annotations
@@ -39,7 +49,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokensel.datamodules.batch import FeatureBatch, FeatureDims
@@ -71,16 +80,28 @@ class GumbelAEConfig(SelectorConfig):
     estimator: str = "gumbel"  # "gumbel" | "straight_through" (App. B.1)
     tau: float = 1.0
     regulariser: str = "maxmin"  # "maxmin" (Eq. 4) | "plain" (alpha1 * L_pr)
-    keep_ratio_reduction: str = "batch"  # "batch": the regulariser on the batch mean of L_pr | "image"
-    p: float = 0.6
-    q: float = 0.1
-    alpha1: float = 0.1
-    alpha2: float = 0.1
+    # Budget-matched training: the keep ratio the selector is trained for. None: the paper's band.
+    budget: Optional[float] = None
+    budget_band: float = 0.05  # width of [q, p] around the budget
+    budget_alpha: float = 2.0  # alpha1 = alpha2 with a budget
+    # Unset (None): the paper's values (p=0.6, q=0.1, alpha=0.1, batch) or, with a budget, derived from it.
+    keep_ratio_reduction: Optional[str] = None  # "batch": the regulariser on the batch mean of L_pr | "image"
+    p: Optional[float] = None
+    q: Optional[float] = None
+    alpha1: Optional[float] = None
+    alpha2: Optional[float] = None
     feature_weight: float = 1.0
     image_weight: float = 1.0
     distance: str = "mse"  # "mse" | "l2"
 
     def __post_init__(self) -> None:
+        check_all([(self.budget is None or 0.0 < self.budget < 1.0,
+                    f"selector.budget={self.budget}: a keep ratio in (0, 1), or null for the paper's band"),
+                   (0.0 < self.budget_band < 1.0, f"selector.budget_band={self.budget_band}: need 0 < band < 1"),
+                   (self.budget_alpha > 0, f"selector.budget_alpha={self.budget_alpha}: must be positive")])
+        for key, value in self.band_defaults().items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         checks = [
             (self.estimator in ESTIMATORS, f"selector.estimator={self.estimator!r}: expected one of {', '.join(ESTIMATORS)}"),
             (self.regulariser in REGULARISERS, f"selector.regulariser={self.regulariser!r}: expected one of {', '.join(REGULARISERS)}"),
@@ -96,12 +117,26 @@ class GumbelAEConfig(SelectorConfig):
         ]
         check_all(checks)
 
+    def band_defaults(self) -> dict:
+        """The regulariser's settings that are unset: the paper's (Eq. 8: p=0.6, q=0.1,
+        alpha1=alpha2=0.1, on the batch mean) or, with a ``budget``, the band
+        ``[budget - band/2, budget + band/2]`` with ``alpha1 = alpha2 = budget_alpha`` on each
+        image's L_pr, so that every image's noisy mask is pulled to the budget."""
+        if self.budget is None:
+            return {"p": 0.6, "q": 0.1, "alpha1": 0.1, "alpha2": 0.1, "keep_ratio_reduction": "batch"}
+        half = self.budget_band / 2
+        return {"p": round(min(1.0, self.budget + half), 6), "q": round(max(0.0, self.budget - half), 6),
+                "alpha1": self.budget_alpha, "alpha2": self.budget_alpha, "keep_ratio_reduction": "image"}
+
 
 def reconstruction_distance(pred: torch.Tensor, target: torch.Tensor, kind: str, channel_dim: int) -> torch.Tensor:
-    """``dist`` of Eq. 3: mean squared error, or the mean Euclidean norm over ``channel_dim``."""
+    """``dist`` of Eq. 3 per sample ``(B,)``: the mean squared error, or the mean Euclidean norm
+    over ``channel_dim``, over each sample's tokens (pixels). Every sample has the same size, so
+    the batch mean of this is the batch's ``dist``."""
+    diff = pred.float() - target.float()
     if kind == "mse":
-        return F.mse_loss(pred.float(), target.float())
-    return (pred.float() - target.float()).norm(dim=channel_dim).mean()
+        return diff.square().flatten(1).mean(dim=1)
+    return diff.norm(dim=channel_dim).flatten(1).mean(dim=1)
 
 
 class TokenAutoEncoder(SelectorNet):
@@ -142,6 +177,19 @@ class TokenAutoEncoder(SelectorNet):
     def sampler_layers(self) -> int:
         return self.config.depth
 
+    @property
+    def trained_budget(self) -> Optional[float]:
+        return self.config.budget
+
+    def objective_loss(self, batch: FeatureBatch, keep: torch.Tensor, vlm=None) -> torch.Tensor:
+        """Eq. 8 without its budget term, per sample: the feature and image reconstruction of the
+        kept tokens, the dropped ones replaced by ``E_masked`` (Eq. 5-6)."""
+        cfg = self.config
+        f_rec, i_rec = self.reconstruct(replace_dropped(batch.features, keep.float(), self.masked_embedding))
+        feat = reconstruction_distance(f_rec, batch.features, cfg.distance, channel_dim=-1)
+        img = reconstruction_distance(i_rec, batch.image, cfg.distance, channel_dim=1)
+        return cfg.feature_weight * feat + cfg.image_weight * img
+
     def image_from_kept(self, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``I^rec`` from the kept tokens alone, the dropped ones replaced by ``E_masked`` (Eq. 5-6)."""
         return self.reconstruct(replace_dropped(features, keep.float(), self.masked_embedding))[1].clamp(0, 1)
@@ -172,8 +220,8 @@ class GumbelAESelector(SelectorModule):
         logits = net.keep_logits(features)
         mask = binary_keep_mask(logits, cfg.estimator, cfg.tau, noise=self.training)
         f_rec, i_rec = net.reconstruct(replace_dropped(features, mask, net.masked_embedding))
-        feat = reconstruction_distance(f_rec, features, cfg.distance, channel_dim=-1)
-        img = reconstruction_distance(i_rec, batch.image, cfg.distance, channel_dim=1)
+        feat = reconstruction_distance(f_rec, features, cfg.distance, channel_dim=-1).mean()
+        img = reconstruction_distance(i_rec, batch.image, cfg.distance, channel_dim=1).mean()
         l_pr = keep_ratio(mask)
         per_image = keep_ratio(mask, per_image=True) if cfg.keep_ratio_reduction == "image" else l_pr
         reg = budget_regulariser(per_image, cfg.regulariser, cfg.p, cfg.q, cfg.alpha1, cfg.alpha2)

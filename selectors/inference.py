@@ -6,13 +6,19 @@ Every selector, trained or training-free, is a :class:`SelectorNet` and answers 
 
 ``budget`` is a token count (``int``) or a keep ratio (``float`` in (0, 1]); see
 :func:`~tokensel.selectors.budget.resolve_budget`. ``context`` is a :class:`SelectionContext`
-holding whatever a selector needs beyond the features (today: the encoder's CLS attention, for
-the ``cls_attention`` baseline); selectors that need nothing ignore it.
+holding whatever a selector needs beyond the features (the encoder's CLS attention, the
+instruction); selectors that need nothing ignore it.
 
 What an evaluation may ask of a selector beyond ``select`` is an optional method with a default
-here, never a ``hasattr`` probe: :meth:`SelectorNet.image_from_kept` (image reconstruction from
-the kept tokens, auto-encoders only), :attr:`SelectorNet.sampler_layers` (its own Transformer
-layers, for FLOPs) and :attr:`SelectorNet.vlm_config` (the frozen VLM it was trained against).
+here, never a ``hasattr`` probe: :meth:`SelectorNet.kept_share` (how much of each input token the
+kept tokens hold, for recall and coverage), :meth:`SelectorNet.image_from_kept` (image
+reconstruction from the kept tokens, auto-encoders only), :attr:`SelectorNet.sampler_layers` (its
+own Transformer layers, for FLOPs), :attr:`SelectorNet.vlm_config` (the frozen VLM it was trained
+against), and the diagnostics of why a selector wins or loses (``selectors/diagnostics.py``):
+:meth:`SelectorNet.ranking` (the order in which it keeps tokens, for the evidence AUROC),
+:meth:`SelectorNet.objective_loss` (its own training loss on *any* kept set, so that "did not
+learn its objective" and "learned something other than the answer evidence" can be told apart)
+and :attr:`SelectorNet.trained_budget` (the keep ratio it was trained for, if any).
 
 A trained selector loads from its checkpoint with :func:`tokensel.selectors.catalog.load_selector`.
 """
@@ -27,8 +33,15 @@ import torch
 from torch import nn
 
 from tokensel.common.checkpoint_files import load_plain
-from tokensel.common.errors import CheckpointError
+from tokensel.common.errors import CheckpointError, TokenselError
+from tokensel.datamodules.batch import FeatureBatch
 from tokensel.selectors.budget import Budget, resolve_budget
+from tokensel.selectors.pretrained import PretrainedMixin
+
+
+class ContextError(TokenselError):
+    """A selector called without what it needs in its :class:`SelectionContext` (e.g. a query-aware
+    selector without the instruction's embedding): one line naming the missing field."""
 
 
 @dataclass
@@ -37,9 +50,49 @@ class SelectionContext:
 
     - ``cls_attention``: ``(B, N)`` the frozen encoder's CLS->patch attention
       (``FeatureBatch.cls_attention``, filled when ``data.cls_attention_layer`` is set).
+    - ``instruction``: the instruction (question) of each row, as text; ``B`` strings.
+    - ``instruction_embedding``: ``(B, D)`` or ``(B, M, D)`` the instruction embedded by a text
+      model (``M`` segments or tokens), where the caller has one: in ``make eval`` the text tower
+      of an ``open_clip:`` encoder (``datamodules/encoders/open_clip_vit.py``).
+    - ``token_embedding``: ``(B, N, D)`` the image tokens in the instruction embedding's space,
+      which relevance compares against (``make eval``: the patch features through the encoder's
+      own image head). ``None``: the features are already in that space.
+
+    A selector whose rule reads the instruction declares it with ``SelectorNet.uses_instruction``.
     """
 
     cls_attention: Optional[torch.Tensor] = None
+    instruction: Optional[list[str]] = None
+    instruction_embedding: Optional[torch.Tensor] = None
+    token_embedding: Optional[torch.Tensor] = None
+
+    def take(self, rows: torch.Tensor) -> "SelectionContext":
+        """The context of batch rows ``rows`` (a 1-D index tensor), every field alike."""
+        def cut(x):
+            return None if x is None else x[rows.to(x.device)]
+
+        instruction = None if self.instruction is None else [self.instruction[i] for i in rows.tolist()]
+        return SelectionContext(cut(self.cls_attention), instruction, cut(self.instruction_embedding),
+                                cut(self.token_embedding))
+
+
+def context_across(context: Optional[SelectionContext], G: int, V: int) -> Optional[SelectionContext]:
+    """A per-view context (rows ``G * V``, image-major) made per image, for a rule that chooses
+    among an image's flattened ``V * N`` tokens: CLS attention and token embeddings are
+    concatenated over the views; the instruction (the same for every view of an image) is the
+    first view's."""
+    if context is None:
+        return None
+
+    def flat(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.reshape(G, V * x.shape[1], *x.shape[2:])
+
+    def first(x):
+        return None if x is None else x[::V]
+
+    return SelectionContext(cls_attention=flat(context.cls_attention), instruction=first(context.instruction),
+                            instruction_embedding=first(context.instruction_embedding),
+                            token_embedding=flat(context.token_embedding))
 
 
 def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -52,13 +105,37 @@ def gather_tokens(features: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
     return features.gather(1, indices.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
 
 
-class SelectorNet(nn.Module):
-    """Base of every selector. Subclasses implement :meth:`scores` (a top-K rule) or
-    :meth:`positions` (any other rule, e.g. greedy diversity). A trained selector sets ``dims``,
-    the feature geometry it was trained on, and :meth:`select` holds features to it; a
-    training-free one leaves it None and takes any geometry."""
+class SelectorNet(nn.Module, PretrainedMixin):
+    """Base of every selector. Subclasses implement :meth:`scores` (a top-K rule),
+    :meth:`positions` (any other subset rule, e.g. greedy diversity) or, with ``merges = True``,
+    :meth:`merge` (a rule whose kept tokens are averages of input tokens, e.g. pooling). A trained
+    one sets ``dims``, the feature geometry it was trained on, which :meth:`select` holds features
+    to (a training-free one leaves it None and takes any geometry), and saves and loads as a folder or hub repo (``save_pretrained``, ``from_pretrained``,
+    ``push_to_hub``; ``pretrained.py``).
+
+    **What "kept" means.** A subset selector returns ``kept = features[indices]``: token ``j`` of
+    ``kept`` *is* input token ``indices[j]``. A merging selector (``merges = True``: ``pool``,
+    ``visionzip``) returns new tokens, each a weighted average of input tokens; ``indices[j]``
+    then names output token ``j`` by its anchor, a distinct input position (the centre token of a
+    pooled cell; the dominant token, or the target a contextual group merges into), still sorted
+    by position, so a pruned VLM can give it that token's position. A merging selector may return
+    fewer than ``k`` tokens (``pool`` keeps the largest cell grid with at most ``k`` cells).
+    :meth:`kept_share` says how much of each input token the kept tokens hold, which makes evidence
+    recall and coverage well defined for both kinds (``selectors/metrics.py``).
+
+    **Query-aware selectors.** ``uses_instruction = True`` declares a selector whose choice depends
+    on ``context.instruction`` / ``context.instruction_embedding`` (``cdpruner``; a trained
+    selector may declare it too). Its selection belongs to an (image, instruction) pair, not to an
+    image: it is recomputed for every question and must never be cached per image. The feature
+    cache (``datamodules/feature_cache.py``) stores encoder features, never selections, so every
+    selector, query-aware or not, selects afresh from cached features and the batch's
+    instruction. An evaluation that cannot supply the instruction reports such a selector as
+    ``n/a`` rather than running it without one; ``select`` without it raises :class:`ContextError`.
+    """
 
     needs_cls_attention: bool = False
+    uses_instruction: bool = False
+    merges: bool = False
     dims: Optional[Any] = None  # FeatureDims of a trained selector
 
     def check_features(self, n: int, width: int) -> None:
@@ -83,16 +160,44 @@ class SelectorNet(nn.Module):
         """``(B, k)`` distinct positions to keep, in any order. Default: the top-k :meth:`scores`."""
         return self.scores(features, context).topk(k, dim=-1).indices
 
+    def merge(self, features: torch.Tensor, k: int,
+              context: Optional[SelectionContext]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A merging rule (``merges = True``): ``(anchors (B, k'), weights (B, k', N))`` with
+        ``k' <= k`` distinct anchor positions, sorted, and non-negative weights, so that
+        ``kept = weights @ features``."""
+        raise NotImplementedError(f"{type(self).__name__} is not a merging selector")
+
     @torch.no_grad()
     def select(self, features: torch.Tensor, budget: Budget, *,
                context: Optional[SelectionContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep ``budget`` tokens: ``(indices (B, k) long, sorted by position, kept (B, k, C))``."""
+        """Keep ``budget`` tokens: ``(indices (B, k) long, sorted by position, kept (B, k, C))``
+        (a merging selector: anchors and merged tokens, see the class docstring)."""
         if features.dim() != 3:
             raise ValueError(f"features must be (B, N, C), got shape {tuple(features.shape)}")
         self.check_features(features.shape[1], features.shape[2])
         k = resolve_budget(budget, features.shape[1])
+        if self.merges:
+            anchors, weights = self.merge(features, k, context)
+            return anchors.long(), (weights.to(features.dtype) @ features)
         indices = self.positions(features, k, context).long().sort(dim=-1).values
         return indices, gather_tokens(features, indices)
+
+    def kept_share(self, features: torch.Tensor, indices: torch.Tensor,
+                   context: Optional[SelectionContext] = None) -> torch.Tensor:
+        """``(B, N)`` float: how much of each input token the kept tokens hold, for the ``indices``
+        that :meth:`select` returned on these ``features``. A subset selector: 1 for a kept token,
+        0 for a dropped one. A merging selector: ``sum_j w[j, i]`` over its kept tokens ``j``,
+        with each token's weights normalised to sum to 1 (a token averaged into a cell of 9 holds
+        1/9 of one kept token). Either way it sums to the number of kept tokens."""
+        B, N = features.shape[:2]
+        if not self.merges:
+            share = torch.zeros(B, N, dtype=torch.float32, device=indices.device)
+            return share.scatter_(1, indices.long(), 1.0)
+        anchors, weights = self.merge(features, indices.shape[1], context)
+        if not torch.equal(anchors.long(), indices.long().to(anchors.device)):
+            raise ValueError(f"{type(self).__name__}: these indices were not returned by select() on these features")
+        weights = weights.float()
+        return (weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)).sum(dim=1)
 
     @torch.no_grad()
     def select_across(self, views: torch.Tensor, budget: Budget, *,
@@ -102,13 +207,18 @@ class SelectorNet(nn.Module):
         ``(indices (G, k) into the view-major V * N tokens, sorted, kept (G, k, C))``; ``budget``
         counts against ``V * N``. A top-K selector scores every view as it was trained, one view at
         a time (``context`` rows are views), and keeps the best ``k`` over all of them; any other
-        rule chooses among the flattened tokens (:meth:`positions_across`)."""
+        rule chooses among the flattened tokens (:meth:`positions_across`, or :meth:`merge` on the
+        flattened tokens for a merging selector), with the context made per image
+        (:func:`context_across`)."""
         if views.dim() != 4:
             raise ValueError(f"views must be (G, V, N, C), got shape {tuple(views.shape)}")
         G, V, N, C = views.shape
         self.check_features(N, C)
         k = resolve_budget(budget, V * N)
         flat = views.reshape(G, V * N, C)
+        if self.merges:
+            anchors, weights = self.merge(flat, k, context_across(context, G, V))
+            return anchors.long(), weights.to(flat.dtype) @ flat
         if type(self).positions is SelectorNet.positions:
             indices = self.scores(views.reshape(G * V, N, C), context).reshape(G, V * N).topk(k, dim=-1).indices
         else:
@@ -119,7 +229,13 @@ class SelectorNet(nn.Module):
     def positions_across(self, views: torch.Tensor, k: int, context: Optional[SelectionContext]) -> torch.Tensor:
         """``(G, k)`` positions among the flattened ``V * N`` tokens (a rule that is not a top-K)."""
         G, V, N, C = views.shape
-        return self.positions(views.reshape(G, V * N, C), k, context)
+        return self.positions(views.reshape(G, V * N, C), k, context_across(context, G, V))
+
+    def kept_share_across(self, views: torch.Tensor, indices: torch.Tensor,
+                          context: Optional[SelectionContext] = None) -> torch.Tensor:
+        """:meth:`kept_share` for :meth:`select_across`: ``(G, V * N)`` over the flattened views."""
+        G, V, N, C = views.shape
+        return self.kept_share(views.reshape(G, V * N, C), indices, context_across(context, G, V))
 
     # ---- optional: what an evaluation may ask beyond select() -----------------------------------
     def image_from_kept(self, features: torch.Tensor, keep: torch.Tensor) -> Optional[torch.Tensor]:
@@ -135,6 +251,29 @@ class SelectorNet(nn.Module):
     @property
     def vlm_config(self) -> Optional[Any]:
         """The ``selector.vlm`` config of the frozen VLM this selector was trained against, if any."""
+        return None
+
+    def ranking(self, features: torch.Tensor, context: Optional[SelectionContext] = None) -> Optional[torch.Tensor]:
+        """``(B, N)`` the order in which this selector keeps tokens, higher first, or None when it has
+        no order (an even grid). A top-K selector ranks by its :meth:`scores`; a rule that is not a
+        top-K overrides this (DivPrune: its greedy pick order)."""
+        if type(self).scores is SelectorNet.scores:
+            return None
+        return self.scores(features, context)
+
+    def objective_loss(self, batch: FeatureBatch, keep: torch.Tensor, vlm: Optional[nn.Module] = None
+                       ) -> Optional[torch.Tensor]:
+        """Per-sample loss ``(B,)`` of this selector's own training objective when only the tokens
+        of ``keep`` (a ``(B, N)`` bool mask) are kept; lower is better; NaN for a sample the
+        objective cannot score (vp_noise: empty text). ``vlm`` is the frozen VLM an objective
+        needs (built by the caller from :attr:`vlm_config`). None for selectors with no objective
+        (the training-free baselines), or when the objective needs a VLM and none is given."""
+        return None
+
+    @property
+    def trained_budget(self) -> Optional[float]:
+        """The keep ratio this selector's objective trained it for, or None when it was not
+        trained for one (an auto-encoder with the paper's wide band, a baseline)."""
         return None
 
 

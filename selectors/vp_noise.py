@@ -136,6 +136,24 @@ class TokenScorer(SelectorNet):
     def vlm_config(self) -> VLMConfig:
         return self.config.vlm
 
+    @property
+    def trained_budget(self) -> float:
+        return self.config.budget(self.dims.num_tokens) / self.dims.num_tokens
+
+    def objective_loss(self, batch: FeatureBatch, keep: torch.Tensor, vlm=None) -> Optional[torch.Tensor]:
+        """The frozen VLM's NTP loss (Eq. 2's objective, as deployed: the kept tokens gathered in
+        positional order, no gate) per sample; NaN for samples with empty text. ``keep`` must keep
+        the same number of tokens in every row."""
+        if vlm is None:
+            return None
+        counts = keep.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(f"vp_noise scores keep sets of one size per batch, got sizes {sorted(set(counts.tolist()))}")
+        indices = keep.nonzero()[:, 1].view(keep.shape[0], int(counts[0]))  # row-major: in positional order
+        loss = vlm.ntp_loss(gather_tokens(batch.features, indices), batch.prompt, batch.target).per_sample
+        empty = torch.tensor([not text.strip() for text in batch.target], device=loss.device)
+        return loss.masked_fill(empty, float("nan"))
+
 
 class RunningStandardizer(nn.Module):
     """Per-channel running mean/std of the training tokens (EMA), to put Eq. 5 on unit scale."""
@@ -167,7 +185,7 @@ class VPNoiseSelector(SelectorModule):
     """AutoSelect / DiffPrune (see the module docstring)."""
 
     config_cls = VPNoiseConfig
-    scalar_names = ("loss", "ntp_topk", "ntp_full", "keep_ratio")
+    scalar_names = ("loss", "ntp_topk", "ntp_full", "ntp_soft", "alpha_on_topk", "keep_ratio")
     prog_bar_scalars = ("loss", "tau")
 
     def __init__(self, selector: dict, dims: dict, optim: Optional[dict] = None, config: Optional[dict] = None):
@@ -184,19 +202,47 @@ class VPNoiseSelector(SelectorModule):
     def build_net(cls, config: VPNoiseConfig, dims: FeatureDims) -> TokenScorer:
         return TokenScorer(config, dims)
 
-    def tau(self) -> float:
-        cfg = self.config
-        return cosine_tau(self.global_step, cfg.tau_start, cfg.tau_end, cfg.tau_steps)
+    @property
+    def objective_vlm(self) -> nn.Module:
+        return self.vlm
 
-    def throttle(self, features: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """VP noise gate (Eq. 5) on standardised tokens, then the diagonal Denoiser."""
+    def tau(self) -> float:
+        return self.tau_at(self.global_step)
+
+    def tau_at(self, step: int) -> float:
+        cfg = self.config
+        return cosine_tau(step, cfg.tau_start, cfg.tau_end, cfg.tau_steps)
+
+    def throttle(self, features: torch.Tensor, alpha: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """VP noise gate (Eq. 5) on standardised tokens, then the diagonal Denoiser. ``noise``:
+        the gate's ``eps`` (default: fresh)."""
         if self.config.gate_norm == "none":
-            gated = vp_noise_gate(features, alpha)
+            gated = vp_noise_gate(features, alpha, noise)
         else:
             if self.training:
                 self.standardizer.update(features)
-            gated = self.standardizer.restore(vp_noise_gate(self.standardizer.standardize(features), alpha))
+            gated = self.standardizer.restore(vp_noise_gate(self.standardizer.standardize(features), alpha, noise))
         return self.denoiser(gated)
+
+    @torch.no_grad()
+    def train_test_gap(self, features: torch.Tensor, prompt: list[str], target: list[str], tau: float,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+        """How far the selection it is trained under is from the one it is deployed with, per
+        sample ``(B,)``: ``alpha_on_topk``, the share of the soft top-K mass ``alpha`` (Eq. 4, at
+        temperature ``tau``) that falls on the hard top-K; ``ntp_soft``, the VLM's NTP with all
+        tokens through the gate and Denoiser as in training (``eps`` from ``seed``); ``ntp_hard``,
+        its NTP with the hard top-K tokens gathered, as deployed; ``tokens``, the target tokens
+        each NTP averages over."""
+        scores = self.net.scores(features)
+        alpha = soft_topk(scores, self.k, tau)
+        top = topk_positions(scores, self.k)
+        on_top = alpha.gather(1, top).sum(dim=1) / self.k
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(features.shape, generator=generator).to(features.device, torch.float32)
+        soft = self.vlm.ntp_loss(self.throttle(features, alpha, noise), prompt, target)
+        hard = self.vlm.ntp_loss(gather_tokens(features, top), prompt, target)
+        return {"alpha_on_topk": on_top, "ntp_soft": soft.per_sample, "ntp_hard": hard.per_sample,
+                "tokens": hard.tokens}
 
     def step(self, batch: FeatureBatch) -> StepOutput:
         keep = [i for i, text in enumerate(batch.target) if text.strip()]
@@ -225,7 +271,11 @@ class VPNoiseSelector(SelectorModule):
         indices = topk_positions(scores, self.k)  # where the kept tokens sit (Qwen-VL's M-RoPE ids)
         ntp_topk = self.vlm.ntp_loss(gather_tokens(features, indices), prompt, target, indices=indices).loss
         ntp_full = self.vlm.ntp_loss(features, prompt, target).loss
-        scalars = {"loss": ntp_topk, "ntp_topk": ntp_topk, "ntp_full": ntp_full, "keep_ratio": keep_ratio}
+        gap = self.train_test_gap(features, prompt, target, tau)
+        tokens = gap["tokens"].to(gap["ntp_soft"].dtype)
+        ntp_soft = (gap["ntp_soft"] * tokens).sum() / tokens.sum().clamp_min(1)  # token-weighted, as ntp_topk
+        scalars = {"loss": ntp_topk, "ntp_topk": ntp_topk, "ntp_full": ntp_full, "ntp_soft": ntp_soft,
+                   "alpha_on_topk": gap["alpha_on_topk"].mean(), "keep_ratio": keep_ratio}
         return StepOutput(ntp_topk, scalars, keep=hard, n=len(keep))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

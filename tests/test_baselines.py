@@ -1,4 +1,6 @@
-"""Training-free baselines (selectors/baselines.py) and the encoder's CLS->patch attention."""
+"""Training-free baselines (selectors/baselines*.py): the contract every registered one keeps, the
+old five's rules, and the encoder's CLS->patch attention. The new baselines' hand-worked cases from
+their papers are in test_baselines_papers.py."""
 
 import pytest
 import torch
@@ -8,16 +10,25 @@ from tokensel.datamodules.encoders.hf import HFBackbone
 from tokensel.datamodules.encoders.open_clip_vit import OpenClipViT
 from tokensel.datamodules.encoders.timm_vit import TimmViT
 from tokensel.datamodules.samples import Preprocess
-from tokensel.selectors.baselines import (BASELINES, CLSAttentionSelector, DivPruneSelector, L2NormSelector,
-                                          RandomSelector, TrainingFreeSelector, UniformSelector, build_baseline)
+from tokensel.selectors.baselines import (CLSAttentionSelector, DivPruneSelector, L2NormSelector, RandomSelector,
+                                          TrainingFreeSelector, UniformSelector)
 from tokensel.selectors.budget import BudgetError
+from tokensel.selectors.catalog import BASELINES, build_baseline  # the catalog registers every baseline
 from tokensel.selectors.inference import SelectionContext
 
 
+def full_context(features, cls_attention=None):
+    """Everything a baseline may read: CLS attention and an instruction with its embedding."""
+    B, N, _ = features.shape
+    gen = torch.Generator().manual_seed(7)
+    return SelectionContext(cls_attention=torch.rand(B, N, generator=gen) if cls_attention is None else cls_attention,
+                            instruction=["what is the total?"] * B,
+                            instruction_embedding=torch.randn(B, 6, generator=gen),
+                            token_embedding=torch.randn(B, N, 6, generator=gen))
+
+
 def run(selector, features, budget, cls_attention=None):
-    if selector.needs_cls_attention and cls_attention is None:
-        cls_attention = torch.rand(features.shape[:2])
-    return selector.select(features, budget, context=SelectionContext(cls_attention=cls_attention))
+    return selector.select(features, budget, context=full_context(features, cls_attention))
 
 
 # ---- every baseline: the shared contract ---------------------------------------------------------
@@ -31,14 +42,31 @@ def test_every_baseline_returns_k_unique_sorted_valid_indices(name, grid, budget
     n = grid[0] * grid[1]
     features = torch.randn(3, n, 8)
     selector = build_baseline(name, grid, seed=0)
-    assert isinstance(selector, TrainingFreeSelector) and selector.needs_cls_attention == (name == "cls_attention")
-    indices, kept = run(selector, features, budget)
-    assert indices.shape == (3, k) and indices.dtype == torch.long
+    assert isinstance(selector, TrainingFreeSelector) and selector.needs_cls_attention == (
+        name in ("cls_attention", "visionzip"))
+    assert selector.uses_instruction == (name == "cdpruner") and selector.merges == (name in ("pool", "visionzip"))
+    context = full_context(features)
+    indices, kept = selector.select(features, budget, context=context)
+    kept_k = indices.shape[1]
+    assert indices.shape == (3, kept_k) and indices.dtype == torch.long and kept.shape == (3, kept_k, 8)
+    assert kept_k == k or (name == "pool" and 1 <= kept_k <= k)  # pool: the largest cell grid within k
     assert ((indices >= 0) & (indices < n)).all()
     assert (indices[:, 1:] > indices[:, :-1]).all()  # strictly ascending: sorted and unique
-    assert torch.equal(kept, features.gather(1, indices.unsqueeze(-1).expand(-1, -1, 8)))
+    share = selector.kept_share(features, indices, context)
+    assert share.shape == (3, n) and (share >= 0).all() and (share <= 1 + 1e-6).all()
+    assert torch.allclose(share.sum(dim=1), torch.full((3,), float(kept_k)))  # k tokens' worth of input
+    if selector.merges:
+        anchors, weights = selector.merge(features, k, context)
+        assert torch.equal(anchors, indices) and torch.allclose(kept, weights @ features, atol=1e-6)
+    else:
+        assert torch.equal(kept, features.gather(1, indices.unsqueeze(-1).expand(-1, -1, 8)))
+        assert torch.equal(share, torch.zeros(3, n).scatter_(1, indices, 1.0))
     if k == n:
         assert torch.equal(indices, torch.arange(n).expand(3, n))
+        assert torch.allclose(kept, features, atol=1e-6)  # everything kept, merged or not
+    if name != "random":  # a row selects the same alone as in a batch
+        one = selector.select(features[1:2], budget, context=context.take(torch.tensor([1])))
+        assert torch.equal(one[0][0], indices[1]) and torch.allclose(one[1][0], kept[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(BASELINES))
@@ -51,9 +79,10 @@ def test_impossible_budgets_raise_budget_error(name, budget):
 def test_build_baseline_names_the_choices():
     with pytest.raises(ValueError) as err:
         build_baseline("tome", (4, 4))
-    for name in ("random", "uniform", "l2norm", "divprune", "cls_attention"):
+    names = ("random", "uniform", "l2norm", "divprune", "cls_attention", "dart", "pool", "visionzip", "cdpruner")
+    for name in names:
         assert name in str(err.value)
-    assert set(BASELINES) == {"random", "uniform", "l2norm", "divprune", "cls_attention"}
+    assert set(BASELINES) == set(names)
 
 
 # ---- divprune ----------------------------------------------------------------------------------
@@ -288,15 +317,19 @@ def test_datamodule_fills_cls_attention_only_on_request(tiny_corpus):
         FeatureDataModule(bad, EncoderConfig(image_size=64))
 
 
-@pytest.mark.parametrize("name", ["random", "uniform", "l2norm", "divprune", "cls_attention"])
+@pytest.mark.parametrize("name", list(BASELINES))
 def test_select_across_views_keeps_k_of_all_view_tokens(name):
     G, V, grid = 3, 4, (4, 4)
     views = torch.randn(G, V, 16, 8)
-    context = SelectionContext(cls_attention=torch.rand(G * V, 16))
-    indices, kept = build_baseline(name, grid).select_across(views, 0.25, context=context)
-    assert indices.shape == (G, 16) and kept.shape == (G, 16, 8)  # 25 % of 4 x 16 tokens
+    context = full_context(views.reshape(G * V, 16, 8))
+    selector = build_baseline(name, grid)
+    indices, kept = selector.select_across(views, 0.25, context=context)
+    assert indices.shape == (G, 16) and kept.shape == (G, 16, 8)  # 25 % of 4 x 16 tokens (pool: 2 x 8 cells)
     assert all(len(set(row.tolist())) == 16 and row.tolist() == sorted(row.tolist()) for row in indices)
-    assert torch.equal(kept, views.reshape(G, 64, 8)[torch.arange(G)[:, None], indices])
+    share = selector.kept_share_across(views, indices, context)
+    assert share.shape == (G, 64) and torch.allclose(share.sum(dim=1), torch.full((G,), 16.0))
+    if not selector.merges:
+        assert torch.equal(kept, views.reshape(G, 64, 8)[torch.arange(G)[:, None], indices])
 
 
 def test_select_across_is_the_top_k_of_each_views_own_scores():

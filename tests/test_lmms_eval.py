@@ -3,7 +3,7 @@ tiny random LLaVA (as tokensel_llava) and a tiny random Qwen2.5-VL (as tokensel)
 (tests/lmms_task) made from the generated corpus, offline; and the model's loglikelihood,
 generation and pruning checked directly.
 
-lmms-eval lives in its own environment (`make lmms-setup`, `make test-lmms`); elsewhere this skips."""
+`make setup` installs lmms-eval (the `lmms` extra), so `make test` runs these; an environment without it skips them."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("lmms_eval", reason="lmms-eval is not installed in this environment: run `make test-lmms` "
-                    "(it sets up .venv-lmms, see requirements-lmms.txt)")
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed in this environment: "
+                    "pip install -e '.[lmms]' (make setup installs it)")
 
 from conftest import REPO  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402

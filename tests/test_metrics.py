@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tokensel.experiments.flops import GEOMETRIES, flops_report, llm_flops, sampler_flops
-from tokensel.experiments.metrics import evidence_recall, keep_mask, psnr, token_coverage
+from tokensel.selectors.metrics import evidence_recall, keep_mask, psnr, token_coverage
 from tokensel.experiments.report import plot_metrics, write_table
-from tokensel.experiments.stats import MetricAccumulator, mean_ci, t_quantile
+from tokensel.common.stats import MetricAccumulator, mean_ci, t_quantile
 
 # ---------------------------------------------------------------- keep_mask / evidence recall
 
@@ -82,6 +82,25 @@ def test_coverage_hand_made():
     # batched rows are independent and match the per-sample values; chunking does not matter
     both = token_coverage(torch.cat([feats, feats]), torch.cat([keep, keep2]), chunk=1)
     assert both.tolist() == pytest.approx([-0.25, -0.5], abs=1e-6)
+
+
+def test_recall_and_coverage_with_kept_shares():
+    feats = torch.randn(3, 10, 6, generator=torch.Generator().manual_seed(1))
+    keep = torch.rand(3, 10, generator=torch.Generator().manual_seed(2)) > 0.5
+    answer = torch.zeros(3, 10, dtype=torch.bool)
+    answer[:, 2:6] = True
+    # a 0/1 share is the keep mask: the same recall, and the same coverage given the kept tokens
+    assert torch.equal(evidence_recall(keep.float(), answer), evidence_recall(keep, answer))
+    kept = [feats[b, keep[b]] for b in range(3)]
+    merged = torch.cat([token_coverage(feats[b:b + 1], keep[b:b + 1].float(), kept=kept[b][None]) for b in range(3)])
+    assert torch.allclose(merged, token_coverage(feats, keep), atol=1e-6)
+    # a box of 4 tokens holding 1/4 of a kept token each: recall 1/4
+    assert evidence_recall(torch.full((1, 10), 0.25), answer[:1]).tolist() == [0.25]
+    # two tokens, e1 and e2, merged into one kept token (e1 + e2) / 2: each half kept, half dropped,
+    # each covered at cos 45 degrees
+    pair = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    cov = token_coverage(pair, torch.tensor([[0.5, 0.5]]), kept=pair.mean(dim=1, keepdim=True))
+    assert cov.item() == pytest.approx(math.sqrt(0.5), abs=1e-6)
 
 
 def test_coverage_nothing_kept_is_nan():

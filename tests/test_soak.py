@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION
 from tokensel.datamodules.pipeline import ShardStream
 from tokensel.datamodules.samples import Preprocess
 from tokensel.datamodules.shards import ShardIndex, ShardWriter
@@ -25,8 +26,8 @@ DAMAGES = ("flipped image", "bad json", "pickled member")
 
 
 def meta(source: str, i: int) -> dict:
-    if source == "coco":
-        return {"source": "coco", "captions": [f"caption {i}", f"another {i}"]}
+    if BENCHMARKS.get(source).kind == CAPTION:
+        return {"source": source, "captions": [f"caption {i}", f"another {i}"]}
     return {"source": source, "question": f"question {i}?", "answers": [f"answer {i}"]}
 
 

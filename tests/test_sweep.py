@@ -11,7 +11,7 @@ import yaml
 
 from conftest import FAST_ARGS, REPO
 from tokensel.common.cli import run_main
-from tokensel.experiments.stats import aggregate, mean_std
+from tokensel.common.stats import aggregate, mean_std
 from tokensel.experiments.sweep import (SweepError, check_grid, expand, first_difference, main, prepare_folder,
                                         read_sweep)
 

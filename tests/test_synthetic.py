@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from tokensel.common.cli import run_main
-from tokensel.datamodules.shards import SOURCES, ShardIndex, validate_meta
+from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION
+from tokensel.datamodules.shards import ShardIndex, validate_meta
+from tokensel.datamodules.synthetic import GENERATED
 from tokensel.datamodules.synthetic import PARAMS_NAME, ensure_default_corpus, generate_corpus, main
 
 TRAIN = {"coco": 6, "docvqa": 6, "chartqa": 6}
@@ -69,7 +71,8 @@ def test_samples_follow_the_schema(corpus, split):
     assert len(samples) == sum((TRAIN if split == "train" else VAL).values())
     for key, members in samples.items():
         meta = validate_meta(json.loads(members["json"]), where=key)
-        ext = "jpg" if meta["source"] == "coco" else "png"
+        caption = BENCHMARKS.get(meta["source"]).kind == CAPTION
+        ext = "jpg" if caption else "png"  # photos as JPEG, documents and charts as PNG
         assert set(members) == {ext, "json"}
         image = Image.open(io.BytesIO(members[ext]))
         assert image.format == ("JPEG" if ext == "jpg" else "PNG")
@@ -77,7 +80,7 @@ def test_samples_follow_the_schema(corpus, split):
         assert meta["provenance"]["generator"] == "tokensel.synthetic"
         assert meta["provenance"]["seed"] == 0
         assert key.startswith(f"{meta['source']}_{split}_")
-        if meta["source"] == "coco":
+        if caption:
             assert 3 <= len(meta["captions"]) <= 5
             assert len(set(meta["captions"])) == len(meta["captions"])
             assert "answer_box" not in meta
@@ -90,7 +93,7 @@ def test_answer_boxes_are_in_bounds_and_cover_ink(corpus):
     checked = 0
     for key, members in read_samples(corpus, "train").items():
         meta = json.loads(members["json"])
-        if meta["source"] == "coco":
+        if BENCHMARKS.get(meta["source"]).kind == CAPTION:
             continue
         x0, y0, x1, y1 = meta["answer_box"]
         assert 0 <= x0 < x1 <= meta["width"] and 0 <= y0 < y1 <= meta["height"], key
@@ -128,8 +131,8 @@ def test_different_seed_gives_different_samples(corpus, tmp_path):
     generate_corpus(tmp_path, seed=1, train=TRAIN, val=VAL, max_samples_per_shard=4, workers=1)
     ours, theirs = read_samples(corpus, "train"), read_samples(tmp_path, "train")
     assert ours.keys() == theirs.keys()
-    for source in SOURCES:
-        ext = "jpg" if source == "coco" else "png"
+    for source in GENERATED:
+        ext = "jpg" if BENCHMARKS.get(source).kind == CAPTION else "png"
         keys = [k for k in ours if k.startswith(source)]
         assert all(ours[k][ext] != theirs[k][ext] for k in keys), source
     assert json.loads(theirs["coco_train_000000"]["json"])["provenance"]["seed"] == 1

@@ -76,7 +76,7 @@ def test_the_coca_backend_loads_the_head_and_asks_for_its_encoder(built, tiny_co
 
 
 def test_make_eval_uses_the_teacher_as_its_ntp_vlm_when_it_is_built(built, tiny_corpus):
-    from tokensel.experiments.evaluate import ntp_vlm
+    from tokensel.experiments.eval_group import ntp_vlm
 
     config, path, _ = built
     vlm, what = ntp_vlm(config, [])

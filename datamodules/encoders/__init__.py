@@ -29,12 +29,12 @@ from tokensel.common.precision import check_precision
 from tokensel.common.registry import Registry
 from tokensel.datamodules.encoders.base import Backbone, EncoderError, FrozenEncoder
 from tokensel.datamodules.encoders.hf import build_hf, build_hf_llava
-from tokensel.datamodules.encoders.open_clip_vit import build_open_clip
+from tokensel.datamodules.encoders.open_clip_vit import OpenClipTextTower, build_open_clip, build_open_clip_text_tower
 from tokensel.datamodules.encoders.packaged import converted_weights, load_packaged, packaged_source
 from tokensel.datamodules.encoders.timm_cnn import build_timm_cnn
 from tokensel.datamodules.encoders.timm_vit import build_timm
 
-__all__ = ["ENCODERS", "EncoderError", "FrozenEncoder", "build_encoder"]
+__all__ = ["ENCODERS", "EncoderError", "FrozenEncoder", "build_encoder", "build_text_tower"]
 
 # library -> builder(model_name, pretrained, image_size) -> Backbone
 ENCODERS: Registry[Callable[[str, str, Optional[int]], Backbone]] = Registry("encoder library")
@@ -67,3 +67,19 @@ def build_encoder(name: str, pretrained: str = "", layer: int = -1, norm: bool =
     if packaged:
         load_packaged(backbone.model, weights, packaged)
     return FrozenEncoder(name, backbone, layer, norm, dtype)
+
+
+def build_text_tower(name: str, pretrained: str = "", norm: bool = True, image_size: Optional[int] = None,
+                     init_seed: int = 0) -> Optional[OpenClipTextTower]:
+    """The text tower of encoder ``name`` with the same weights as :func:`build_encoder` gives it
+    (random init from the same ``init_seed``), for query-aware selectors; ``None`` when the encoder
+    has none (timm, timm_cnn, hf_llava's vision tower, packaged weights). Only ``open_clip:`` models
+    have one."""
+    library, _, model_name = name.partition(":")
+    if library != "open_clip" or is_packaged(pretrained):
+        return None
+    if pretrained and looks_like_path(pretrained) and not Path(pretrained).is_file():
+        raise EncoderError(f"encoder.pretrained={pretrained!r}: no such weights file")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return build_open_clip_text_tower(model_name, pretrained, image_size, norm)

@@ -2,7 +2,9 @@
 tokensel's own configs (``common/model_configs/``, e.g. ``open_clip:coca_tiny``) resolve too.
 
 Weights (``encoder.pretrained``): ``""`` random init, a local file, or an open_clip tag
-(``openai``, ``laion2b_s32b_b82k``, ...). The language tower is dropped after building.
+(``openai``, ``laion2b_s32b_b82k``, ...). The language tower is dropped after building; where a
+query-aware selector needs it, :func:`build_open_clip_text_tower` builds the same model again and
+keeps it (:class:`OpenClipTextTower`).
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ def _custom_cls_row(attn: nn.Module, prefix: int) -> ClsRow:
     return cls_row
 
 
-def build_open_clip(model_name: str, pretrained: str, image_size: Optional[int]) -> OpenClipViT:
+def create_open_clip(model_name: str, pretrained: str, image_size: Optional[int]) -> nn.Module:
+    """The whole open_clip model (both towers), or a one-line :class:`EncoderError`."""
     import open_clip
 
     register_model_configs()
@@ -103,9 +106,14 @@ def build_open_clip(model_name: str, pretrained: str, image_size: Optional[int])
         if pretrained and not looks_like_path(pretrained):
             raise hub_tag_error(f"open_clip:{model_name}", pretrained, err) from None
         raise EncoderError(f"encoder open_clip:{model_name} with pretrained={pretrained!r}: {first_line(err)}") from None
-    visual = model.visual
-    if not hasattr(visual, "forward_intermediates") or not hasattr(visual, "grid_size"):
+    if not hasattr(model.visual, "forward_intermediates") or not hasattr(model.visual, "grid_size"):
         raise EncoderError(f"encoder.name='open_clip:{model_name}': visual tower is not a ViT with patch tokens")
+    return model
+
+
+def build_open_clip(model_name: str, pretrained: str, image_size: Optional[int]) -> OpenClipViT:
+    model = create_open_clip(model_name, pretrained, image_size)
+    visual = model.visual
     for attr in ("transformer", "token_embedding", "ln_final", "text", "text_decoder"):  # the language tower
         if hasattr(model, attr):
             setattr(model, attr, None)
@@ -113,3 +121,67 @@ def build_open_clip(model_name: str, pretrained: str, image_size: Optional[int])
     H, W = pc["size"] if isinstance(pc["size"], (tuple, list)) else (pc["size"], pc["size"])
     preprocess = Preprocess((int(H), int(W)), tuple(pc["mean"]), tuple(pc["std"]), pc.get("interpolation", "bicubic"))
     return OpenClipViT(model, preprocess)
+
+
+class OpenClipTextTower(nn.Module):
+    """The language side of an open_clip model (CLIP or CoCa) for query-aware selection: the
+    instruction's embedding (:meth:`embed_text`) and the encoder's patch tokens mapped into the same
+    space (:meth:`embed_tokens`), so that their cosine is the tokens' relevance to the instruction.
+
+    Patch tokens to the joint space (CDPruner, arXiv 2506.10967, applies the image head to LLaVA's
+    penultimate-layer tokens the same way):
+
+    - CLIP (no attentional pooler): ``ln_post`` (unless ``encoder.norm`` applied it already),
+      then ``proj``;
+    - CoCa (attentional pooler): each token alone through the pooler (a single key, so every query
+      returns its value projection), then ``ln_post`` and ``proj``: the contrastive embedding an
+      image made of that one token would have.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, features_normed: bool):
+        super().__init__()
+        self.model, self.tokenizer, self.features_normed = model, tokenizer, features_normed
+        visual = model.visual
+        self.pooler = getattr(visual, "attn_pool", None)
+        if self.pooler is not None and getattr(visual, "attn_pool_contrastive", None) is not None:
+            raise EncoderError("open_clip model with parallel/cascade attentional pooling: no per-token image "
+                               "embedding for query-aware selectors")
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "OpenClipTextTower":
+        return super().train(False)
+
+    @torch.no_grad()
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
+        """``(B, D)`` the text tower's (contrastive) embedding of each text."""
+        device = next(self.model.parameters()).device
+        return self.model.encode_text(self.tokenizer(list(texts)).to(device)).float()
+
+    @torch.no_grad()
+    def embed_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C)`` patch features as the feature source gives them -> ``(B, N, D)``."""
+        visual = self.model.visual
+        x = features.to(next(self.model.parameters()).dtype)
+        if self.pooler is not None:
+            attn = self.pooler.attn
+            width = attn.embed_dim
+            if attn._qkv_same_embed_dim:
+                w_v = attn.in_proj_weight[2 * width:]
+            else:
+                w_v = attn.v_proj_weight
+            b_v = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * width:]
+            x = attn.out_proj(F.linear(self.pooler.ln_k(x), w_v, b_v))
+            x = visual.ln_post(x)
+        elif not self.features_normed:
+            x = visual.ln_post(x)
+        return (x @ visual.proj).float()
+
+
+def build_open_clip_text_tower(model_name: str, pretrained: str, image_size: Optional[int],
+                               features_normed: bool) -> OpenClipTextTower:
+    """The text tower of ``open_clip:<model_name>`` with these weights (see :class:`OpenClipTextTower`)."""
+    import open_clip
+
+    model = create_open_clip(model_name, pretrained, image_size)
+    return OpenClipTextTower(model, open_clip.get_tokenizer(model_name), features_normed)

@@ -20,25 +20,26 @@ POST_PROMPT = "\nAnswer the question using a single word or phrase."  # as lmms-
 
 
 def write_dataset(corpus: str | Path, out: str | Path = DATA_FILE, split: str = "val", limit: int = 8) -> Path:
-    """The DocVQA and ChartQA samples of a tokensel corpus split as one parquet file (images
+    """The question samples of a tokensel corpus split as one parquet file (images
     embedded), with the columns the tasks read: question_id, source, question, answers, image."""
     import datasets
 
-    from tokensel.experiments.eval_vlm import ANSWER_SUFFIX, held_out_samples
+    from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION
+    from tokensel.experiments.eval_vlm import held_out_samples
 
     rows = {"question_id": [], "source": [], "question": [], "answers": [], "image": []}
-    for key, source, image, prompt, answers in held_out_samples(str(corpus), split):
-        if source == "coco":
+    for key, source, image, prompt, answers in held_out_samples(str(corpus), split, answer_suffix=""):
+        if BENCHMARKS.get(source).kind == CAPTION:
             continue
         rows["question_id"].append(len(rows["question_id"]))
         rows["source"].append(source)
-        rows["question"].append(prompt[:-len(ANSWER_SUFFIX)] if prompt.endswith(ANSWER_SUFFIX) else prompt)
+        rows["question"].append(prompt)
         rows["answers"].append([str(a) for a in answers])
         rows["image"].append(image.convert("RGB"))
         if len(rows["question_id"]) >= limit:
             break
     if not rows["question_id"]:
-        raise SystemExit(f"{corpus}: no docvqa or chartqa samples in split {split!r}")
+        raise SystemExit(f"{corpus}: no question samples in split {split!r}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(rows).to_parquet(str(out))

@@ -2,6 +2,8 @@
 
 - :func:`mean_ci`: mean and Student-t confidence half-width of per-sample values, and
   :class:`MetricAccumulator`, which collects them over batches;
+- :func:`paired_ci`: the same for the per-sample difference of two measurements of the same
+  samples (a paired t interval), which removes the samples' own spread;
 - :func:`mean_std` and :func:`aggregate`: mean and sample standard deviation over seeds, per
   grid point (``make sweep``, ``make collapse``).
 
@@ -19,7 +21,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["MetricTriple", "t_quantile", "mean_ci", "MetricAccumulator", "mean_std", "aggregate"]
+__all__ = ["MetricTriple", "t_quantile", "mean_ci", "paired_ci", "MetricAccumulator", "mean_std", "aggregate"]
 
 MetricTriple = tuple[float, float, int]
 
@@ -63,6 +65,17 @@ def mean_ci(values: Union[Sequence[float], torch.Tensor, np.ndarray], confidence
     std = float(x.std(ddof=1))
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
     return (mean, float(half), n)
+
+
+def paired_ci(a: Union[Sequence[float], torch.Tensor, np.ndarray], b: Union[Sequence[float], torch.Tensor, np.ndarray],
+              confidence: float = 0.95) -> MetricTriple:
+    """:func:`mean_ci` of ``a - b`` over the samples where both are finite: the paired Student-t
+    interval of the mean difference. ``a`` and ``b`` are per-sample values of the same samples."""
+    x, y = _as_float_array(a), _as_float_array(b)
+    if x.shape != y.shape:
+        raise ValueError(f"paired values differ in length: {x.size} and {y.size}")
+    finite = np.isfinite(x) & np.isfinite(y)
+    return mean_ci(x[finite] - y[finite], confidence)
 
 
 class MetricAccumulator:

@@ -1,9 +1,14 @@
 """Per-sample evaluation metrics for token selectors: pure torch functions, no Lightning.
 
-Used by ``make eval`` (``experiments/evaluate.py``). Each metric returns a 1-D float64 tensor with
+Used by ``make eval`` (``experiments/evaluate.py``) and the learning-curve callback. Each metric returns a 1-D float64 tensor with
 one value per (counted) sample, so the caller can accumulate them over batches and report
-confidence intervals (``experiments/stats.py``): :func:`evidence_recall`, :func:`token_coverage`,
+confidence intervals (``common/stats.py``): :func:`evidence_recall`, :func:`token_coverage`,
 :func:`psnr`; plus the helper :func:`keep_mask` (top-K indices -> boolean keep mask).
+
+Recall and coverage take what a selector kept either as a boolean keep mask (a subset) or as each
+token's kept share in [0, 1] (``SelectorNet.kept_share``), which also covers merging selectors such
+as ``pool``: a token averaged into a cell of ``s`` tokens counts as ``1/s`` kept. With a 0/1 share
+both metrics are exactly their subset definitions.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-__all__ = ["keep_mask", "evidence_recall", "token_coverage", "psnr"]
+__all__ = ["keep_mask", "evidence_rows", "evidence_recall", "token_coverage", "psnr"]
 
 # torchmetrics turns ``base`` into a tensor with torch.tensor(base): a NumPy float64 keeps the dB
 # factor 10 / ln(base) in float64 (a Python float would make it float32 and cost ~2e-6 dB at 40 dB).
@@ -39,12 +44,30 @@ def keep_mask(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return mask
 
 
+def evidence_rows(answer_tokens: torch.Tensor, has_box: Optional[torch.Tensor] = None,
+                  negatives: bool = False) -> torch.Tensor:
+    """``(B,)`` bool: the samples an evidence metric scores: with a box (``has_box``; None means
+    "wherever a row has an answer token") and at least one answer token; with ``negatives``, also
+    at least one token outside the box (a ranking metric needs both)."""
+    answer = answer_tokens.bool()
+    n_answer = answer.sum(dim=1)
+    valid = n_answer > 0
+    if negatives:
+        valid = valid & (n_answer < answer.shape[1])
+    if has_box is not None:
+        valid = valid & has_box.bool().to(valid.device)
+    return valid
+
+
 def evidence_recall(
     keep: torch.Tensor, answer_tokens: Optional[torch.Tensor], has_box: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Fraction of each sample's answer-box tokens that the selector kept.
 
-    ``keep``: ``(B, N)`` bool; ``answer_tokens``: ``(B, N)`` bool (``FeatureBatch.answer_tokens``);
+    ``keep``: ``(B, N)`` bool, or the float kept share of each token (``SelectorNet.kept_share``):
+    the box then counts as kept in proportion to the kept tokens spent on it, ``sum_box share /
+    |box|`` (a merging selector whose cells cover a 9-token box with 9-token cells scores 1/9 per
+    token); ``answer_tokens``: ``(B, N)`` bool (``FeatureBatch.answer_tokens``);
     ``has_box``: ``(B,)`` bool (``FeatureBatch.has_answer_box``; ``None`` means "a box wherever a
     row has an answer token").
 
@@ -56,16 +79,15 @@ def evidence_recall(
         return torch.empty(0, dtype=torch.float64, device=keep.device)
     if keep.shape != answer_tokens.shape:
         raise ValueError(f"keep {tuple(keep.shape)} and answer_tokens {tuple(answer_tokens.shape)} differ")
-    keep, answer = keep.bool(), answer_tokens.bool()
+    answer = answer_tokens.bool()
     n_answer = answer.sum(dim=1)
-    valid = n_answer > 0
-    if has_box is not None:
-        valid = valid & has_box.bool().to(valid.device)
-    hit = (keep & answer).sum(dim=1)
-    return (hit[valid].double() / n_answer[valid].double())
+    valid = evidence_rows(answer, has_box)
+    hit = (keep.double().clamp(0.0, 1.0) * answer.double()).sum(dim=1)
+    return (hit[valid] / n_answer[valid].double())
 
 
-def token_coverage(features: torch.Tensor, keep: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+def token_coverage(features: torch.Tensor, keep: torch.Tensor, chunk: int = 8,
+                   kept: Optional[torch.Tensor] = None) -> torch.Tensor:
     """How well the kept tokens cover the dropped ones, per sample ``(B,)`` float64.
 
     For every dropped token, the maximum cosine similarity to any kept token (of the same sample);
@@ -74,9 +96,16 @@ def token_coverage(features: torch.Tensor, keep: torch.Tensor, chunk: int = 8) -
     Batched: kept columns are selected by masking the others with ``-inf``; the ``(b, N, N)``
     similarity is built ``chunk`` samples at a time to bound memory (2880 tokens: 33 MB/sample).
     Zero feature vectors have cosine 0 to everything.
+
+    A merging selector: ``keep`` is each token's kept share (float, ``SelectorNet.kept_share``) and
+    ``kept`` ``(B, k, C)`` the tokens it returned. Token ``i`` is then dropped to the extent
+    ``1 - share_i`` and covered by its best cosine to a returned token; the coverage is the
+    ``(1 - share)``-weighted mean of that (1.0 when every share is 1).
     """
     if features.dim() != 3 or keep.shape != features.shape[:2]:
         raise ValueError(f"features must be (B, N, C) and keep (B, N); got {tuple(features.shape)}, {tuple(keep.shape)}")
+    if kept is not None:
+        return _merged_coverage(features, keep, kept, chunk)
     keep = keep.bool()
     out = []
     for start in range(0, features.shape[0], max(1, chunk)):
@@ -92,6 +121,21 @@ def token_coverage(features: torch.Tensor, keep: torch.Tensor, chunk: int = 8) -
         cov = torch.where(n_dropped == 0, torch.ones_like(cov), cov)
         cov = torch.where(k.any(dim=1), cov, torch.full_like(cov, float("nan")))
         out.append(cov)
+    if not out:
+        return torch.empty(0, dtype=torch.float64, device=features.device)
+    return torch.cat(out)
+
+
+def _merged_coverage(features: torch.Tensor, share: torch.Tensor, kept: torch.Tensor, chunk: int) -> torch.Tensor:
+    out = []
+    for start in range(0, features.shape[0], max(1, chunk)):
+        f = F.normalize(features[start:start + chunk].float(), dim=-1)
+        y = F.normalize(kept[start:start + chunk].float(), dim=-1)
+        best = (f @ y.transpose(1, 2)).max(dim=2).values.double()  # (b, N): best returned token per token
+        dropped = (1.0 - share[start:start + chunk].double()).clamp(min=0.0)
+        mass = dropped.sum(dim=1)
+        cov = (dropped * best).sum(dim=1) / mass.clamp(min=1e-12)
+        out.append(torch.where(mass <= 1e-9, torch.ones_like(cov), cov))
     if not out:
         return torch.empty(0, dtype=torch.float64, device=features.device)
     return torch.cat(out)
