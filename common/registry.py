@@ -2,7 +2,8 @@
 
 Every "pick a thing by name" in tokensel is one of these: selectors and baselines
 (``selectors/registry.py``, ``selectors/baselines.py``), encoder families
-(``datamodules/encoders/``), VLM backends (``selectors/vlm_backends.py``) and raw-data converters
+(``datamodules/encoders/``), VLM families (``vlms/base.py``, by Hugging Face ``model_type``), VLM
+backends (``selectors/vlm_backends.py``) and raw-data converters
 (``datamodules/convert.py``)::
 
     ENCODERS = Registry("encoder library")
@@ -11,7 +12,7 @@ Every "pick a thing by name" in tokensel is one of these: selectors and baseline
     def build_timm(...): ...
 
     ENCODERS.get("timm")      # the builder; an unknown name raises UnknownNameError
-    ENCODERS.names()          # ['timm', 'open_clip', 'hf_llava']
+    ENCODERS.names()          # ['timm', 'open_clip', 'hf', ...]
 """
 
 from __future__ import annotations

@@ -60,6 +60,7 @@ from tokensel.datamodules.batch import FeatureDims
 from tokensel.datamodules.config import DataConfig, EncoderConfig
 from tokensel.datamodules.samples import SampleDecoder, SkipSample, collate, draw_text
 from tokensel.datamodules.shards import REFUSED_EXTS, ShardEntry, ShardFormatError, validate_meta
+from tokensel.vlms import HF_LIBRARIES
 
 log = logging.getLogger("tokensel.data")
 CACHE_FORMAT = "tokensel-features/1"
@@ -79,7 +80,7 @@ def weights_identity(encoder: EncoderConfig) -> str:
     """What the encoder's weights are, without building it: a sha256, a tag or the init seed."""
     pretrained = encoder.pretrained
     library, _, model = encoder.name.partition(":")
-    if library == "hf_llava" and Path(model).is_dir():  # the weights come with the folder
+    if library in HF_LIBRARIES and Path(model).is_dir():  # the weights come with the folder
         files = sorted(p for p in Path(model).iterdir() if p.suffix in (".safetensors", ".bin"))
         return "folder:" + ",".join(f"{p.name}={file_sha256(p)[:16]}" for p in files)
     if not pretrained:

@@ -133,7 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--encoder-max-images", type=int, default=None,
                         help="encoder images actually timed (default: 4 on CPU, all on GPU)")
     parser.add_argument("--out", default=None, help="folder for bench.md (default: bench/<time>)")
-    parser.add_argument("--prefill-model", default=None, help="LLaVA for the prefill table (default: make vlm's; '' skips)")
+    parser.add_argument("--prefill-model", default=None, help="VLM for the prefill table, any family (default: make vlm's; '' skips)")
     parser.add_argument("--prefill-budgets", default="0.111,0.25,0.5", help="kept image tokens: counts or keep ratios")
     parser.add_argument("--prefill-batch", type=int, default=8)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -1,9 +1,9 @@
 """The pruned VLM's prefill speed-up, measured: the second table of ``make bench``.
 
-One Hugging Face LLaVA (default: the small real one of ``make vlm``), the same prompts, one run:
-the language model's prefill (the whole prompt's forward with a KV cache, no generation) is timed
-with all of the image's tokens and with K of them kept (:class:`~tokensel.selectors.pruned_vlm.PrunedLlava`,
-the ``uniform`` baseline: the time does not depend on which K). Beside each measured speed-up is
+One VLM of any family of ``vlms/`` (default: the small real LLaVA of ``make vlm``), the same
+prompts, one run: the language model's prefill (the whole prompt's forward with a KV cache, no
+generation) is timed with all of the image's tokens and with K of them kept (``VLMFamily.prune``
+with the ``uniform`` baseline: the time does not depend on which K). Beside each measured speed-up is
 the ideal one, the ratio of the prompt's LLM FLOPs (``experiments/flops.llm_flops`` over every
 prompt token, image and text: ``4nd^2 + 2n^2d + 3ndm`` per layer, the gated FFN of LLaMA-family
 LLMs), and measured / ideal. bf16 on a GPU (synchronised, ``bench.median_ms``), fp32 on a
@@ -25,29 +25,25 @@ def prefill_rows(model: str, budgets: list, batch: int, timer, log=print) -> lis
     from PIL import Image
 
     from tokensel.experiments.flops import llm_flops
-    from tokensel.selectors.budget import resolve_budget
-    from tokensel.selectors.catalog import build_baseline
-    from tokensel.selectors.pruned_vlm import PrunedLlava
+    from tokensel.selectors.catalog import selector_for
+    from tokensel.vlms import open_vlm
 
     cuda = torch.cuda.is_available()
-    full = PrunedLlava.from_pretrained(model, precision="bf16" if cuda else "32")
+    vlm = open_vlm(model, precision="bf16" if cuda else "32", label="--prefill-model")
     if cuda:
-        full.model.to("cuda")
-    config = full.model.config
-    tower, text = config.vision_config, config.text_config
-    side = int(tower.image_size) // int(tower.patch_size)
+        vlm.model.to("cuda")
+    text = vlm.model.config.text_config
     d, m, layers = int(text.hidden_size), int(text.intermediate_size), int(text.num_hidden_layers)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(batch)]
-    uniform = build_baseline("uniform", (side, side))
+    _, uniform = selector_for("uniform", vlm.selection_grid)
     rows = []
     for budget in [None, *budgets]:
-        vlm = full if budget is None else PrunedLlava(full.model, full.processor, uniform, budget)
-        inputs = vlm.prefill_inputs(images, [QUESTION] * batch)
+        pruned = vlm.prune(images, [QUESTION] * batch, None if budget is None else uniform, budget)
         with torch.inference_mode():
-            ms, runs = timer(lambda: full.model(**inputs, use_cache=True), cuda)
-        prompt = int(inputs["inputs_embeds"].shape[1])
-        k = side * side if budget is None else resolve_budget(budget, side * side)
+            ms, runs = timer(lambda: vlm.model(**pruned.inputs, use_cache=True), cuda)
+        prompt = int(pruned.inputs["attention_mask"].shape[1])
+        k = max(pruned.image_tokens)  # the same image size for every prompt: one count
         rows.append({"budget": "all" if budget is None else str(budget), "image_tokens": k, "prompt_tokens": prompt,
                      "prefill_ms": ms, "runs": runs, "flops": llm_flops(prompt, d, m, layers, ffn_matrices=3)})
         log(f"[bench] prefill {model}: {k} image tokens, {prompt}-token prompts x {batch}: {ms:.1f} ms", flush=True)

@@ -148,7 +148,7 @@ def selection_context(batch, text_tower=None) -> SelectionContext:
     set) and the instruction, each sample's question or, for a caption sample (empty prompt),
     LLaVA's caption instruction; with a text tower, also its embedding and the patch tokens in the
     same space (``OpenClipTextTower``)."""
-    from tokensel.selectors.vlm_llava import CAPTION_INSTRUCTION
+    from tokensel.vlms.ntp import CAPTION_INSTRUCTION
 
     instruction = [prompt.strip() or CAPTION_INSTRUCTION for prompt in batch.prompt]
     if text_tower is None:

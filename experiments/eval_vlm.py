@@ -3,17 +3,21 @@
     python -m tokensel.experiments.eval_vlm [--model LLAVA] [--selectors full,random,divprune] [--ckpts p1,p2]
                                            [--budgets 64,128,192] [--limit N] [--out DIR] [key=value ...]
 
-``--model`` defaults to the small real LLaVA of ``make vlm`` (DINOv2 ViT-S/14 + SmolLM2-135M,
-``experiments/vlm_build.py``), built first when it is not there (about 8 minutes on a 2-core CPU).
-Each benchmark's entry (``datamodules/benchmarks.py``) gives its questions' suffix (LLaVA-1.5's
-short-answer line) and its generation cap (``max_new_tokens``); a ``make vlm`` model, whose projector
-was aligned on the bare questions, gets none (``--answer-suffix`` sets one for all either way).
+``--model`` is a folder or hub id of any VLM family of ``vlms/`` (LLaVA-1.5, LLaVA-NeXT,
+Qwen2.5-VL, Qwen3-VL; its ``model_type`` picks the family). It defaults to the small real LLaVA of
+``make vlm`` (DINOv2 ViT-S/14 + SmolLM2-135M, ``experiments/vlm_build.py``), built first when it
+is not there (about 8 minutes on a 2-core CPU). Every argument is checked before anything heavy
+is built. Each benchmark's entry (``datamodules/benchmarks.py``) gives its questions' suffix
+(LLaVA-1.5's short-answer line) and its generation cap (``max_new_tokens``); a ``make vlm`` model,
+whose projector was aligned on the bare questions, gets none (``--answer-suffix`` sets one for all
+either way).
 
-Every selector runs inside the same Hugging Face LLaVA-1.5 or LLaVA-NeXT
-(:class:`~tokensel.selectors.pruned_vlm.PrunedLlava`): K image tokens kept between the vision
-tower and the projector (for NeXT per view, or across each image's views with
-``--view-selection across``), then the model's own greedy ``generate`` on the same pruned
-prompt that the prefill was timed on. ``full`` is the all-token reference. Held-out samples come from ``data.root``'s
+Every selector runs inside the same model (``vlms/``): K of each image's candidate tokens kept
+(LLaVA: between the vision tower and the projector, for NeXT per view or across each image's
+views with ``--view-selection across``; Qwen-VL: after the patch merger, at each image's own grid,
+with ``--positions original|compact`` M-RoPE ids and ``--image-size`` for one fixed resolution),
+then the model's own greedy ``generate`` on the same pruned prompt that the prefill was timed on.
+``full`` is the all-token reference. Held-out samples come from ``data.root``'s
 ``data.val_split`` (the converted DocVQA val, ChartQA test and COCO val, or the generated corpus).
 
 Per selector x budget (``results.csv``, ``results.md``, one plot per metric; every answer with its
@@ -35,7 +39,8 @@ references in ``answers.jsonl``):
 - peak GPU memory (``n/a`` on a CPU).
 
 Default budgets: for LLaVA-NeXT the Gumbel paper's keep ratios 0.056, 0.111, 0.222, 0.4 and 0.5;
-K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep ratios 0.111 and 0.25 of its tokens.
+K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep ratios 0.111 and 0.25 of its tokens
+(also for Qwen-VL, whose images have their own token counts).
 ``--limit N`` stops after N samples and marks the table partial.
 """
 
@@ -88,7 +93,7 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None,
     from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION, text_of
     from tokensel.datamodules.samples import SkipSample, parse_sample
     from tokensel.datamodules.shards import ShardIndex
-    from tokensel.selectors.vlm_llava import CAPTION_INSTRUCTION
+    from tokensel.vlms.ntp import CAPTION_INSTRUCTION
 
     index = ShardIndex.load(root)
     entries = index.shards(split)
@@ -120,11 +125,11 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None,
                 return
 
 
-def default_budgets(num_tokens: int, anyres: bool = False) -> list:
+def default_budgets(num_tokens: Optional[int], anyres: bool = False) -> list:
     """LLaVA-NeXT (``anyres``): the Gumbel paper's keep ratios (arXiv 2503.16660, Table 1: 160,
     320, 640, 1152 and 1440 of 2,880 tokens). LLaVA-1.5: K = 64, 128, 192 of a 576-token tower; for
-    another tower the keep ratio of 64 of 576 and 25 % (two budgets, so the default run on a CPU
-    stays within minutes)."""
+    another tower, or images with their own token counts (``num_tokens`` None), the keep ratio of
+    64 of 576 and 25 % (two budgets, so the default run on a CPU stays within minutes)."""
     if anyres:
         return list(NEXT_KEEP_RATIOS)
     if num_tokens == 576:
@@ -161,26 +166,23 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
     from tokensel.experiments.benchmark_metrics import headline_average
     from tokensel.experiments.flops import llm_flops
     from tokensel.common.stats import mean_ci
-    from tokensel.selectors.pruned_vlm import PrunedLlava
 
     cuda = vlm.model.device.type == "cuda"
     text = vlm.model.config.text_config
     d, m, layers = int(text.hidden_size), int(text.intermediate_size), int(text.num_hidden_layers)
     runs = [("full", None, None)] + [(n, s, b) for n, s in selectors.items() if s is not None for b in budgets]
-    warm = PrunedLlava(vlm.model, vlm.processor)  # one untimed prefill: first calls pay for allocation
-    with torch.no_grad():
-        prefill_ms(warm.model, warm.prefill_inputs([samples[0][2]], [samples[0][3]]), cuda)
+    with torch.no_grad():  # one untimed prefill: first calls pay for allocation
+        prefill_ms(vlm.model, vlm.prune([samples[0][2]], [samples[0][3]]).inputs, cuda)
     rows, per_sample = [], []
     for name, selector, budget in runs:
-        pruned = PrunedLlava(vlm.model, vlm.processor, selector, budget, vlm.feature_space, vlm.view_selection)
         records, times, kept, candidates = [], [], [], []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for batch, max_new_tokens in generation_batches(samples, batch_size):  # one benchmark per batch
-            prompt = pruned.prune([s[2] for s in batch], [s[3] for s in batch])
+            prompt = vlm.prune([s[2] for s in batch], [s[3] for s in batch], selector, budget)
             with torch.no_grad():
-                times.append(prefill_ms(pruned.model, prompt.inputs, cuda) / len(batch))
-            answers = pruned.answer(prompt, max_new_tokens)
+                times.append(prefill_ms(vlm.model, prompt.inputs, cuda) / len(batch))
+            answers = vlm.answer(prompt, max_new_tokens=max_new_tokens)
             kept += prompt.image_tokens
             candidates += prompt.candidate_tokens
             records += [{"key": s[0], "source": s[1], "answer": a, "answers": s[4]} for s, a in zip(batch, answers)]
@@ -233,22 +235,30 @@ def relative_to_full(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from tokensel.common.precision import check_precision
     from tokensel.experiments.config import merge_overrides
     from tokensel.experiments.report import plot_metrics, write_table
     from tokensel.selectors.budget import parse_budgets
-    from tokensel.selectors.catalog import baseline_names, build_baseline, load_selector
-    from tokensel.selectors.pruned_vlm import PrunedLlava
+    from tokensel.selectors.catalog import FULL, baseline_names, selector_for
+    from tokensel.vlms import check_vlm, open_vlm
+    from tokensel.vlms.llava import LlavaFamily
 
     parser = ArgumentParser(prog="python -m tokensel.experiments.eval_vlm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a Hugging Face LLaVA folder or hub id (default: make vlm's)")
+    parser.add_argument("--model", default=None, help="a VLM folder or hub id: LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL "
+                        "(default: make vlm's)")
     parser.add_argument("--answer-suffix", default=None,
                         help="text after each question (default: its benchmark's; none for make vlm's)")
     parser.add_argument("--selectors", default="full,random,divprune", help="full and/or baselines, comma list")
     parser.add_argument("--ckpts", default="", help="trained selector checkpoints, comma list")
     parser.add_argument("--budgets", default="", help="token counts and/or keep ratios (default: 64,128,192 of 576)")
-    parser.add_argument("--feature-space", default="vision", choices=("vision", "projector"))
-    parser.add_argument("--view-selection", default="per_view", choices=("per_view", "across"),
-                        help="LLaVA-NeXT: a budget per view, or across each image's views")
+    parser.add_argument("--feature-space", default=None,
+                        help="where selectors choose: vision | projector (LLaVA; default vision); Qwen-VL: projector")
+    parser.add_argument("--view-selection", default="per_view", help="LLaVA-NeXT: a budget per view (per_view), "
+                        "or across each image's views (across)")
+    parser.add_argument("--positions", default="original", help="Qwen-VL: the kept tokens' M-RoPE ids, original "
+                        "(default) or compact")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="Qwen-VL: one fixed input side in pixels (default: each image at its own grid)")
     parser.add_argument("--limit", type=int, default=None, help="stop after N samples (the table says partial)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--precision", default="32", help="the VLM's dtype: 32 | bf16 | 16")
@@ -257,13 +267,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="data.root=..., data.val_split=...")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     quiet_known_warnings()
+    # every argument first: nothing heavy (the corpus, make vlm's model, the VLM) before all are checked
     data = merge_overrides(HeldOutConfig(), args.overrides)
     names = [s.strip() for s in args.selectors.split(",") if s.strip()]
-    bad = [n for n in names if n != "full" and n not in baseline_names()]
+    bad = [n for n in names if n != FULL and n not in baseline_names()]
     if bad:
-        raise EvalVLMError(f"--selectors: unknown {', '.join(bad)}; choose from full, {', '.join(baseline_names())}")
-    if args.limit is not None and args.limit < 1:
-        raise EvalVLMError(f"--limit={args.limit}: must be at least 1")
+        raise EvalVLMError(f"--selectors: unknown {', '.join(bad)}; choose from {FULL}, {', '.join(baseline_names())}")
+    budgets = parse_budgets(args.budgets)
+    for key, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise EvalVLMError(f"{key}={value}: must be at least 1")
+    check_precision("--precision", args.precision)
+    options = {"feature_space": args.feature_space, "view_selection": args.view_selection,
+               "positions": args.positions, "image_size": args.image_size}
+    family = check_vlm(args.model, "--model", **options) if args.model else LlavaFamily
+    if not args.model:
+        family.check_options(**options)
+    trained = [selector_for(p.strip(), (1, 1), args.seed, "--ckpts")[1] for p in args.ckpts.split(",") if p.strip()]
     if data.data.root == "data/default":
         from tokensel.datamodules.synthetic import ensure_default_corpus
 
@@ -274,20 +294,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.model = str(ensure_vlm())
     made_here = (Path(args.model) / "vlm_build.json").is_file()  # aligned on bare questions
     suffix = args.answer_suffix if args.answer_suffix is not None else ("" if made_here else None)
-    vlm = PrunedLlava.from_pretrained(args.model, precision=args.precision, feature_space=args.feature_space,
-                                      view_selection=args.view_selection)
+    vlm = open_vlm(args.model, precision=args.precision, label="--model", **options)
+    for path, net in zip((p.strip() for p in args.ckpts.split(",") if p.strip()), trained):
+        vlm.check_selector(net, path)
     if torch.cuda.is_available():
         vlm.model.to("cuda")
-    tower = vlm.model.config.vision_config
-    side = int(tower.image_size) // int(tower.patch_size)
-    selectors = {n: build_baseline(n, (side, side), args.seed) for n in names if n != "full"}
-    for path in (p.strip() for p in args.ckpts.split(",") if p.strip()):
-        net = load_selector(path)
-        if (net.dims.num_tokens, net.dims.dim) != (side * side, int(tower.hidden_size)):
-            raise EvalVLMError(f"{path}: trained on {net.dims.num_tokens} tokens x {net.dims.dim}, but {args.model}'s "
-                               f"tower gives {side * side} x {tower.hidden_size}")
-        selectors[net.config.name] = net
-    budgets = parse_budgets(args.budgets) or default_budgets(side * side, vlm.anyres)
+    selectors = {n: selector_for(n, vlm.selection_grid, args.seed)[1] for n in names if n != FULL}
+    selectors.update({net.config.name: net for net in trained})
+    budgets = budgets or default_budgets(vlm.candidate_geometry()[0], vlm.anyres)
     samples = list(held_out_samples(data.data.root, data.data.val_split, args.limit, suffix))
     if not samples:
         raise EvalVLMError(f"{data.data.root}: no usable samples in split {data.data.val_split!r}")

@@ -4,9 +4,9 @@ Feature alignment (Liu et al., "Visual Instruction Tuning", arXiv:2304.08485 Sec
 the two stages that "Improved Baselines with Visual Instruction Tuning", arXiv:2310.03744, keeps):
 the vision tower and the language model stay frozen and only the multi-modal projector learns, by the next-token loss of
 the caption (coco) or of the answer (docvqa, chartqa; the question is the prompt). The loss is
-:meth:`LlavaVLM.ntp_loss <tokensel.selectors.vlm_llava.LlavaVLM.ntp_loss>`, the ``llava`` VLM
-backend's: LLaVA-1.5's conversation, the target's tokens and EOS scored. The tower's features
-are what the projector receives in generation (:meth:`PrunedLlava.image_features`).
+the LLaVA family's NTP head (``vlms/ntp.py``, ``LlavaNTP``), the ``hf`` VLM backend's: LLaVA-1.5's
+conversation, the target's tokens and EOS scored. The tower's features are what the projector
+receives in generation (``LlavaFamily.image_features``, ``vlms/llava.py``).
 
 Data: the corpus's ``train`` split through :class:`~tokensel.datamodules.pipeline.ShardStream`
 (seeded mixing and shuffling, a random caption/answer per sample), at the processor's size, mean
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 
-def features_and_text(pruned, stream) -> tuple[torch.Tensor, list, list, list]:
+def features_and_text(vlm, stream) -> tuple[torch.Tensor, list, list, list]:
     """All of ``stream``'s samples: the projector's input features, prompts, targets, sources."""
     feats, prompts, targets, sources = [], [], [], []
     for batch in stream:
-        feats.append(pruned.image_features(batch["pixels"]).float())
+        feats.append(vlm.image_features(batch["pixels"]).float())
         prompts += batch["prompt"]
         targets += batch["target"]
         sources += batch["source"]
@@ -81,12 +81,11 @@ def align(model, processor, recipe, log=print) -> tuple[dict, dict]:
     from tokensel.datamodules.pipeline import ShardStream
     from tokensel.datamodules.samples import Preprocess
     from tokensel.datamodules.shards import ShardIndex
-    from tokensel.selectors.pruned_vlm import PrunedLlava
-    from tokensel.selectors.vlm_llava import LlavaVLM
+    from tokensel.vlms.llava import LlavaFamily
 
     timing = {}
-    pruned = PrunedLlava(model, processor)
-    vlm = LlavaVLM(model, processor.tokenizer, recipe.max_text_tokens)
+    family = LlavaFamily(model, processor)
+    vlm = family.ntp_head(recipe.max_text_tokens)
     vlm.requires_grad_(False)
     projector = model.model.multi_modal_projector
     projector.requires_grad_(True)
@@ -98,7 +97,7 @@ def align(model, processor, recipe, log=print) -> tuple[dict, dict]:
     began = time.perf_counter()
     val = ShardStream(recipe.data_root, index.shards("val"), train=False, batch_size=recipe.eval_batch_size,
                       preprocess=preprocess)
-    feats, prompts, targets, sources = features_and_text(pruned, val)
+    feats, prompts, targets, sources = features_and_text(family, val)
     init = per_sample_loss(vlm, feats, prompts, targets, recipe.eval_batch_size)
     timing["eval_init_s"] = time.perf_counter() - began
     log(f"held-out: {len(prompts)} val samples; NTP loss with the projector at init {init.mean():.3f} "
@@ -114,7 +113,7 @@ def align(model, processor, recipe, log=print) -> tuple[dict, dict]:
         for step, batch in enumerate(train):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, recipe)
-            loss = vlm.ntp_loss(pruned.image_features(batch["pixels"]), batch["prompt"], batch["target"]).loss
+            loss = vlm.ntp_loss(family.image_features(batch["pixels"]), batch["prompt"], batch["target"]).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

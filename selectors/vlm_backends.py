@@ -1,6 +1,7 @@
-"""Frozen VLM backends by name (``selector.vlm.backend``): ``coca`` and ``llava``.
+"""Frozen VLM backends by name (``selector.vlm.backend``): ``coca`` and ``hf`` (any VLM family of
+``vlms/``; ``llava`` is its older name).
 
-Each backend module (``vlm_coca.py``, ``vlm_llava.py``) provides ``required_encoder(cfg)`` (cheap:
+Each backend module (``vlm_coca.py``, ``vlm_hf.py``) provides ``required_encoder(cfg)`` (cheap:
 reads configs, builds no model) and ``build(cfg)``; this is the one table that names them.
 """
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 import torch
 
 from tokensel.common.registry import Registry
-from tokensel.selectors import vlm_coca, vlm_llava
+from tokensel.selectors import vlm_coca, vlm_hf
 from tokensel.selectors.vlm import EncoderRequirement, FrozenVLM, VLMConfig
 
 VLM_BACKENDS = Registry("VLM backend")
 VLM_BACKENDS.register("coca", vlm_coca)
-VLM_BACKENDS.register("llava", vlm_llava)
+VLM_BACKENDS.register("hf", vlm_hf)
+VLM_BACKENDS.register("llava", vlm_hf)
 
 
 def required_encoder(cfg: VLMConfig) -> EncoderRequirement:

@@ -240,8 +240,8 @@ class CoCaVLM(FrozenVLM):
             text_embs = text_embs.permute(1, 0, 2)
         return decoder.ln_final(text_embs)
 
-    def ntp_loss(self, tokens: torch.Tensor, prompt: list[str], target: list[str]) -> NTPOutput:
-        if tokens.shape[0] != len(target):
+    def ntp_loss(self, tokens: torch.Tensor, prompt: list[str], target: list[str], indices=None) -> NTPOutput:
+        if tokens.shape[0] != len(target):  # CoCa's attentional pooler has no positions: indices do not matter
             raise ValueError(f"coca: {tokens.shape[0]} token rows for {len(target)} texts")
         inputs, labels = self.text_ids(prompt, target)
         inputs, labels = inputs.to(tokens.device), labels.to(tokens.device)

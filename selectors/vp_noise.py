@@ -268,8 +268,8 @@ class VPNoiseSelector(SelectorModule):
             scalars = {"loss": ntp, "ntp": ntp, "tau": torch.tensor(tau), "keep_ratio": keep_ratio,
                        "alpha_entropy": alpha_entropy(alpha.detach())}
             return StepOutput(ntp, scalars, keep=alpha.detach(), n=len(keep))
-        kept = gather_tokens(features, topk_positions(scores, self.k))
-        ntp_topk = self.vlm.ntp_loss(kept, prompt, target).loss
+        indices = topk_positions(scores, self.k)  # where the kept tokens sit (Qwen-VL's M-RoPE ids)
+        ntp_topk = self.vlm.ntp_loss(gather_tokens(features, indices), prompt, target, indices=indices).loss
         ntp_full = self.vlm.ntp_loss(features, prompt, target).loss
         gap = self.train_test_gap(features, prompt, target, tau)
         tokens = gap["tokens"].to(gap["ntp_soft"].dtype)

@@ -75,7 +75,7 @@ def tiny_llava(tmp_path_factory):
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
-    from tokensel.selectors.vlm_llava import LLAVA15_CHAT_TEMPLATE
+    from tokensel.vlms.llava import LLAVA15_CHAT_TEMPLATE
 
     corpus = LLAVA_CAPTIONS + ["USER: ASSISTANT: Provide a one-sentence caption for the provided image.",
                          "what is the total revenue in 2020? the answer is 42"]
@@ -120,7 +120,7 @@ def tiny_llava_next(tiny_llava, tmp_path_factory):
     from transformers import (AutoTokenizer, LlavaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
                               LlavaNextImageProcessor, LlavaNextProcessor)
 
-    from tokensel.selectors.vlm_llava import LLAVA15_CHAT_TEMPLATE
+    from tokensel.vlms.llava import LLAVA15_CHAT_TEMPLATE
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llava)
     small = LlavaConfig.from_pretrained(tiny_llava)
@@ -136,3 +136,89 @@ def tiny_llava_next(tiny_llava, tmp_path_factory):
                        vision_feature_select_strategy="default", num_additional_image_tokens=1,
                        chat_template=LLAVA15_CHAT_TEMPLATE).save_pretrained(folder)
     return folder
+
+
+# ---- Qwen-VL: byte-level tokenizer with Qwen's special tokens, a Qwen-style chat template ----------
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+                      "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+                      "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                      "{% endif %}")
+# Tiny Qwen-VL images: min_pixels = 2 x 2 merged tokens, max_pixels = 4 x 4; side = patch x merge.
+QWEN_LIMITS = (2, 4)
+
+
+def qwen_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(LLAVA_CAPTIONS + ["user assistant Provide a one-sentence caption for the provided image.",
+                                              "what is the total revenue in 2020? the answer is 42"],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN_SPECIAL, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                         "vision_start_token": "<|vision_start|>",
+                                                         "vision_end_token": "<|vision_end|>"})
+
+
+def save_tiny_qwen(folder, config_cls, model_cls, processor_cls, video_cls, vision: dict, text: dict, patch: int):
+    """A tiny random Qwen-VL saved like a hub folder: config, safetensors, tokenizer, processor."""
+    import torch
+    from transformers import Qwen2VLImageProcessor
+
+    tokenizer = qwen_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    config = config_cls(
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "patch_size": patch,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 32, **vision},
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512,
+                     "bos_token_id": None, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], **text},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(folder)
+    side = 2 * patch
+    low, high = QWEN_LIMITS
+    images = Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                   min_pixels=(low * side) ** 2, max_pixels=(high * side) ** 2)
+    processor_cls(image_processor=images, tokenizer=tokenizer, video_processor=video_cls(),
+                  chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory):
+    """A tiny random Qwen2.5-VL (2-block windowed ViT, 14 px patches, 2 x 2 merger, 2-layer LLM with
+    M-RoPE sections 2+3+3)."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLVideoProcessor)
+
+    return save_tiny_qwen(tmp_path_factory.mktemp("qwen2_5_vl_tiny"), Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor,
+                          {"window_size": 56, "fullatt_block_indexes": [1]},
+                          {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}},
+                          patch=14)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(tmp_path_factory):
+    """A tiny random Qwen3-VL (2-block ViT, 16 px patches, DeepStack from block 0 into LLM layer 0)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    return save_tiny_qwen(tmp_path_factory.mktemp("qwen3_vl_tiny"), Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                          Qwen3VLProcessor, Qwen3VLVideoProcessor,
+                          {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+                          {"head_dim": 16, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                              "mrope_interleaved": True, "rope_theta": 1e4}},
+                          patch=16)
+
+
+# The tiny model of every registered VLM family (vlms/): the contract tests loop over these.
+FAMILY_FIXTURES = {"llava": "tiny_llava", "llava_next": "tiny_llava_next", "qwen2_5_vl": "tiny_qwen2_5_vl",
+                   "qwen3_vl": "tiny_qwen3_vl"}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokensel.datamodules.encoders import EncoderError, FrozenEncoder, build_encoder
-from tokensel.datamodules.encoders.hf_llava import HFVisionTower
+from tokensel.datamodules.encoders.hf import HFBackbone
 from tokensel.datamodules.encoders.open_clip_vit import OpenClipViT
 from tokensel.datamodules.encoders.timm_vit import TimmViT
 from tokensel.datamodules.samples import Preprocess
@@ -279,8 +279,11 @@ def test_hf_clip_tower_cls_attention_matches_its_eager_attentions():
     torch.manual_seed(0)
     tower = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=3, num_attention_heads=4))
-    pre = Preprocess((32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic")
-    enc = FrozenEncoder("hf_llava:tiny", HFVisionTower(tower, pre), -2, False)
+    from tokensel.vlms.llava import LlavaTower
+    from tokensel.vlms.sources import PixelSpec
+
+    pre = PixelSpec((32, 32), (0.5,) * 3, (0.5,) * 3, "bicubic")
+    enc = FrozenEncoder("hf:tiny", HFBackbone(LlavaTower(tower, pre)), -2, False)
     x = torch.randn(2, 3, 32, 32)
     features, cls_attn = enc.forward_with_cls_attention(x, -2)
     assert torch.equal(features, enc(x))
@@ -288,7 +291,7 @@ def test_hf_clip_tower_cls_attention_matches_its_eager_attentions():
     with torch.no_grad():
         reference = tower(pixel_values=x, output_attentions=True).attentions[-2][:, :, 0, 1:].mean(dim=1)
     assert torch.allclose(cls_attn, reference, atol=1e-5, rtol=0)
-    normed = FrozenEncoder("hf_llava:tiny", HFVisionTower(tower, pre), -2, True)
+    normed = FrozenEncoder("hf:tiny", HFBackbone(LlavaTower(tower, pre)), -2, True)
     features_normed, cls_attn_normed = normed.forward_with_cls_attention(x, -2)  # post_layernorm: transformers 4 and 5
     assert features_normed.shape == (2, 16, 32) and torch.allclose(cls_attn_normed, cls_attn)
 

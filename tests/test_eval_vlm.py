@@ -86,3 +86,72 @@ def test_eval_vlm_mistakes_are_one_line(tiny_llava, tiny_corpus, args, words):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and all(w in errors[0] for w in words), result.stderr
+
+
+def test_a_bad_argument_fails_before_anything_heavy_is_built(tmp_path):
+    """No --model: make vlm's LLaVA would be built first (minutes); every argument is checked before."""
+    result = run_module("tokensel.experiments.eval_vlm", "--budgets", "0", f"data.root={tmp_path / 'none'}",
+                        timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'0'" in errors[0], result.stderr
+    assert "make vlm" not in result.stdout + result.stderr and not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--positions", "compact"], ["positions='compact'", "1-D"]),
+    (["--image-size", "56"], ["image_size=56", "llava"]),
+])
+def test_options_a_family_does_not_take_are_one_line(tiny_llava, tiny_corpus, args, words):
+    result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_llava), *args, f"data.root={tiny_corpus}",
+                        timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and all(w in errors[0] for w in words), result.stderr
+
+
+@pytest.mark.slow
+def test_eval_vlm_runs_qwen2_5_vl_at_each_images_own_grid(tiny_qwen2_5_vl, tiny_corpus, tmp_path):
+    out = tmp_path / "eval_vlm_qwen"
+    result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_qwen2_5_vl), "--selectors",
+                        "full,uniform,divprune", "--budgets", "0.5", "--limit", "6", "--out", str(out),
+                        f"data.root={tiny_corpus}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["selector"], r["budget"]) for r in rows] == [("full", "all"), ("uniform", "0.5"), ("divprune", "0.5")]
+    assert float(rows[0]["keep_ratio"]) == 1.0 and float(rows[1]["keep_ratio"]) == pytest.approx(0.5, abs=0.05)
+    assert float(rows[1]["k"]) < float(rows[0]["k"]) and all(int(r["samples"]) == 6 for r in rows)
+
+
+@pytest.mark.slow
+def test_vp_noise_trains_against_qwen2_5_vl_and_its_checkpoint_prunes_that_model(tiny_qwen2_5_vl, tiny_corpus,
+                                                                                 tmp_path):
+    """A few vp_noise steps against the tiny Qwen2.5-VL's NTP loss, on its own merged tokens at one
+    fixed resolution (4 x 4 tokens at 112 px), then the checkpoint in that model's generation."""
+    from conftest import FAST_ARGS
+    from tokensel.selectors.catalog import load_selector
+
+    side = 4 * 28
+    args = [a for a in FAST_ARGS if not a.startswith(("selector.", "encoder."))] + [
+        "selector.depth=1", "selector.tau_steps=10", "optim.lr=1e-3", "trainer.max_steps=3",
+        f"data.root={tiny_corpus}", f"run.root={tmp_path}", f"encoder.name=hf:{tiny_qwen2_5_vl}",
+        "encoder.pretrained=", "encoder.layer=-1", "encoder.norm=false", f"encoder.image_size={side}",
+        "selector.vlm.backend=hf", f"selector.vlm.model={tiny_qwen2_5_vl}", "selector.vlm.pretrained=",
+        f"selector.vlm.image_size={side}"]
+    result = run_module("tokensel.experiments.train", "vp_noise", *args, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ckpt = tmp_path / "vp_noise" / "version_0" / "checkpoints" / "last.ckpt"
+    scorer = load_selector(ckpt)
+    assert (scorer.dims.num_tokens, scorer.dims.dim, scorer.dims.grid) == (16, 32, (4, 4))
+    from tokensel.common.errors import VLMError
+    from tokensel.vlms import open_vlm
+
+    with pytest.raises(VLMError, match=f"set image_size={side}"):  # at each image's own grid: the one it was trained at
+        open_vlm(str(tiny_qwen2_5_vl)).check_selector(scorer)
+    out = tmp_path / "eval_vlm"
+    result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_qwen2_5_vl), "--selectors", "full,random",
+                        "--budgets", "4", "--limit", "4", "--out", str(out), f"data.root={tiny_corpus}",
+                        "--ckpts", str(ckpt), "--image-size", str(side), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["selector"], r["budget"], r["k"]) for r in rows] == [("full", "all", "16"), ("random", "4", "4"),
+                                                                   ("vp_noise", "4", "4")]

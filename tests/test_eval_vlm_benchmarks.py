@@ -46,7 +46,7 @@ def every_benchmark(tmp_path_factory) -> Path:
 
 def test_every_question_gets_its_benchmarks_suffix(every_benchmark):
     from tokensel.experiments.eval_vlm import held_out_samples
-    from tokensel.selectors.vlm_llava import CAPTION_INSTRUCTION
+    from tokensel.vlms.ntp import CAPTION_INSTRUCTION
 
     samples = list(held_out_samples(str(every_benchmark), "val"))
     assert {s[1] for s in samples} == set(BENCHMARKS.names())

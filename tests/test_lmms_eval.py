@@ -1,6 +1,7 @@
 """The lmms-eval plugin (experiments/lmms_eval_model.py): lmms-eval 0.7.3's real CLI scores a pruned
-tiny random LLaVA on local tasks (tests/lmms_task) made from the generated corpus, offline; and the
-model's loglikelihood, generation and pruning checked directly.
+tiny random LLaVA (as tokensel_llava) and a tiny random Qwen2.5-VL (as tokensel) on local tasks
+(tests/lmms_task) made from the generated corpus, offline; and the model's loglikelihood,
+generation and pruning checked directly.
 
 `make setup` installs lmms-eval (the `lmms` extra), so `make test` runs these; an environment without it skips them."""
 
@@ -24,7 +25,7 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed in this envi
 from conftest import REPO  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
 
-from tokensel.experiments.lmms_eval_model import TokenselLlava  # noqa: E402
+from tokensel.experiments.lmms_eval_model import TokenselLlava, TokenselVLM  # noqa: E402
 
 TASK_DIR = REPO / "tests" / "lmms_task"
 TASKS = ("tokensel_docvqa_local", "tokensel_docvqa_local_ll", "tokensel_docvqa_local_rounds")
@@ -51,19 +52,23 @@ def workdir(tmp_path_factory) -> Path:
     return work
 
 
-def test_the_entry_point_registers_tokensel_llava():
+def test_the_entry_points_register_tokensel_and_tokensel_llava():
     from lmms_eval.models import get_model
 
-    assert get_model("tokensel_llava") is TokenselLlava
+    assert get_model("tokensel") is TokenselVLM
+    assert get_model("tokensel_llava") is TokenselLlava and issubclass(TokenselLlava, TokenselVLM)
 
 
-def test_lmms_eval_cli_scores_a_pruned_llava_offline(tiny_llava, workdir):
-    out = workdir / "results"
+@pytest.mark.parametrize("model_id, fixture, extra", [("tokensel_llava", "tiny_llava", ""),
+                                                      ("tokensel", "tiny_qwen2_5_vl", ",image_size=112")])
+def test_lmms_eval_cli_scores_a_pruned_vlm_offline(model_id, fixture, extra, workdir, request):
+    folder = request.getfixturevalue(fixture)  # 16 image tokens per prompt either way (Qwen: 112 px, 28 px tokens)
+    out = workdir / f"results_{model_id}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(workdir / "hf"),
            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     cli = Path(sys.executable).parent / "lmms-eval"
-    command = [str(cli), "--model", "tokensel_llava",
-               "--model_args", f"pretrained={tiny_llava},selector=divprune,budget={BUDGET},device=cpu",
+    command = [str(cli), "--model", model_id,
+               "--model_args", f"pretrained={folder},selector=divprune,budget={BUDGET},device=cpu{extra}",
                "--tasks", ",".join(TASKS), "--include_path", str(TASK_DIR), "--limit", str(LIMIT),
                "--batch_size", "2", "--output_path", str(out), "--log_samples", "--verbosity", "INFO"]
     proc = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=900, env=env)
@@ -85,7 +90,7 @@ def test_lmms_eval_cli_scores_a_pruned_llava_offline(tiny_llava, workdir):
     assert "budget=4" in results["config"]["model_args"]
     # the selector really pruned: every prompt of every request type held BUDGET image tokens
     for what in ("generate_until", "loglikelihood", "generate_until_multi_round"):
-        assert f"tokensel_llava {what}: {LIMIT} prompts, {BUDGET} of {IMAGE_TOKENS} image tokens per prompt" in log
+        assert f"{model_id} {what}: {LIMIT} prompts, {BUDGET} of {IMAGE_TOKENS} image tokens per prompt" in log
 
 
 # ---- the model directly ------------------------------------------------------------------------
@@ -136,7 +141,7 @@ def test_loglikelihood_prefers_the_greedy_continuation(tiny_llava):
                    and tokenizer.decode([t]).strip()]
     llm = model.vlm.model
     llm.lm_head = FavourText(llm.lm_head, text_tokens, llm.config.text_config.vocab_size)
-    inputs = model.vlm.prefill_inputs(images(1), QUESTIONS[:1])
+    inputs = model.vlm.prune(images(1), QUESTIONS[:1], model.selector, model.budget).inputs
     ids = llm.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False,
                        pad_token_id=tokenizer.pad_token_id)[0].tolist()
     while not round_trips(tokenizer, ids):  # adjacent text tokens may still merge; one always round-trips
@@ -180,7 +185,8 @@ def test_generation_stops_at_until_and_batches_like_single_requests(pruned):
 def test_full_and_divprune_differ_by_the_pruned_image_tokens(tiny_llava, pruned):
     full = TokenselLlava(pretrained=str(tiny_llava), selector="full", device="cpu")
     image, question = images(1), QUESTIONS[:1]
-    full_prompt, pruned_prompt = full.vlm.prune(image, question), pruned.vlm.prune(image, question)
+    full_prompt = full.vlm.prune(image, question, full.selector, full.budget)
+    pruned_prompt = pruned.vlm.prune(image, question, pruned.selector, pruned.budget)
     full_len = full_prompt.inputs["inputs_embeds"].shape[1]
     pruned_len = pruned_prompt.inputs["inputs_embeds"].shape[1]
     assert full_len - pruned_len == IMAGE_TOKENS - BUDGET
@@ -196,3 +202,14 @@ def test_bad_model_args_are_one_line(tiny_llava):
         with pytest.raises(TokenselError) as err:
             TokenselLlava(pretrained=str(tiny_llava), device="cpu", **args)
         assert "\n" not in str(err.value)
+
+
+def test_a_qwen_prompt_keeps_the_budget_at_each_images_own_grid(tiny_qwen2_5_vl):
+    model = TokenselVLM(pretrained=str(tiny_qwen2_5_vl), selector="uniform", budget=0.5, device="cpu")
+    pictures = [Image.fromarray(np.full((56 + 28 * i, 84, 3), 40 * i, dtype=np.uint8)) for i in range(3)]
+    prompt = model.vlm.prune(pictures, QUESTIONS, model.selector, model.budget)
+    assert len(set(prompt.candidate_tokens)) > 1
+    assert prompt.image_tokens == [round(0.5 * n) for n in prompt.candidate_tokens]
+    model.task_dict = {"t": {"test": [{"image": img} for img in pictures]}}
+    (logprob, _), = model.loglikelihood([request("loglikelihood", 0, " the answer is 42")])
+    assert logprob < 0

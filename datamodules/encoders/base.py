@@ -1,6 +1,6 @@
 """What every encoder family shares: the frozen wrapper, the family interface, CLS attention.
 
-A family (``timm_vit.py``, ``open_clip_vit.py``, ``hf_llava.py``) is a :class:`Backbone`: a thin
+A family (``timm_vit.py``, ``open_clip_vit.py``, ``hf.py``) is a :class:`Backbone`: a thin
 ``nn.Module`` around the library's model that knows its input preprocessing, token grid, width
 and depth, how to return the patch tokens of one layer, and where its CLS attention is.
 :class:`FrozenEncoder` wraps any backbone the same way: eval mode, no grad, one layer, prefix

@@ -1,5 +1,6 @@
-"""Generation-time pruning in a real (tiny, random) Hugging Face LLaVA: batch-independent greedy
-answers, K image tokens in positional order, nothing of transformers patched."""
+"""The LLaVA and LLaVA-NeXT families (vlms/llava.py, vlms/llava_next.py) in real (tiny, random)
+Hugging Face models: batch-independent greedy answers, K image tokens in positional order, NeXT's
+views, nothing of transformers patched. The contract every family meets is tests/test_vlm_families.py."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 from PIL import Image
 
 from tokensel.selectors.catalog import build_baseline
-from tokensel.selectors.pruned_vlm import PrunedLlava
+from tokensel.vlms import open_vlm
+from tokensel.vlms.llava import LlavaFamily
 
 QUESTIONS = ["what is the total revenue in 2020?", "describe the image", "a cat", "two people riding bikes"]
 
@@ -19,30 +21,28 @@ def images(n: int) -> list:
 
 @pytest.fixture(scope="module")
 def full(tiny_llava):
-    return PrunedLlava.from_pretrained(str(tiny_llava))
+    return open_vlm(str(tiny_llava))
 
 
 @pytest.mark.parametrize("baseline, budget", [(None, None), ("uniform", 4), ("divprune", 0.25), ("l2norm", 8)])
 def test_greedy_answers_do_not_depend_on_the_batch(tiny_llava, full, baseline, budget):
     selector = build_baseline(baseline, (4, 4)) if baseline else None
-    vlm = PrunedLlava(full.model, full.processor, selector, budget)
     pictures = images(4)
-    together = vlm.generate(pictures, QUESTIONS, max_new_tokens=6)
-    alone = [vlm.generate([p], [q], max_new_tokens=6)[0] for p, q in zip(pictures, QUESTIONS)]
+    together = full.generate(pictures, QUESTIONS, selector, budget, max_new_tokens=6)
+    alone = [full.generate([p], [q], selector, budget, max_new_tokens=6)[0] for p, q in zip(pictures, QUESTIONS)]
     assert together == alone
     assert any(together)  # it generated something
 
 
 def test_the_prompt_holds_exactly_k_image_embeddings_in_positional_order(full):
     selector = build_baseline("l2norm", (4, 4))
-    vlm = PrunedLlava(full.model, full.processor, selector, 5)
-    batch = vlm.processor(images=images(2), text=vlm.prompts(QUESTIONS[:2]), return_tensors="pt", padding=True)
-    features = vlm.image_features(batch["pixel_values"])
+    batch = full.processor(images=images(2), text=full.prompts(QUESTIONS[:2]), return_tensors="pt", padding=True)
+    features = full.image_features(batch["pixel_values"])
     indices, kept = selector.select(features, 5)
     assert (indices[:, 1:] > indices[:, :-1]).all()
-    inputs = vlm.prefill_inputs(images(2), QUESTIONS[:2])
+    inputs = full.prune(images(2), QUESTIONS[:2], selector, 5).inputs
     projected = full.model.model.multi_modal_projector(kept)
-    full_inputs = PrunedLlava(full.model, full.processor).prefill_inputs(images(2), QUESTIONS[:2])
+    full_inputs = full.prune(images(2), QUESTIONS[:2]).inputs
     assert inputs["inputs_embeds"].shape[1] == full_inputs["inputs_embeds"].shape[1] - (16 - 5)
     for row in range(2):  # the K projected tokens sit where the image was, in order
         emb = inputs["inputs_embeds"][row]
@@ -51,17 +51,22 @@ def test_the_prompt_holds_exactly_k_image_embeddings_in_positional_order(full):
 
 
 def test_projector_space_selection_keeps_k_projected_embeddings(full):
-    vlm = PrunedLlava(full.model, full.processor, build_baseline("divprune", (4, 4)), 3, feature_space="projector")
-    assert vlm.image_embeddings(torch.randn(2, 3, 32, 32)).shape == (2, 3, full.model.config.text_config.hidden_size)
+    vlm = LlavaFamily(full.model, full.processor, feature_space="projector")
+    prompt = vlm.prune(images(2), QUESTIONS[:2], build_baseline("divprune", (4, 4)), 3)
+    assert prompt.image_tokens == [3, 3] and all(len(k) == 3 for k in prompt.kept)
+    candidates = vlm.candidates(vlm.encode(images(2), QUESTIONS[:2]))
+    assert candidates.features[0].shape == (1, 16, full.model.config.text_config.hidden_size)
 
 
 def test_bad_pruned_vlm_settings_are_one_line(tmp_path, full):
     from tokensel.common.errors import TokenselError
 
-    for make in (lambda: PrunedLlava.from_pretrained(str(tmp_path / "nowhere")),
-                 lambda: PrunedLlava(full.model, full.processor, build_baseline("random", (4, 4)), None),
-                 lambda: PrunedLlava(full.model, full.processor, build_baseline("cls_attention", (4, 4)), 4),
-                 lambda: PrunedLlava(full.model, full.processor, None, None, feature_space="llm")):
+    for make in (lambda: open_vlm(str(tmp_path / "nowhere")),
+                 lambda: full.prune(images(1), QUESTIONS[:1], build_baseline("random", (4, 4)), None),
+                 lambda: full.prune(images(1), QUESTIONS[:1], build_baseline("cls_attention", (4, 4)), 4),
+                 lambda: LlavaFamily(full.model, full.processor, feature_space="llm"),
+                 lambda: LlavaFamily(full.model, full.processor, positions="compact"),
+                 lambda: LlavaFamily(full.model, full.processor, image_size=64)):
         with pytest.raises(TokenselError) as err:
             make()
         assert "\n" not in str(err.value)
@@ -70,7 +75,7 @@ def test_bad_pruned_vlm_settings_are_one_line(tmp_path, full):
 # ---- LLaVA-NeXT: anyres views ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def next_full(tiny_llava_next):
-    return PrunedLlava.from_pretrained(str(tiny_llava_next))
+    return open_vlm(str(tiny_llava_next))
 
 
 def view_counts(vlm, pictures) -> list[int]:
@@ -89,10 +94,10 @@ def test_next_images_of_different_shapes_get_different_view_counts(next_full):
                           ("l2norm", 0.25, "across"), ("uniform", 6, "across")])
 def test_next_greedy_answers_do_not_depend_on_the_batch(next_full, baseline, budget, view_selection):
     selector = build_baseline(baseline, (4, 4)) if baseline else None
-    vlm = PrunedLlava(next_full.model, next_full.processor, selector, budget, view_selection=view_selection)
+    vlm = type(next_full)(next_full.model, next_full.processor, view_selection=view_selection)
     pictures = images(4)
-    together = vlm.generate(pictures, QUESTIONS, max_new_tokens=6)
-    alone = [vlm.generate([p], [q], max_new_tokens=6)[0] for p, q in zip(pictures, QUESTIONS)]
+    together = vlm.generate(pictures, QUESTIONS, selector, budget, max_new_tokens=6)
+    alone = [vlm.generate([p], [q], selector, budget, max_new_tokens=6)[0] for p, q in zip(pictures, QUESTIONS)]
     assert together == alone
     assert any(together)
 
@@ -104,17 +109,17 @@ def test_next_full_reference_is_the_models_own_forward(next_full):
     batch = next_full.processor(images=picture, text=next_full.prompts(question), return_tensors="pt")
     with torch.no_grad():
         own = next_full.model(**batch).logits[:, -1]
-        ours = next_full.model(**next_full.prefill_inputs(picture, question)).logits[:, -1]
+        ours = next_full.model(**next_full.prune(picture, question).inputs).logits[:, -1]
     assert torch.allclose(own, ours, atol=1e-5)
 
 
 @pytest.mark.parametrize("view_selection", ["per_view", "across"])
 def test_next_prompts_hold_the_budget_per_view_or_across_views(next_full, view_selection):
     selector = build_baseline("l2norm", (4, 4))
-    vlm = PrunedLlava(next_full.model, next_full.processor, selector, 0.25, view_selection=view_selection)
+    vlm = type(next_full)(next_full.model, next_full.processor, view_selection=view_selection)
     pictures = images(4)
     views = view_counts(vlm, pictures)
-    prompt = vlm.prune(pictures, QUESTIONS)
+    prompt = vlm.prune(pictures, QUESTIONS, selector, 0.25)
     assert prompt.candidate_tokens == [v * 16 for v in views]
     expected = [v * 4 for v in views] if view_selection == "per_view" else [round(0.25 * v * 16) for v in views]
     assert prompt.image_tokens == expected
@@ -131,11 +136,13 @@ def test_next_prompts_hold_the_budget_per_view_or_across_views(next_full, view_s
     assert found == list(range(found[0], found[0] + len(kept)))
 
 
-def test_a_model_that_is_not_a_llava_is_one_line(tmp_path):
+def test_a_model_no_family_registers_is_one_line_naming_the_registered_ones(tmp_path):
     from transformers import LlamaConfig
 
     from tokensel.common.errors import TokenselError
+    from tokensel.vlms import FAMILIES
 
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
-    with pytest.raises(TokenselError, match="model_type 'llama'"):
-        PrunedLlava.from_pretrained(str(tmp_path))
+    with pytest.raises(TokenselError, match="model_type 'llama'") as err:
+        open_vlm(str(tmp_path))
+    assert "\n" not in str(err.value) and all(name in str(err.value) for name in FAMILIES.names())
