@@ -25,7 +25,6 @@ A trained selector loads from its checkpoint with :func:`tokensel.selectors.cata
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +33,7 @@ from torch import nn
 
 from tokensel.common.checkpoint_files import load_plain
 from tokensel.common.errors import CheckpointError, TokenselError
+from tokensel.common.selection import SelectionContext
 from tokensel.datamodules.batch import FeatureBatch
 from tokensel.selectors.budget import Budget, resolve_budget
 from tokensel.selectors.pretrained import PretrainedMixin
@@ -42,38 +42,6 @@ from tokensel.selectors.pretrained import PretrainedMixin
 class ContextError(TokenselError):
     """A selector called without what it needs in its :class:`SelectionContext` (e.g. a query-aware
     selector without the instruction's embedding): one line naming the missing field."""
-
-
-@dataclass
-class SelectionContext:
-    """What a selector may need beyond the patch features; every field is optional.
-
-    - ``cls_attention``: ``(B, N)`` the frozen encoder's CLS->patch attention
-      (``FeatureBatch.cls_attention``, filled when ``data.cls_attention_layer`` is set).
-    - ``instruction``: the instruction (question) of each row, as text; ``B`` strings.
-    - ``instruction_embedding``: ``(B, D)`` or ``(B, M, D)`` the instruction embedded by a text
-      model (``M`` segments or tokens), where the caller has one: in ``make eval`` the text tower
-      of an ``open_clip:`` encoder (``datamodules/encoders/open_clip_vit.py``).
-    - ``token_embedding``: ``(B, N, D)`` the image tokens in the instruction embedding's space,
-      which relevance compares against (``make eval``: the patch features through the encoder's
-      own image head). ``None``: the features are already in that space.
-
-    A selector whose rule reads the instruction declares it with ``SelectorNet.uses_instruction``.
-    """
-
-    cls_attention: Optional[torch.Tensor] = None
-    instruction: Optional[list[str]] = None
-    instruction_embedding: Optional[torch.Tensor] = None
-    token_embedding: Optional[torch.Tensor] = None
-
-    def take(self, rows: torch.Tensor) -> "SelectionContext":
-        """The context of batch rows ``rows`` (a 1-D index tensor), every field alike."""
-        def cut(x):
-            return None if x is None else x[rows.to(x.device)]
-
-        instruction = None if self.instruction is None else [self.instruction[i] for i in rows.tolist()]
-        return SelectionContext(cut(self.cls_attention), instruction, cut(self.instruction_embedding),
-                                cut(self.token_embedding))
 
 
 def context_across(context: Optional[SelectionContext], G: int, V: int) -> Optional[SelectionContext]:

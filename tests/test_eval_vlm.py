@@ -113,11 +113,12 @@ def test_options_a_family_does_not_take_are_one_line(tiny_llava, tiny_corpus, ar
 def test_eval_vlm_runs_qwen2_5_vl_at_each_images_own_grid(tiny_qwen2_5_vl, tiny_corpus, tmp_path):
     out = tmp_path / "eval_vlm_qwen"
     result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_qwen2_5_vl), "--selectors",
-                        "full,uniform,divprune", "--budgets", "0.5", "--limit", "6", "--out", str(out),
+                        "full,uniform,divprune,cdpruner", "--budgets", "0.5", "--limit", "6", "--out", str(out),
                         f"data.root={tiny_corpus}", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [(r["selector"], r["budget"]) for r in rows] == [("full", "all"), ("uniform", "0.5"), ("divprune", "0.5")]
+    assert [(r["selector"], r["budget"]) for r in rows] == [("full", "all"), ("uniform", "0.5"), ("divprune", "0.5"),
+                                                            ("cdpruner", "0.5")]  # query-aware: the VLM's question
     assert float(rows[0]["keep_ratio"]) == 1.0 and float(rows[1]["keep_ratio"]) == pytest.approx(0.5, abs=0.05)
     assert float(rows[1]["k"]) < float(rows[0]["k"]) and all(int(r["samples"]) == 6 for r in rows)
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import FAMILY_FIXTURES
 from tokensel.common.errors import TokenselError
+from tokensel.common.selection import SelectionContext
 from tokensel.datamodules.batch import FeatureDims
 from tokensel.selectors.budget import resolve_budget
 from tokensel.selectors.catalog import build_baseline, build_net
@@ -74,7 +75,8 @@ def test_the_full_token_row_is_the_models_own_forward(folders, loaded, name):
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-@pytest.mark.parametrize("selector, budget", [(None, None), ("uniform", 4), ("divprune", 0.25), ("trained", 0.25)])
+@pytest.mark.parametrize("selector, budget", [(None, None), ("uniform", 4), ("divprune", 0.25), ("cdpruner", 0.25),
+                                              ("trained", 0.25)])
 def test_greedy_answers_at_batch_1_and_4_are_identical(folders, loaded, name, selector, budget):
     vlm = vlm_of(folders, loaded, name)
     if selector == "trained":
@@ -86,6 +88,27 @@ def test_greedy_answers_at_batch_1_and_4_are_identical(folders, loaded, name, se
     together = vlm.generate(pictures, QUESTIONS, chosen, budget, max_new_tokens=5)
     alone = [vlm.generate([p], [q], chosen, budget, max_new_tokens=5)[0] for p, q in zip(pictures, QUESTIONS)]
     assert together == alone and any(together)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_a_query_aware_selector_is_conditioned_on_the_question(folders, loaded, name):
+    vlm = vlm_of(folders, loaded, name)
+    cdpruner = build_baseline("cdpruner", vlm.selection_grid)
+    picture = images(vlm, 1)
+    kept = []
+    for question in QUESTIONS:
+        prompt = vlm.prune(picture, [question], cdpruner, 0.25)
+        candidates = vlm.candidates(vlm.encode(picture, [question]))
+        # the same choice as cdpruner on the VLM's own question embedding and projected candidates
+        tokens = vlm.token_embeddings(candidates)[0].float()
+        V, N = candidates.features[0].shape[:2]
+        context = SelectionContext(instruction_embedding=vlm.question_embedding([question]).expand(V, -1),
+                                   token_embedding=tokens.reshape(V, N, -1))
+        direct, _ = cdpruner.select(candidates.features[0], 0.25, context=context)
+        offsets = torch.arange(V).unsqueeze(1) * N
+        assert torch.equal(prompt.kept[0].cpu(), (direct + offsets).reshape(-1)), question
+        kept.append(tuple(prompt.kept[0].tolist()))
+    assert len(set(kept)) > 1  # another question, another selection
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

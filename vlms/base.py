@@ -33,6 +33,7 @@ import torch
 
 from tokensel.common.errors import ConfigError, VLMError
 from tokensel.common.registry import Registry
+from tokensel.common.selection import SelectionContext
 
 VIEW_SELECTIONS = ("per_view", "across")
 POSITIONS = ("original", "compact")
@@ -220,10 +221,41 @@ class VLMFamily:
         then reaches it through ``for_grid``)."""
         return self.fixed_grid() or (1, 1)
 
+    def token_embeddings(self, candidates: Candidates) -> list[torch.Tensor]:
+        """Each image's ``(V * N, D)`` candidates in the LLM's input space (what a query-aware
+        selector compares with the question): ``candidates.tokens`` unless a family places
+        them before projecting (LLaVA in the vision space overrides this)."""
+        return candidates.tokens
+
+    def question_embedding(self, questions: Sequence[str]) -> torch.Tensor:
+        """``(B, D)`` float32: the mean of the LLM's input embeddings of each question's tokens (no
+        chat template, no special tokens), the instruction a query-aware selector is conditioned on
+        (CDPruner, arXiv 2506.10967, Sec. 3.3, with the VLM's own embedding as its text side)."""
+        embed = self.model.get_input_embeddings()
+        rows = []
+        for question in questions:
+            ids = self.processor.tokenizer(question or " ", add_special_tokens=False, return_tensors="pt").input_ids
+            rows.append(embed(ids.to(embed.weight.device))[0].float().mean(dim=0))
+        return torch.stack(rows)
+
+    def selection_context(self, candidates: Candidates, questions: Sequence[str]) -> list:
+        """Per image a ``SelectionContext`` with rows for its ``V`` views: the question (text and
+        embedding, the same for every view) and the views' candidates in the LLM's input space."""
+        query = self.question_embedding(questions)
+        contexts = []
+        for i, (x, tokens) in enumerate(zip(candidates.features, self.token_embeddings(candidates))):
+            V, N = x.shape[:2]
+            contexts.append(SelectionContext(instruction=[questions[i]] * V,
+                                             instruction_embedding=query[i].expand(V, -1),
+                                             token_embedding=tokens.float().reshape(V, N, -1)))
+        return contexts
+
     # ---- the pipeline --------------------------------------------------------------------------
-    def select(self, candidates: Candidates, selector: Any, budget) -> list[torch.Tensor]:
+    def select(self, candidates: Candidates, selector: Any, budget,
+               contexts: Optional[list] = None) -> list[torch.Tensor]:
         """Per image the kept candidate indices (into its ``V * N`` tokens, view-major, sorted).
-        Images with the same views and grid are selected together, in order of view count."""
+        Images with the same views and grid are selected together, in order of view count.
+        ``contexts``: per image the ``SelectionContext`` of a query-aware selector."""
         groups: dict[tuple, list[int]] = {}
         for i, (x, grid) in enumerate(zip(candidates.features, candidates.grids)):
             groups.setdefault((x.shape[0], x.shape[1], tuple(grid)), []).append(i)
@@ -233,10 +265,11 @@ class VLMFamily:
             rows = groups[key]
             views = torch.stack([candidates.features[i] for i in rows])  # (G, V, N, C)
             chosen = selector.for_grid(grid)
+            context = None if contexts is None else stack_contexts([contexts[i] for i in rows])
             if self.view_selection == "across" and V > 1:
-                indices, _ = chosen.select_across(views, budget)
+                indices, _ = chosen.select_across(views, budget, context=context)
             else:
-                indices, _ = chosen.select(views.flatten(0, 1), budget)  # (G * V, k)
+                indices, _ = chosen.select(views.flatten(0, 1), budget, context=context)  # (G * V, k)
                 offsets = torch.arange(V, device=indices.device).unsqueeze(1) * N
                 indices = (indices.reshape(len(rows), V, -1) + offsets).reshape(len(rows), -1)
             for i, row in zip(rows, indices):
@@ -253,7 +286,9 @@ class VLMFamily:
             raise ConfigError("the cls_attention baseline is not supported in the pruned VLM yet")
         batch = self.encode(images, questions)
         candidates = self.candidates(batch, features=selector is not None)
-        kept = None if selector is None else self.select(candidates, selector, budget)
+        contexts = self.selection_context(candidates, questions) if getattr(selector, "uses_instruction", False) \
+            else None
+        kept = None if selector is None else self.select(candidates, selector, budget, contexts)
         return self.splice(batch, candidates, kept)
 
     @torch.no_grad()
@@ -310,3 +345,13 @@ def image_run(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     if len(slots) == 0 or int(slots[-1] - slots[0]) + 1 != len(slots):
         raise VLMError(f"expected one image per prompt, got {len(slots)} image tokens not in one run")
     return slots
+
+
+def stack_contexts(contexts: list) -> SelectionContext:
+    """One ``SelectionContext`` whose rows are those of ``contexts``, in order (every field alike)."""
+    def cat(name: str):
+        parts = [getattr(c, name) for c in contexts]
+        return None if parts[0] is None else torch.cat(parts)
+
+    instruction = None if contexts[0].instruction is None else [t for c in contexts for t in c.instruction]
+    return SelectionContext(cat("cls_attention"), instruction, cat("instruction_embedding"), cat("token_embedding"))

@@ -100,6 +100,9 @@ class LlavaFamily(VLMFamily):
     def fixed_grid(self) -> Optional[tuple[int, int]]:
         return self.grid
 
+    def token_embeddings(self, candidates: Candidates) -> list[torch.Tensor]:
+        return self.kept_embeddings(candidates, None)
+
     def kept_embeddings(self, candidates: Candidates, kept: Optional[list[torch.Tensor]]) -> list[torch.Tensor]:
         """Each image's ``(T_i, H)`` embeddings: the kept tokens (all without ``kept``), projected."""
         chosen = candidates.tokens if kept is None else [t[k] for t, k in zip(candidates.tokens, kept)]
