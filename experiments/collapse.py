@@ -72,25 +72,32 @@ def objective_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+SEED_STYLES = ("-", "--", ":", "-.")  # seeds of one objective: one colour, told apart by line style
+
+
 def plot_collapse(curves: dict[str, dict], records: list[dict], path: Path, p: float, q: float,
                   threshold: float, dpi: int = 110) -> Path:
-    fig, axes = new_figure(1, 2, width=5.5, height=4.0, dpi=dpi)
+    """Keep ratio and reconstruction against step: one colour per objective, one line style per
+    seed, the legend in its own column to the right so it covers no curve."""
+    fig, axes = new_figure(1, 2, width=6.5, height=4.0, dpi=dpi)
     ax_keep, ax_rec = axes[0]
     colours: dict[str, str] = {}
+    seeds = sorted({rec["seed"] for rec in records})
     for rec in records:
         label = objective_label(rec["axes"])
-        first = label not in colours  # label each objective once, not once per seed
         colour = colours.setdefault(label, f"C{len(colours)}")
+        style = SEED_STYLES[seeds.index(rec["seed"]) % len(SEED_STYLES)]
+        name = f"{label}, seed {rec['seed']}"
         c = curves[rec["run_id"]]
         if "train/keep_ratio" in c:
             steps, values = zip(*c["train/keep_ratio"])
-            ax_keep.plot(steps, values, color=colour, lw=1.2, alpha=0.85, label=label if first else None)
+            ax_keep.plot(steps, values, color=colour, ls=style, lw=1.2, alpha=0.9, label=name)
         recon = _sum_curves(c.get("train/feat_recon", []), c.get("train/img_recon", []))
         if recon:
             steps, values = zip(*recon)
-            ax_rec.plot(steps, values, color=colour, lw=1.2, alpha=0.85, label=label if first else None)
+            ax_rec.plot(steps, values, color=colour, ls=style, lw=1.2, alpha=0.9)
         if rec.get("collapse_step") is not None:
-            ax_keep.axvline(rec["collapse_step"], color=colour, ls=":", lw=1)
+            ax_keep.axvline(rec["collapse_step"], color=colour, ls=style, lw=0.8, alpha=0.6)
     for y, text, style in ((p, f"p={p:g}", "--"), (q, f"q={q:g}", "--"), (threshold, f"collapse < {threshold:g}", ":")):
         ax_keep.axhline(y, color="grey", ls=style, lw=0.8)
         ax_keep.text(1.0, y, f"{text} ", color="grey", fontsize=8, va="bottom", ha="right",
@@ -100,9 +107,11 @@ def plot_collapse(curves: dict[str, dict], records: list[dict], path: Path, p: f
     ax_rec.set_yscale("log")
     for ax in (ax_keep, ax_rec):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("regulariser collapse (App. B.1): one line per seed; dotted verticals: detected collapse", fontsize=10)
-    return save_figure(fig, path)
+    handles, labels = ax_keep.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.78, 0.5), fontsize=7, frameon=False)
+    fig.suptitle("regulariser collapse (App. B.1): colour = objective, line style = seed; "
+                 "vertical lines: detected collapse", fontsize=10)
+    return save_figure(fig, path, rect=(0, 0, 0.78, 1))
 
 
 def _sum_curves(a: list, b: list) -> list[tuple[int, float]]:

@@ -137,7 +137,9 @@ def plot_curves(curves: dict[int, list[dict]], budgets: list[str], selector: str
             steps = np.array(steps, dtype=float)
             means, halves = np.array(means), np.nan_to_num(np.array(halves), nan=0.0)
             ax.plot(steps, means, color="C0", lw=1.8, marker="o", ms=3, label=f"{selector} ({n[0]} seeds)")
-            ax.fill_between(steps, means - halves, means + halves, color="C0", alpha=0.2, lw=0)
+            low, high = (0.0, 1.0) if not metric.startswith("objective") else (-np.inf, np.inf)  # AUROC, recall
+            ax.fill_between(steps, np.clip(means - halves, low, high), np.clip(means + halves, low, high),
+                            color="C0", alpha=0.2, lw=0)
         for i, (ref, label) in enumerate(references):
             ref_points = reference_curve(curves, metric, ref)
             if ref_points:

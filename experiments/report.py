@@ -220,11 +220,12 @@ def new_figure(nrows: int = 1, ncols: int = 1, width: float = 5.5, height: float
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out and write ``fig`` as a PNG at its own dpi, creating the folder; returns ``path``."""
+def save_figure(fig, path: Path, rect: Optional[tuple] = None) -> Path:
+    """Lay out and write ``fig`` as a PNG at its own dpi, creating the folder; returns ``path``.
+    ``rect``: the part of the figure the panels fill (the rest holds e.g. a legend)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, format="png", metadata={"Software": None})
     return path
 

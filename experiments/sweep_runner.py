@@ -86,13 +86,15 @@ def error_line(log_path: Path) -> str:
     return (errors or lines or ["no output"])[-1][:500]
 
 
-def read_eval(csv_path: Path) -> dict[str, dict[str, float]]:
-    """``results.csv`` of one eval -> ``{budget: {metric: mean}}`` (missing metrics: nan)."""
+def read_eval(csv_path: Path, selector: str) -> dict[str, dict[str, float]]:
+    """``selector``'s rows of one eval's ``results.csv`` -> ``{budget: {metric: mean}}`` (missing
+    metrics: nan)."""
     out = {}
     with open(csv_path) as fh:
         for row in csv.DictReader(fh):
-            out[row["budget"]] = {m: float(row[f"{m}_mean"]) if row.get(f"{m}_mean") else math.nan
-                                  for m in EVAL_METRICS}
+            if row["selector"] == selector:
+                out[row["budget"]] = {m: float(row[f"{m}_mean"]) if row.get(f"{m}_mean") else math.nan
+                                      for m in EVAL_METRICS}
     return out
 
 
@@ -125,16 +127,18 @@ def execute(sweep, run, base_yaml: Path, log=print) -> dict:
     eval_s = 0.0
     if sweep.report == "ablation":
         started = time.time()
-        cmd = [sys.executable, "-m", "tokensel.experiments.evaluate", "--selectors", sweep.selector, "--ckpts",
+        cmd = [sys.executable, "-m", "tokensel.experiments.evaluate", "--selectors", f"{sweep.selector},random", "--ckpts",
                str(ckpt), "--budgets", ",".join(str(b) for b in sweep.budgets), "--out", str(folder / "eval")]
         if sweep.eval_max_samples:
             cmd += ["--max-samples", str(sweep.eval_max_samples)]
         if _run_logged(cmd, folder / "eval.log") != 0:
             return finish("failed", stage="eval", error=error_line(folder / "eval.log"))
-        evaluation = read_eval(folder / "eval" / "results.csv")
+        evaluation = read_eval(folder / "eval" / "results.csv", sweep.selector)
+        eval_random = read_eval(folder / "eval" / "results.csv", "random")  # the plots' reference line
         eval_s = round(time.time() - started, 2)
     return finish("done", train_s=trained["wall_s"], eval_s=eval_s, global_step=trained["global_step"],
-                  metrics=trained["metrics"], collapse_step=trained.get("collapse_step"), eval=evaluation)
+                  metrics=trained["metrics"], collapse_step=trained.get("collapse_step"), eval=evaluation,
+                  **({"eval_random": eval_random} if evaluation else {}))
 
 
 @dataclass(frozen=True)

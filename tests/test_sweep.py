@@ -11,7 +11,8 @@ import yaml
 
 from conftest import FAST_ARGS, REPO
 from tokensel.common.cli import run_main
-from tokensel.common.stats import aggregate, mean_std
+from tokensel.common.stats import aggregate, mean_std, t_quantile
+from tokensel.experiments.sweep_report import ci_error_bars
 from tokensel.experiments.sweep import (SweepError, check_grid, expand, first_difference, main, prepare_folder,
                                         read_sweep)
 
@@ -153,7 +154,7 @@ def test_two_by_one_sweep_runs_reports_and_resumes(tiny_corpus, tmp_path):
     for run_id in ("depth=1_seed=0", "depth=2_seed=0"):
         status = json.loads((folder / "runs" / run_id / "status.json").read_text())
         assert status["status"] == "done" and status["global_step"] == 3
-        assert set(status["eval"]) == {"0.25", "0.5"}
+        assert set(status["eval"]) == set(status["eval_random"]) == {"0.25", "0.5"}  # random: the plots' line
         assert yaml.safe_load((folder / "runs" / run_id / "train" / "config.yaml").read_text())["selector"]["depth"] \
             == int(run_id[6])
         assert list((folder / "hparams" / run_id).glob("events.out.tfevents.*"))
@@ -202,3 +203,12 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tiny_corpus, tmp_path):
     assert failed["stage"] == "train" and "no_such_shards" in failed["error"]
     assert "## Failed runs" in (folder / "results.md").read_text()
     assert "1/2 runs done, 1 failed" in result.stdout
+
+
+def test_sweep_plots_draw_95_percent_cis_clipped_to_the_metrics_range():
+    half = t_quantile(0.975, 2) * 0.1 / math.sqrt(3)  # three seeds, std 0.1
+    assert ci_error_bars("ntp_increase", 0.5, 0.1, 3) == pytest.approx((half, half))
+    below, above = ci_error_bars("recall", 0.95, 0.1, 3)  # recall cannot pass 1
+    assert below == pytest.approx(half) and above == pytest.approx(0.05)
+    assert ci_error_bars("recall", 0.02, 0.1, 3)[0] == pytest.approx(0.02)  # nor fall under 0
+    assert ci_error_bars("recall", 0.5, 0.1, 1) == (0.0, 0.0)  # one seed: no interval
