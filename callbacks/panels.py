@@ -88,7 +88,7 @@ class SelectionPanels(L.Callback):
             return
         panel = self.panel(pl_module, batch)
         trainer.logger.experiment.add_image(tag, panel, trainer.global_step, dataformats="HWC")
-        folder: Optional[str] = trainer.log_dir
+        folder: Optional[str] = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: it broadcasts
         if tag == "panels/val" and folder:
             from PIL import Image
 

@@ -52,10 +52,11 @@ def test_wheel_declares_its_dependencies_extras_and_command(wheel):
     for dep in ("torch>=", "lightning>=", "omegaconf>=", "webdataset>=", "huggingface_hub>=", "safetensors>="):
         assert any(r.startswith(dep) for r in requires), (dep, requires)
     assert not any("===" in r for r in requires)  # a CPU or CUDA build of torch (2.x+cpu, +cu126) satisfies it
-    assert {"vlm", "eval", "lmms", "wandb", "slurm", "dev"} <= set(metadata.get_all("Provides-Extra"))
+    assert {"vlm", "data", "eval", "lmms", "wandb", "slurm", "dev"} <= set(metadata.get_all("Provides-Extra"))
     assert metadata["Requires-Python"] == ">=3.11" and metadata["License-Expression"] == "Apache-2.0"
     assert "tokensel = tokensel.experiments.cli:main" in entry_points
-    assert "tokensel_llava = tokensel.experiments.lmms_eval_model:manifest" in entry_points
+    assert "tokensel = tokensel.experiments.lmms_eval_model:manifest" in entry_points  # every VLM family
+    assert "tokensel_llava = tokensel.experiments.lmms_eval_model:llava_manifest" in entry_points
     assert f"{info}/licenses/LICENSE" in names
     for name in DATA_FILES:
         assert name in names, name
