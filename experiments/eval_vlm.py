@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tokensel.experiments.config import merge_overrides
     from tokensel.experiments.report import plot_metrics, write_table
     from tokensel.selectors.budget import parse_budgets
-    from tokensel.selectors.catalog import FULL, baseline_names, selector_for
+    from tokensel.selectors.catalog import FULL, baseline_class, baseline_names, selector_for
     from tokensel.vlms import check_vlm, open_vlm
     from tokensel.vlms.llava import LlavaFamily
 
@@ -273,6 +273,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [n for n in names if n != FULL and n not in baseline_names()]
     if bad:
         raise EvalVLMError(f"--selectors: unknown {', '.join(bad)}; choose from {FULL}, {', '.join(baseline_names())}")
+    needs_cls = [n for n in names if n != FULL and baseline_class(n).needs_cls_attention]
+    if needs_cls:
+        raise EvalVLMError(f"--selectors: {', '.join(needs_cls)} need the vision tower's CLS attention, which a pruned "
+                           "VLM does not compute; compare them in make eval")
     budgets = parse_budgets(args.budgets)
     for key, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:

@@ -110,7 +110,7 @@ def test_collapse_summary_per_run_and_per_objective():
 @pytest.mark.slow
 def test_make_collapse_runs_four_objectives_into_one_root(tiny_corpus, tmp_path):
     # threshold above 1: every keep ratio counts as collapsed, so the detector's event must reach
-    # the table for all four objectives; the real default is the README's study.
+    # the table for all four objectives; the real default is the study of docs/results/collapse.md.
     args = [a for a in FAST_ARGS if not a.startswith("run.panels")] + [
         f"data.root={tiny_corpus}", "trainer.max_steps=4", "run.collapse_threshold=1.01", "run.collapse_patience=2",
         "run.panels_every_n_steps=0"]

@@ -79,6 +79,7 @@ def test_retained_share_and_speed_up_are_relative_to_the_full_token_row():
     (["--selectors", "full,tome"], ["--selectors", "tome", "divprune"]),
     (["--budgets", "0"], ["'0'"]),
     (["data.rooot=x"], ["data.rooot"]),
+    (["--selectors", "full,visionzip"], ["visionzip", "CLS attention", "make eval"]),
 ])
 def test_eval_vlm_mistakes_are_one_line(tiny_llava, tiny_corpus, args, words):
     result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_llava), *args,

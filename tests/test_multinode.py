@@ -1,5 +1,5 @@
 """Two "nodes" of one process each, on this machine: what a multi-node job runs on every node
-(README, "Many nodes"): the same command with ``trainer.num_nodes=2 trainer.devices=1`` and the
+(docs/many-nodes.md): the same command with ``trainer.num_nodes=2 trainer.devices=1`` and the
 node's ``NODE_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` and ``WORLD_SIZE`` (gloo, loopback only)."""
 
 import os

@@ -283,7 +283,9 @@ class VLMFamily:
         if (selector is None) != (budget is None):
             raise ConfigError("a pruned VLM needs both a selector and a budget (or neither, for all tokens)")
         if getattr(selector, "needs_cls_attention", False):
-            raise ConfigError("the cls_attention baseline is not supported in the pruned VLM yet")
+            name = getattr(selector, "name", type(selector).__name__)
+            raise ConfigError(f"selector {name} needs the vision tower's CLS attention, which a pruned VLM does not "
+                              "compute; run it in make eval (data.cls_attention_layer)")
         batch = self.encode(images, questions)
         candidates = self.candidates(batch, features=selector is not None)
         contexts = self.selection_context(candidates, questions) if getattr(selector, "uses_instruction", False) \
