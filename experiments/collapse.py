@@ -29,6 +29,9 @@ from pathlib import Path
 from tokensel.experiments.report import (failed_runs_section, markdown_table, new_figure, read_scalars, save_figure,
                                          write_table)
 from tokensel.common.stats import aggregate
+from tokensel.selectors.gumbel_ae import GumbelAEConfig
+
+GUMBEL_KEYS = set(GumbelAEConfig.__dataclass_fields__)
 
 FINAL_WINDOW = 10  # logged steps averaged for the final training keep ratio
 CURVES = ("train/keep_ratio", "train/feat_recon", "train/img_recon", "train/reg")
@@ -131,12 +134,13 @@ def report_collapse(sweep, resolved_base: dict, records: list[dict], failed: lis
     agg_csv, _ = write_table(per_objective, sweep.folder, "collapse_objectives", spread="std",
                              key_columns=objective_keys, markdown=False)
     threshold, patience = float(run_cfg["collapse_threshold"]), run_cfg["collapse_patience"]
-    p, q = sel.get("p", 0.6), sel.get("q", 0.1)
+    band = GumbelAEConfig(**{k: v for k, v in sel.items() if k in GUMBEL_KEYS}).band()  # unset keys: derived
+    p, q = band["p"], band["q"]
     lines = [
         f"# Regulariser collapse (App. B.1): {len(records)} runs, seeds {sweep.seeds}",
         "",
         f"Collapse: train/keep_ratio below {threshold:g} for {patience} consecutive steps (the step shown is "
-        f"the first of them). maxmin band: p={p}, q={q}; alpha1={sel.get('alpha1')}, alpha2={sel.get('alpha2')}. "
+        f"the first of them). maxmin band: p={p}, q={q}; alpha1={band['alpha1']}, alpha2={band['alpha2']}. "
         f"Final train keep ratio: the mean of the last {FINAL_WINDOW} logged steps (a Gumbel sample for "
         f"gumbel); val keep ratio: the noiseless mask on held-out data.",
         "",

@@ -99,34 +99,36 @@ class GumbelAEConfig(SelectorConfig):
                     f"selector.budget={self.budget}: a keep ratio in (0, 1), or null for the paper's band"),
                    (0.0 < self.budget_band < 1.0, f"selector.budget_band={self.budget_band}: need 0 < band < 1"),
                    (self.budget_alpha > 0, f"selector.budget_alpha={self.budget_alpha}: must be positive")])
-        for key, value in self.band_defaults().items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        band = self.band()  # unset keys stay None in the config: they follow the budget wherever it is set
         checks = [
             (self.estimator in ESTIMATORS, f"selector.estimator={self.estimator!r}: expected one of {', '.join(ESTIMATORS)}"),
             (self.regulariser in REGULARISERS, f"selector.regulariser={self.regulariser!r}: expected one of {', '.join(REGULARISERS)}"),
             (self.distance in DISTANCES, f"selector.distance={self.distance!r}: expected one of {', '.join(DISTANCES)}"),
-            (self.keep_ratio_reduction in KEEP_RATIO_REDUCTIONS, f"selector.keep_ratio_reduction="
-             f"{self.keep_ratio_reduction!r}: expected one of {', '.join(KEEP_RATIO_REDUCTIONS)}"),
+            (band["keep_ratio_reduction"] in KEEP_RATIO_REDUCTIONS, f"selector.keep_ratio_reduction="
+             f"{band['keep_ratio_reduction']!r}: expected one of {', '.join(KEEP_RATIO_REDUCTIONS)}"),
             (self.depth >= 1, f"selector.depth={self.depth}: must be at least 1"),
             (self.reconstructor_depth >= 1, f"selector.reconstructor_depth={self.reconstructor_depth}: must be at least 1"),
             (self.image_decoder_depth >= 0, f"selector.image_decoder_depth={self.image_decoder_depth}: must be >= 0"),
-            (0.0 <= self.q < self.p <= 1.0, f"selector.q={self.q}, selector.p={self.p}: need 0 <= q < p <= 1"),
+            (0.0 <= band["q"] < band["p"] <= 1.0, f"selector.q={band['q']}, selector.p={band['p']}: need 0 <= q < p <= 1"),
             (self.tau > 0, f"selector.tau={self.tau}: must be positive"),
             (self.width is None or self.width % 4 == 0, f"selector.width={self.width}: must be divisible by 4"),
         ]
         check_all(checks)
 
-    def band_defaults(self) -> dict:
-        """The regulariser's settings that are unset: the paper's (Eq. 8: p=0.6, q=0.1,
-        alpha1=alpha2=0.1, on the batch mean) or, with a ``budget``, the band
+    def band(self) -> dict:
+        """The regulariser's settings in effect (``p``, ``q``, ``alpha1``, ``alpha2``,
+        ``keep_ratio_reduction``): each set key as set; each unset (None) one the paper's (Eq. 8:
+        p=0.6, q=0.1, alpha1=alpha2=0.1, on the batch mean) or, with a ``budget``, the band
         ``[budget - band/2, budget + band/2]`` with ``alpha1 = alpha2 = budget_alpha`` on each
-        image's L_pr, so that every image's noisy mask is pulled to the budget."""
+        image's L_pr, so that every image's noisy mask is pulled to the budget. Resolved here, not
+        stored, so a budget set by a later config layer still moves them."""
         if self.budget is None:
-            return {"p": 0.6, "q": 0.1, "alpha1": 0.1, "alpha2": 0.1, "keep_ratio_reduction": "batch"}
-        half = self.budget_band / 2
-        return {"p": round(min(1.0, self.budget + half), 6), "q": round(max(0.0, self.budget - half), 6),
-                "alpha1": self.budget_alpha, "alpha2": self.budget_alpha, "keep_ratio_reduction": "image"}
+            derived = {"p": 0.6, "q": 0.1, "alpha1": 0.1, "alpha2": 0.1, "keep_ratio_reduction": "batch"}
+        else:
+            half = self.budget_band / 2
+            derived = {"p": round(min(1.0, self.budget + half), 6), "q": round(max(0.0, self.budget - half), 6),
+                       "alpha1": self.budget_alpha, "alpha2": self.budget_alpha, "keep_ratio_reduction": "image"}
+        return {key: derived[key] if getattr(self, key) is None else getattr(self, key) for key in derived}
 
 
 def reconstruction_distance(pred: torch.Tensor, target: torch.Tensor, kind: str, channel_dim: int) -> torch.Tensor:
@@ -223,8 +225,9 @@ class GumbelAESelector(SelectorModule):
         feat = reconstruction_distance(f_rec, features, cfg.distance, channel_dim=-1).mean()
         img = reconstruction_distance(i_rec, batch.image, cfg.distance, channel_dim=1).mean()
         l_pr = keep_ratio(mask)
-        per_image = keep_ratio(mask, per_image=True) if cfg.keep_ratio_reduction == "image" else l_pr
-        reg = budget_regulariser(per_image, cfg.regulariser, cfg.p, cfg.q, cfg.alpha1, cfg.alpha2)
+        band = cfg.band()
+        per_image = keep_ratio(mask, per_image=True) if band["keep_ratio_reduction"] == "image" else l_pr
+        reg = budget_regulariser(per_image, cfg.regulariser, band["p"], band["q"], band["alpha1"], band["alpha2"])
         loss = cfg.feature_weight * feat + cfg.image_weight * img + reg
         keep_prob = torch.softmax(logits.float(), dim=-1)[..., 1].mean()
         scalars = {"loss": loss, "feat_recon": feat, "img_recon": img, "keep_ratio": l_pr,

