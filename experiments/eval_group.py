@@ -192,7 +192,8 @@ def build_objectives(trained: list, ntp: Optional[torch.nn.Module]) -> list[Obje
             if vlm is None:
                 vlm = module.vlm if module is not None else build_vlm(cfg)
                 vlms.append((cfg, vlm))
-        out.append(Objective(t["name"], module.net if module is not None else t["net"], vlm, module, tau))
+        out.append(Objective(t.get("label", t["name"]), module.net if module is not None else t["net"], vlm, module,
+                             tau))
     return out
 
 
@@ -226,7 +227,7 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
         raise EvalError(f"data.view_selection=across: budgets must be keep ratios, not counts "
                         f"({', '.join(str(b) for b in budget_list if not isinstance(b, float))}): "
                         "a count of an image's V x N tokens would mean another ratio for every view count")
-    trained_budgets = {t["name"]: t["net"].trained_budget for t in trained}
+    trained_budgets = {t.get("label", t["name"]): t["net"].trained_budget for t in trained}
     if not explicit:
         budget_list += [b for b in trained_budgets.values() if b is not None and b not in budget_list]
     k_of = {b: resolve_budget(b, dims.num_tokens) for b in budget_list}

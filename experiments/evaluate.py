@@ -95,6 +95,26 @@ def load_trained(path: Path) -> dict:
     return {"name": net.config.name, "net": net, "config": net.run_config, "path": path}
 
 
+def label_trained(trained: list[dict]) -> list[dict]:
+    """Give each checkpoint its row name, ``label``: the objective's name, or, where several
+    checkpoints share an objective, the name with the run it comes from
+    (``gumbel_ae[gumbel_ae_lr1e-3/version_0]``), so that no two checkpoints share a row."""
+    def where(path: Path, detail: int) -> str:
+        run = path.parents[1] if path.parent.name == "checkpoints" else path
+        return [f"{run.parent.name}/{run.name}", f"{run.parent.name}/{run.name}/{path.stem}", str(path)][detail]
+
+    names = [t["name"] for t in trained]
+    for name in set(names):
+        group = [t for t in trained if t["name"] == name]
+        if len(group) == 1:
+            group[0]["label"] = name
+            continue
+        detail = next(d for d in range(3) if len({where(Path(t["path"]), d) for t in group}) == len(group))
+        for t in group:
+            t["label"] = f"{name}[{where(Path(t['path']), detail)}]"
+    return trained
+
+
 def encoder_key(run_config: dict) -> tuple:
     enc = run_config["encoder"]
     return (enc["name"], enc["pretrained"], enc["layer"], enc["norm"], enc["image_size"], enc.get("init_seed", 0),
@@ -192,7 +212,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not ckpt_paths:
         wanted = [n for n in trained_names() if chosen is None or n in chosen]
         ckpt_paths = newest_checkpoints(Path(base.run.root), wanted)
-    trained = [load_trained(p) for p in ckpt_paths]
+    repeated = sorted({str(p) for p in ckpt_paths if ckpt_paths.count(p) > 1})
+    if repeated:
+        raise EvalError(f"CKPTS: {', '.join(repeated)} given more than once")
+    trained = label_trained([load_trained(p) for p in ckpt_paths])
     if chosen is None:
         chosen = baseline_names() + sorted({t["name"] for t in trained})
     missing = [s for s in chosen if s in trained_names() and s not in {t["name"] for t in trained}]

@@ -1,6 +1,7 @@
 """`make eval` end to end on generated data with a short-trained selector, and its bad inputs."""
 
 import csv
+import shutil
 import subprocess
 
 import pytest
@@ -185,3 +186,18 @@ def test_make_eval_on_anyres_views(selection, tiny_corpus, tmp_path):
         counts = run_module("tokensel.experiments.evaluate", "--selectors", "random", "--budgets", "16",
                             f"data.root={tiny_corpus}", *views)
         assert counts.returncode == 2 and "budgets must be keep ratios" in counts.stderr
+
+
+def test_two_checkpoints_of_one_objective_get_a_row_each(trained, tiny_corpus, tmp_path):
+    first = next(trained.glob("gumbel_ae/*/checkpoints/last.ckpt"))
+    second = tmp_path / "again" / "gumbel_ae" / "version_0" / "checkpoints" / "last.ckpt"
+    second.parent.mkdir(parents=True)
+    shutil.copy(first, second)
+    out = tmp_path / "two"
+    result = make_eval("SELECTORS=random,gumbel_ae", f"CKPTS={first},{second}", "BUDGETS=0.25",
+                       f"ARGS=--out {out} --max-samples 8 --headroom-draws 2 data.root={tiny_corpus}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    names = [r["selector"] for r in csv.DictReader((out / "results.csv").open())]
+    assert sorted(n for n in names if n.startswith("gumbel_ae")) == [f"gumbel_ae[{first}]", f"gumbel_ae[{second}]"]
+    again = make_eval("SELECTORS=gumbel_ae", f"CKPTS={first},{first}", f"ARGS=--out {out} data.root={tiny_corpus}")
+    assert again.returncode == 2 and "given more than once" in again.stderr
