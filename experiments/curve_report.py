@@ -148,6 +148,7 @@ def plot_curves(curves: dict[int, list[dict]], budgets: list[str], selector: str
         if zero is not None:
             ax.axhline(zero, color="grey", lw=0.8, ls=":")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)  # steps are never negative; flat reference lines would otherwise widen the axis
         ax.set(title=title, xlabel="optimiser step")
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
