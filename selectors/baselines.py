@@ -147,10 +147,7 @@ class UniformSelector(TrainingFreeSelector):
 
     def __init__(self, grid: tuple[int, int]):
         super().__init__()
-        h, w = (int(g) for g in grid)
-        if h < 1 or w < 1:
-            raise ValueError(f"grid={grid}: need positive (h, w)")
-        self.grid = (h, w)
+        self.grid = positive_grid(grid)
         self._cache: dict[int, torch.Tensor] = {}
 
     @classmethod
@@ -343,6 +340,14 @@ def rank_from_order(order: torch.Tensor) -> torch.Tensor:
     B, N = order.shape
     rank = torch.empty(B, N, dtype=torch.float32, device=order.device)
     return rank.scatter_(1, order, torch.arange(N, 0, -1, dtype=torch.float32, device=order.device).expand(B, N))
+
+
+def positive_grid(grid) -> tuple[int, int]:
+    """``(h, w)`` as ints; a grid without positive sides is a ValueError naming it."""
+    h, w = (int(g) for g in grid)
+    if h < 1 or w < 1:
+        raise ValueError(f"grid={grid}: need positive (h, w)")
+    return h, w
 
 
 def stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:

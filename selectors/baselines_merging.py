@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from tokensel.common.errors import ConfigError
-from tokensel.selectors.baselines import BASELINES, TrainingFreeSelector, band_centres, stable_topk, subgrid_shape
+from tokensel.selectors.baselines import (BASELINES, TrainingFreeSelector, band_centres, positive_grid, stable_topk,
+                                         subgrid_shape)
 from tokensel.selectors.budget import BudgetError, resolve_budget
 from tokensel.selectors.inference import ContextError
 
@@ -59,10 +60,7 @@ class PoolSelector(TrainingFreeSelector):
 
     def __init__(self, grid: tuple[int, int]):
         super().__init__()
-        h, w = (int(g) for g in grid)
-        if h < 1 or w < 1:
-            raise ValueError(f"grid={grid}: need positive (h, w)")
-        self.grid = (h, w)
+        self.grid = positive_grid(grid)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod

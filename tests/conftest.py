@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # No test may reach for a model hub: fail fast instead of retrying for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Feature caches and converted weights of this session go to a fresh folder, never the user's own.
+# Feature caches and converted weights of a test run go to a fresh folder, never the user's own.
 os.environ["TOKENSEL_CACHE"] = tempfile.mkdtemp(prefix="tokensel-test-cache-")
 
 TINY_TRAIN = {"coco": 40, "docvqa": 24, "chartqa": 16}  # uneven on purpose
