@@ -241,6 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tokensel.selectors.budget import parse_budgets
     from tokensel.selectors.catalog import FULL, baseline_class, baseline_names, selector_for
     from tokensel.vlms import check_vlm, open_vlm
+    from tokensel.vlms.base import NO_CLS
     from tokensel.vlms.llava import LlavaFamily
 
     parser = ArgumentParser(prog="python -m tokensel.experiments.eval_vlm", description=__doc__.split("\n\n")[0])
@@ -273,10 +274,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [n for n in names if n != FULL and n not in baseline_names()]
     if bad:
         raise EvalVLMError(f"--selectors: unknown {', '.join(bad)}; choose from {FULL}, {', '.join(baseline_names())}")
-    needs_cls = [n for n in names if n != FULL and baseline_class(n).needs_cls_attention]
-    if needs_cls:
-        raise EvalVLMError(f"--selectors: {', '.join(needs_cls)} need the vision tower's CLS attention, which a pruned "
-                           "VLM does not compute; compare them in make eval")
     budgets = parse_budgets(args.budgets)
     for key, value in (("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
@@ -287,6 +284,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     family = check_vlm(args.model, "--model", **options) if args.model else LlavaFamily
     if not args.model:
         family.check_options(**options)
+    needs_cls = [n for n in names if n != FULL and baseline_class(n).needs_cls_attention]
+    if needs_cls and not family.cls_attention:
+        raise EvalVLMError(f"--selectors: {', '.join(needs_cls)} need the vision tower's CLS attention; "
+                           f"{family.model_types[0]}: {NO_CLS}")
     trained = [selector_for(p.strip(), (1, 1), args.seed, "--ckpts")[1] for p in args.ckpts.split(",") if p.strip()]
     if data.data.root == "data/default":
         from tokensel.datamodules.synthetic import ensure_default_corpus

@@ -79,7 +79,6 @@ def test_retained_share_and_speed_up_are_relative_to_the_full_token_row():
     (["--selectors", "full,tome"], ["--selectors", "tome", "divprune"]),
     (["--budgets", "0"], ["'0'"]),
     (["data.rooot=x"], ["data.rooot"]),
-    (["--selectors", "full,visionzip"], ["visionzip", "CLS attention", "make eval"]),
 ])
 def test_eval_vlm_mistakes_are_one_line(tiny_llava, tiny_corpus, args, words):
     result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_llava), *args,
@@ -108,6 +107,14 @@ def test_options_a_family_does_not_take_are_one_line(tiny_llava, tiny_corpus, ar
                         timeout=300)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and all(w in errors[0] for w in words), result.stderr
+
+
+def test_cls_attention_selectors_in_a_family_without_a_cls_token_are_one_line(tiny_qwen2_5_vl, tiny_corpus):
+    result = run_module("tokensel.experiments.eval_vlm", "--model", str(tiny_qwen2_5_vl), "--selectors",
+                        "full,visionzip,cls_attention", f"data.root={tiny_corpus}", timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert all(w in errors[0] for w in ("visionzip, cls_attention", "CLS attention", "qwen2_5_vl")), errors
 
 
 @pytest.mark.slow

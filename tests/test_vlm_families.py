@@ -6,6 +6,8 @@ fails here."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,66 @@ def test_a_query_aware_selector_is_conditioned_on_the_question(folders, loaded, 
         assert torch.equal(prompt.kept[0].cpu(), (direct + offsets).reshape(-1)), question
         kept.append(tuple(prompt.kept[0].tolist()))
     assert len(set(kept)) > 1  # another question, another selection
+
+
+def eager_cls_row(tower, pixels: torch.Tensor, block: int) -> torch.Tensor:
+    """The reference: the head-mean CLS->patch row of block ``block`` from transformers' own eager
+    attention weights (prefix keys dropped)."""
+    eager = copy.deepcopy(tower)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        weights = eager(pixel_values=pixels, output_attentions=True).attentions[block]  # (B, H, L, L)
+    return weights[:, :, 0, 1:].mean(1)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_cls_attention_selectors_read_the_feature_layers_attention(folders, loaded, name):
+    """VisionZip / EViT inside a pruned VLM: the CLS row of the block whose output is the feature
+    layer, equal to the model's own eager attention; cls_attention keeps its top-k; answers do not
+    depend on the batch. A family with no CLS token refuses in one line."""
+    vlm = vlm_of(folders, loaded, name)
+    pictures = images(vlm, 4)
+    visionzip, cls_top = (build_baseline(n, vlm.selection_grid) for n in ("visionzip", "cls_attention"))
+    if not vlm.cls_attention:
+        with pytest.raises(TokenselError, match="CLS attention") as err:
+            vlm.prune(pictures[:1], QUESTIONS[:1], visionzip, 0.25)
+        assert "\n" not in str(err.value)
+        return
+    batch = vlm.encode(pictures, QUESTIONS)
+    candidates = vlm.candidates(batch, cls_attention=True)
+    base_views = batch["pixel_values"][:, 0] if vlm.anyres else batch["pixel_values"]
+    reference = eager_cls_row(vlm.model.model.vision_tower, base_views, vlm.layer)
+    ours = torch.stack([a[0] for a in candidates.cls_attention])
+    assert torch.allclose(ours, reference, atol=1e-6)
+    prompt = vlm.prune(pictures, QUESTIONS, cls_top, 4)
+    for i, kept in enumerate(prompt.kept):
+        attention = candidates.cls_attention[i]  # (V, N): the top 4 of each view
+        top = torch.cat([a.topk(4).indices.sort().values + v * a.shape[0] for v, a in enumerate(attention)])
+        assert torch.equal(kept.cpu(), top)
+    for selector in (cls_top, visionzip):
+        together = vlm.generate(pictures, QUESTIONS, selector, 0.25, max_new_tokens=5)
+        alone = [vlm.generate([p], [q], selector, 0.25, max_new_tokens=5)[0] for p, q in zip(pictures, QUESTIONS)]
+        assert together == alone and any(together)
+
+
+@pytest.mark.parametrize("tower_kind", ["clip", "dinov2"])
+def test_tower_cls_attention_equals_the_towers_eager_attention(tower_kind):
+    """CLIP-style and DINOv2-style transformers towers (make vlm's LLaVA has a DINOv2 tower)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
+
+    from tokensel.common.attention import capture_cls_row
+    from tokensel.vlms.llava import tower_cls_attention_site
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
+    tower = (CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **shape)) if tower_kind == "clip"
+             else Dinov2Model(Dinov2Config(image_size=28, patch_size=7, **shape))).eval()
+    pixels = torch.randn(2, 3, tower.config.image_size, tower.config.image_size)
+    for block in (-2, 0):
+        module, cls_row = tower_cls_attention_site(tower, block, 16)
+        with torch.no_grad():
+            _, row = capture_cls_row(module, cls_row, lambda: tower(pixel_values=pixels), tower_kind)
+        assert row.shape == (2, 16) and torch.allclose(row, eager_cls_row(tower, pixels, block), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -227,10 +289,19 @@ def test_the_feature_source_serves_exactly_the_candidates(folders, loaded, name)
     enc = build_encoder(f"hf:{folders[name]}", layer=need["layer"], norm=need["norm"], image_size=need["image_size"])
     side = enc.preprocess.size[0]
     picture = images(vlm, 1)[0].resize((side, side))
-    features = enc(normalise(picture, enc.preprocess)[None])
-    expected = vlm.candidates(vlm.encode([picture], QUESTIONS[:1])).features[0][:1]  # the base view for NeXT
+    pixels = normalise(picture, enc.preprocess)[None]
+    features = enc(pixels)
+    candidates = vlm.candidates(vlm.encode([picture], QUESTIONS[:1]), cls_attention=vlm.cls_attention)
+    expected = candidates.features[0][:1]  # the base view for NeXT
     assert enc.grid == (vlm.fixed_grid() or enc.grid) and features.shape == expected.shape
     assert torch.allclose(features, expected, atol=1e-4)
+    if vlm.cls_attention:  # data.cls_attention_layer at the feature layer: the pruned VLM's CLS row
+        _, attention = enc.forward_with_cls_attention(pixels, need["layer"])
+        assert torch.allclose(attention, candidates.cls_attention[0][:1], atol=1e-5)
+    else:
+        with pytest.raises(TokenselError, match="no CLS token") as err:
+            enc.check_cls_attention(-1)
+        assert "\n" not in str(err.value)
 
 
 def test_bad_inputs_are_one_line(folders, loaded):

@@ -63,7 +63,6 @@ def test_bad_pruned_vlm_settings_are_one_line(tmp_path, full):
 
     for make in (lambda: open_vlm(str(tmp_path / "nowhere")),
                  lambda: full.prune(images(1), QUESTIONS[:1], build_baseline("random", (4, 4)), None),
-                 lambda: full.prune(images(1), QUESTIONS[:1], build_baseline("cls_attention", (4, 4)), 4),
                  lambda: LlavaFamily(full.model, full.processor, feature_space="llm"),
                  lambda: LlavaFamily(full.model, full.processor, positions="compact"),
                  lambda: LlavaFamily(full.model, full.processor, image_size=64)):

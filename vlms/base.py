@@ -38,6 +38,8 @@ from tokensel.common.selection import SelectionContext
 VIEW_SELECTIONS = ("per_view", "across")
 POSITIONS = ("original", "compact")
 FAMILIES: Registry[type] = Registry("VLM family (Hugging Face model_type)")
+NO_CLS = ("its candidates are merged patch tokens with no CLS token, so there is no CLS attention to rank them by "
+          "(use a selector that needs none, e.g. divprune or cdpruner)")
 
 
 def register_family(cls: type) -> type:
@@ -57,7 +59,9 @@ class Candidates:
     - ``counts``: ``V * N``, the candidate tokens of the image;
     - ``tokens``: ``(V * N, D)`` in the model's dtype, what the splice places (or projects) for a
       kept token, view-major;
-    - ``extras``: per family (Qwen3-VL: the DeepStack features of each image).
+    - ``extras``: per family (Qwen3-VL: the DeepStack features of each image);
+    - ``cls_attention``: ``(V, N)`` float32, each view's CLS->patch attention at the feature layer,
+      when asked for (families with ``cls_attention``).
     """
 
     features: Optional[list[torch.Tensor]]
@@ -65,6 +69,7 @@ class Candidates:
     counts: list[int]
     tokens: Optional[list[torch.Tensor]] = None
     extras: dict = field(default_factory=dict)
+    cls_attention: Optional[list[torch.Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -103,6 +108,7 @@ class VLMFamily:
     mrope: ClassVar[bool] = False  # 3-D M-RoPE positions: the positions option applies
     anyres: ClassVar[bool] = False  # several views per image (LLaVA-NeXT)
     variable_resolution: ClassVar[bool] = False  # the processor gives each image its own grid
+    cls_attention: ClassVar[bool] = False  # the tower has a CLS token whose attention a selector may read
 
     def __init__(self, model, processor, feature_space: Optional[str] = None, view_selection: str = "per_view",
                  positions: str = "original", image_size: Optional[int] = None):
@@ -160,9 +166,10 @@ class VLMFamily:
                               padding=True).to(self.model.device)
 
     # ---- what a family implements --------------------------------------------------------------
-    def candidates(self, batch, features: bool = True) -> Candidates:
+    def candidates(self, batch, features: bool = True, cls_attention: bool = False) -> Candidates:
         """The candidates of every image of ``batch``; with ``features=False`` only what the
-        full-token row needs (a family may then skip the selection space)."""
+        full-token row needs (a family may then skip the selection space); with ``cls_attention``
+        also each view's CLS->patch attention (families whose ``cls_attention`` is True)."""
         raise NotImplementedError
 
     def splice(self, batch, candidates: Candidates, kept: Optional[list[torch.Tensor]]) -> PrunedPrompt:
@@ -238,16 +245,22 @@ class VLMFamily:
             rows.append(embed(ids.to(embed.weight.device))[0].float().mean(dim=0))
         return torch.stack(rows)
 
-    def selection_context(self, candidates: Candidates, questions: Sequence[str]) -> list:
-        """Per image a ``SelectionContext`` with rows for its ``V`` views: the question (text and
-        embedding, the same for every view) and the views' candidates in the LLM's input space."""
-        query = self.question_embedding(questions)
+    def selection_context(self, candidates: Candidates, questions: Sequence[str], instruction: bool = True) -> list:
+        """Per image a ``SelectionContext`` with rows for its ``V`` views: with ``instruction``, the
+        question (text and embedding, the same for every view) and the views' candidates in the
+        LLM's input space; the views' CLS attention when the candidates carry it."""
+        query = self.question_embedding(questions) if instruction else None
+        embedded = self.token_embeddings(candidates) if instruction else [None] * len(candidates)
+        attention = candidates.cls_attention or [None] * len(candidates)
         contexts = []
-        for i, (x, tokens) in enumerate(zip(candidates.features, self.token_embeddings(candidates))):
+        for i, (x, tokens, cls) in enumerate(zip(candidates.features, embedded, attention)):
             V, N = x.shape[:2]
-            contexts.append(SelectionContext(instruction=[questions[i]] * V,
-                                             instruction_embedding=query[i].expand(V, -1),
-                                             token_embedding=tokens.float().reshape(V, N, -1)))
+            context = SelectionContext(cls_attention=None if cls is None else cls.float())
+            if instruction:
+                context.instruction = [questions[i]] * V
+                context.instruction_embedding = query[i].expand(V, -1)
+                context.token_embedding = tokens.float().reshape(V, N, -1)
+            contexts.append(context)
         return contexts
 
     # ---- the pipeline --------------------------------------------------------------------------
@@ -282,14 +295,15 @@ class VLMFamily:
         every token (the model's own path) when both are None."""
         if (selector is None) != (budget is None):
             raise ConfigError("a pruned VLM needs both a selector and a budget (or neither, for all tokens)")
-        if getattr(selector, "needs_cls_attention", False):
+        needs_cls = bool(getattr(selector, "needs_cls_attention", False))
+        if needs_cls and not self.cls_attention:
             name = getattr(selector, "name", type(selector).__name__)
-            raise ConfigError(f"selector {name} needs the vision tower's CLS attention, which a pruned VLM does not "
-                              "compute; run it in make eval (data.cls_attention_layer)")
+            raise ConfigError(f"selector {name} needs the vision tower's CLS attention: {self.name}: {NO_CLS}")
+        uses_instruction = bool(getattr(selector, "uses_instruction", False))
         batch = self.encode(images, questions)
-        candidates = self.candidates(batch, features=selector is not None)
-        contexts = self.selection_context(candidates, questions) if getattr(selector, "uses_instruction", False) \
-            else None
+        candidates = self.candidates(batch, features=selector is not None, cls_attention=needs_cls)
+        contexts = self.selection_context(candidates, questions, uses_instruction) \
+            if uses_instruction or needs_cls else None
         kept = None if selector is None else self.select(candidates, selector, budget, contexts)
         return self.splice(batch, candidates, kept)
 

@@ -8,9 +8,13 @@ The selector sits where AutoSelect (arXiv 2603.07135, Sec. 1) and the Gumbel aut
     -> the K embeddings replace the image's placeholders in the processor's own prompt -> generate
 
 ``feature_space="projector"`` selects among the projected embeddings instead, as DivPrune (Alvar
-et al., CVPR 2025) is run by its authors. Positions are 1-D: the pruned prompt is cut, left-padded
-again, and numbered one position per token as ``generate`` numbers any left-padded prompt, so a
-row's answer does not depend on its batch.
+et al., CVPR 2025) is run by its authors. A selector that reads the tower's CLS attention
+(``cls_attention``, ``visionzip``) gets the CLS->patch attention of the block whose output is the
+feature layer, as VisionZip reads ``attentions[-2]`` beside ``hidden_states[-2]`` (arXiv 2412.04467,
+Sec. 3.1); it is read from the same tower pass (:func:`tower_cls_attention_site`).
+
+Positions are 1-D: the pruned prompt is cut, left-padded again, and numbered one position per
+token as ``generate`` numbers any left-padded prompt, so a row's answer does not depend on its batch.
 
 Also here: :class:`LlavaTower`, the training feature source (``encoder.name=hf:<llava>``; only the
 checkpoint's vision-tower tensors are read), and :func:`assemble_llava`, the LLaVA built from a
@@ -26,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tokensel.common.attention import ClsRow, capture_cls_row, cls_softmax, split_heads
 from tokensel.common.errors import VLMError
 from tokensel.vlms.base import Candidates, PrunedPrompt, VLMFamily, image_run, left_pad, register_family
 from tokensel.vlms.sources import (CandidateEncoder, PIL_RESAMPLE, PixelSpec, fetching, load_into, processor_config,
@@ -49,6 +54,43 @@ def feature_layer(config) -> int:
     return layer
 
 
+def feature_block(layer: int) -> int:
+    """The tower block (an index into its blocks) whose output is ``hidden_states[layer]``."""
+    if layer == 0:
+        raise VLMError("vision_feature_layer=0 is the embeddings, which no attention block produces: "
+                       "it has no CLS attention")
+    return layer if layer < 0 else layer - 1
+
+
+def tower_cls_attention_site(tower: nn.Module, block: int, patches: int) -> tuple[nn.Module, ClsRow]:
+    """Block ``block`` (an index into the blocks) of a transformers ViT with a CLS token, and the map
+    from its attention's input to the CLS->patch attention ``(B, patches)`` (head mean, the
+    ``L - patches`` prefix keys dropped). CLIP-style blocks (``self_attn``: ``q_proj``, ``k_proj``,
+    ``num_heads``, ``scale``) and DINOv2-style ones (``attention``: ``q_proj``, ``k_proj``,
+    ``num_attention_heads``, ``scaling``); the attention's input is the block's normed hidden state."""
+    vision = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
+    embeddings = getattr(vision, "embeddings", None)
+    if getattr(embeddings, "class_embedding", None) is None and getattr(embeddings, "cls_token", None) is None:
+        raise VLMError(f"its vision tower ({type(vision).__name__}) has no CLS token, so it has no CLS attention")
+    encoder = getattr(vision, "encoder", None)
+    blocks = getattr(encoder, "layers", None) or getattr(encoder, "layer", None)
+    if blocks is None:
+        raise VLMError(f"its vision tower ({type(vision).__name__}) has no encoder.layers to read attention from")
+    if not -len(blocks) <= block < len(blocks):
+        raise VLMError(f"block {block}: the vision tower has {len(blocks)} blocks")
+    attn = getattr(blocks[block], "self_attn", None) or getattr(blocks[block], "attention", None)
+    heads = getattr(attn, "num_heads", None) or getattr(attn, "num_attention_heads", None)
+    scale = getattr(attn, "scale", None) or getattr(attn, "scaling", None)
+    if heads is None or scale is None or not (hasattr(attn, "q_proj") and hasattr(attn, "k_proj")):
+        raise VLMError(f"its vision tower ({type(vision).__name__}) has attention without q_proj/k_proj")
+
+    def cls_row(x: torch.Tensor) -> torch.Tensor:
+        q, k = split_heads(attn.q_proj(x[:, :1]), int(heads)), split_heads(attn.k_proj(x), int(heads))
+        return cls_softmax(q, k, float(scale), x.shape[1] - patches)
+
+    return attn, cls_row
+
+
 @register_family
 class LlavaFamily(VLMFamily):
     """LLaVA-1.5: one view of N tokens per image (see the module docstring)."""
@@ -56,6 +98,7 @@ class LlavaFamily(VLMFamily):
     model_types = ("llava",)
     model_class = "LlavaForConditionalGeneration"
     feature_spaces = ("vision", "projector")
+    cls_attention = True
 
     def __init__(self, model, processor, **options):
         super().__init__(model, processor, **options)
@@ -76,21 +119,38 @@ class LlavaFamily(VLMFamily):
         hidden = tower(pixel_values.to(self.model.dtype), output_hidden_states=True).hidden_states[self.layer]
         return hidden[:, 1:] if self.strategy == "default" else hidden
 
+    def image_features_with_cls_attention(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`image_features` and, from the same pass, the CLS->patch attention ``(B, N)`` of
+        the block whose output they are (see the module docstring)."""
+        if self.strategy != "default":
+            raise VLMError(f"vision_feature_select_strategy={self.strategy!r}: the CLS token is a candidate, "
+                           "so a CLS-attention selector has no CLS query to read")
+        tower = self.model.model.vision_tower
+        module, cls_row = tower_cls_attention_site(tower, feature_block(self.layer), self.tokens_per_view)
+        return capture_cls_row(module, cls_row, lambda: self.image_features(pixel_values), f"{self.name} vision tower")
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(features)
 
-    def view_candidates(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(space (G, V, N, C) float32, tokens (G, V * N, D))`` for ``G`` images of ``V`` views."""
+    def view_candidates(self, views: torch.Tensor, cls_attention: bool = False) -> tuple:
+        """``(space (G, V, N, C) float32, tokens (G, V * N, D), CLS attention (G, V, N) or None)``
+        for ``G`` images of ``V`` views."""
         G, V = views.shape[:2]
-        features = self.image_features(views.flatten(0, 1))  # (G * V, N, C)
+        if cls_attention:
+            features, attention = self.image_features_with_cls_attention(views.flatten(0, 1))  # (G * V, N, C)
+            attention = attention.reshape(G, V, -1)
+        else:
+            features, attention = self.image_features(views.flatten(0, 1)), None
         if self.feature_space == "projector":
             features = self.project(features)
-        return features.float().reshape(G, V, *features.shape[1:]), features.reshape(G, -1, features.shape[-1])
+        space = features.float().reshape(G, V, *features.shape[1:])
+        return space, features.reshape(G, -1, features.shape[-1]), attention
 
-    def candidates(self, batch, features: bool = True) -> Candidates:
-        space, tokens = self.view_candidates(batch["pixel_values"].unsqueeze(1))
+    def candidates(self, batch, features: bool = True, cls_attention: bool = False) -> Candidates:
+        space, tokens, attention = self.view_candidates(batch["pixel_values"].unsqueeze(1), cls_attention)
         n = len(tokens)
-        return Candidates(list(space), [self.grid] * n, [self.tokens_per_view] * n, list(tokens))
+        return Candidates(list(space), [self.grid] * n, [self.tokens_per_view] * n, list(tokens),
+                          cls_attention=None if attention is None else list(attention))
 
     def candidate_geometry(self) -> tuple[Optional[int], int]:
         config = self.model.config
@@ -216,6 +276,9 @@ class LlavaTower(CandidateEncoder):
             hidden = self.vision().post_layernorm(hidden)
         prefix = hidden.shape[1] - self.grid[0] * self.grid[1]  # 1 (CLS) for CLIP, 0 for SigLIP
         return hidden[:, prefix:]
+
+    def cls_attention_site(self, layer: int) -> tuple[nn.Module, ClsRow]:
+        return tower_cls_attention_site(self.tower, layer, self.grid[0] * self.grid[1])
 
 
 def assemble_llava(tower: nn.Module, lm: nn.Module, tokenizer, image_processor, vision_feature_layer: int = -2,

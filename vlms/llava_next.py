@@ -36,19 +36,22 @@ class LlavaNextFamily(LlavaFamily):
         return [image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
                 for size in batch["image_sizes"]]
 
-    def candidates(self, batch, features: bool = True) -> Candidates:
+    def candidates(self, batch, features: bool = True, cls_attention: bool = False) -> Candidates:
         counts = self.view_counts(batch)
         out = Candidates(None, [self.grid] * len(counts), [v * self.tokens_per_view for v in counts])
         if not features:  # the full-token row runs the model's own image path
             return out
         space: list = [None] * len(counts)
         tokens: list = [None] * len(counts)
+        attention: list = [None] * len(counts)
         pixels = batch["pixel_values"]
         for v in sorted(set(counts)):  # images with the same view count go through the tower together
             rows = [i for i, c in enumerate(counts) if c == v]
-            for i, x, t in zip(rows, *self.view_candidates(pixels[rows, :v])):
-                space[i], tokens[i] = x, t
+            x, t, a = self.view_candidates(pixels[rows, :v], cls_attention)
+            for j, i in enumerate(rows):
+                space[i], tokens[i], attention[i] = x[j], t[j], None if a is None else a[j]
         out.features, out.tokens = space, tokens
+        out.cls_attention = attention if cls_attention else None
         return out
 
     def image_embeddings(self, batch, candidates: Candidates, kept: Optional[list[torch.Tensor]]) -> list[torch.Tensor]:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tokensel.common.errors import ConfigError, VLMError
-from tokensel.vlms.base import Candidates, PrunedPrompt, VLMFamily, image_run, left_pad
+from tokensel.vlms.base import NO_CLS, Candidates, PrunedPrompt, VLMFamily, image_run, left_pad
 from tokensel.vlms.sources import CandidateEncoder, PIL_RESAMPLE, PixelSpec, fetching, load_into, processor_config, read_tensors
 
 VISUAL_PREFIXES = ("model.visual.", "visual.")  # transformers 5 saves, then the hub checkpoints' names
@@ -87,7 +87,9 @@ class QwenFamily(VLMFamily):
         return self.model.model.get_image_features(batch["pixel_values"].to(self.model.dtype), batch["image_grid_thw"])
 
     @torch.no_grad()
-    def candidates(self, batch, features: bool = True) -> Candidates:
+    def candidates(self, batch, features: bool = True, cls_attention: bool = False) -> Candidates:
+        if cls_attention:
+            raise VLMError(f"{self.name}: {NO_CLS}")
         out = self.image_outputs(batch)
         tokens = list(out.pooler_output)
         grids = [(int(h) // self.merge, int(w) // self.merge) for _, h, w in batch["image_grid_thw"].tolist()]

@@ -7,7 +7,7 @@
 - :func:`processor_config`: the folder's image processor settings;
 - :class:`PixelSpec` and :class:`CandidateEncoder`: the candidates of one fixed-resolution image
   batch, from pixels the data pipeline has already resized and normalised
-  (``datamodules/encoders/hf.py`` wraps one as an encoder).
+  (``datamodules/encoders/hf.py`` wraps one as an encoder), and where its CLS attention is.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tokensel.common.attention import ClsRow
 from tokensel.common.errors import VLMError
 from tokensel.common.hub import hf_fetch, hf_model_is_local, hf_source_error, hub_download
 
@@ -130,3 +131,8 @@ class CandidateEncoder(nn.Module):
 
     def tokens(self, pixels: torch.Tensor, layer: int, norm: bool) -> torch.Tensor:
         raise NotImplementedError
+
+    def cls_attention_site(self, layer: int) -> tuple[nn.Module, ClsRow]:
+        """The attention module of tower block ``layer`` and the map from its input to the CLS->patch
+        attention (``common/attention.py``); :class:`VLMError` for a tower without a CLS token."""
+        raise VLMError("its vision tower has no CLS token, so it has no CLS attention")

@@ -9,16 +9,13 @@ tokens dropped. Families are picked by name in ``encoders/__init__.py``.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from tokensel.common.attention import ClsRow, capture_cls_row
 from tokensel.common.errors import TokenselError
 from tokensel.datamodules.samples import Preprocess
 
-ClsRow = Callable[[torch.Tensor], torch.Tensor]  # a block's attention input -> CLS->patch attention (B, N)
 
 
 class EncoderError(TokenselError):
@@ -112,20 +109,7 @@ class FrozenEncoder(nn.Module):
         is not renormalised, so each row sums to ``1 - (CLS->prefix mass)`` <= 1.
         """
         module, cls_row = self.backbone.cls_attention_site(self.name, layer)
-        captured: list[torch.Tensor] = []
-
-        def hook(_module, args, kwargs):
-            x = args[0] if args else next(kwargs[k] for k in ("x", "hidden_states", "query", "q_x") if k in kwargs)
-            captured.append(cls_row(x))
-
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            features = self(pixels)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"{self.name}: the attention of block {layer} ran {len(captured)} times, expected once")
-        return features, captured[0]
+        return capture_cls_row(module, cls_row, lambda: self(pixels), f"{self.name} block {layer}")
 
 
 # ---- CLS attention helpers shared by the families -------------------------------------------------
@@ -140,25 +124,6 @@ def pick_block(name: str, blocks: list, layer: int) -> nn.Module:
 def no_cls_token(name: str, example: str = "") -> EncoderError:
     return EncoderError(f"encoder {name}: has no CLS token{example}, so it has no CLS attention; "
                         "unset data.cls_attention_layer or use a selector that needs none")
-
-
-def cls_softmax(q_cls: torch.Tensor, k: torch.Tensor, scale: float, prefix: int) -> torch.Tensor:
-    """``q_cls (B, H, 1, d)``, ``k (B, H, L, d)`` -> head-mean softmax attention of the CLS query to
-    the patch keys ``(B, L - prefix)``, in float32 (the prefix keys' mass is dropped, not renormalised)."""
-    logits = (q_cls.float() * scale) @ k.float().transpose(-2, -1)  # (B, H, 1, L)
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0, prefix:]
-
-
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    B, L, _ = x.shape
-    return x.reshape(B, L, heads, -1).transpose(1, 2)  # (B, H, L, d)
-
-
-def fused_qk(x: torch.Tensor, weight: torch.Tensor, bias, width: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CLS query ``(B, H, 1, d)`` and all keys ``(B, H, L, d)`` from a fused ``[q; k; v]`` projection."""
-    q = F.linear(x[:, :1], weight[:width], None if bias is None else bias[:width])
-    k = F.linear(x, weight[width:2 * width], None if bias is None else bias[width:2 * width])
-    return split_heads(q, heads), split_heads(k, heads)
 
 
 def hub_tag_error(label: str, tag: str, err: Exception) -> EncoderError:

@@ -18,9 +18,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tokensel.common.errors import TokenselError
+from tokensel.common.attention import ClsRow
+from tokensel.common.errors import TokenselError, VLMError
 from tokensel.common.hub import hf_model_is_local, hf_source_error
-from tokensel.datamodules.encoders.base import Backbone, ClsRow, EncoderError, cls_softmax, no_cls_token, pick_block, split_heads
+from tokensel.datamodules.encoders.base import Backbone, EncoderError
 from tokensel.datamodules.samples import Preprocess
 from tokensel.vlms import family_of
 from tokensel.vlms.sources import CandidateEncoder
@@ -46,27 +47,13 @@ class HFBackbone(Backbone):
         return self.source.tokens(pixels, layer, norm)
 
     def cls_attention_site(self, name: str, layer: int) -> tuple[nn.Module, ClsRow]:
-        """transformers ``CLIPEncoderLayer.self_attn`` (``q_proj``/``k_proj``, input ``layer_norm1(x)``).
-        ``layer`` indexes ``encoder.layers``, so a negative ``layer`` is the block whose output is
-        ``hidden_states[layer]`` (VisionZip's ``attentions[-2]``)."""
-        vision = getattr(self.model, "vision_model", self.model)  # transformers 5 flattened CLIPVisionModel
-        layers = getattr(getattr(vision, "encoder", None), "layers", None)
-        embeddings = getattr(vision, "embeddings", None)
-        if layers is None or embeddings is None:
-            raise no_cls_token(name, " (e.g. Qwen-VL's merged tokens)") if embeddings is None else EncoderError(
-                f"cls_attention not supported for {name}: its tower has no vision_model.encoder.layers")
-        if getattr(embeddings, "class_embedding", None) is None:
-            raise no_cls_token(name, " (e.g. SigLIP)")
-        attn = getattr(pick_block(name, list(layers), layer), "self_attn", None)
-        if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "num_heads", "scale")):
-            raise EncoderError(f"cls_attention not supported for {name}: its layers' self_attn has no q_proj/k_proj")
-        heads = int(attn.num_heads)
-
-        def cls_row(x: torch.Tensor) -> torch.Tensor:
-            q, k = split_heads(attn.q_proj(x[:, :1]), heads), split_heads(attn.k_proj(x), heads)
-            return cls_softmax(q, k, float(attn.scale), 1)
-
-        return attn, cls_row
+        """The family's tower block ``layer`` (an index into its blocks, so a negative ``layer`` is
+        the block whose output is ``hidden_states[layer]``: VisionZip's ``attentions[-2]``)."""
+        try:
+            return self.source.cls_attention_site(layer)
+        except VLMError as err:
+            raise EncoderError(f"encoder {name}: {err}; unset data.cls_attention_layer or use a selector that "
+                               "needs none") from None
 
 
 def build_hf(model_name: str, pretrained: str, image_size: Optional[int], library: str = "hf") -> HFBackbone:

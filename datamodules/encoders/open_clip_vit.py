@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokensel.common.attention import ClsRow, cls_softmax, fused_qk, split_heads
 from tokensel.common.hub import looks_like_path, weights_download
 from tokensel.common.open_clip_configs import register_model_configs
-from tokensel.datamodules.encoders.base import (Backbone, ClsRow, EncoderError, cls_softmax, first_line, fused_qk,
-                                                hub_tag_error, no_cls_token, pick_block, split_heads)
+from tokensel.datamodules.encoders.base import Backbone, EncoderError, first_line, hub_tag_error, no_cls_token, pick_block
 from tokensel.datamodules.samples import Preprocess
 
 

@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from tokensel.datamodules.encoders.base import Backbone, ClsRow, EncoderError, no_cls_token
+from tokensel.common.attention import ClsRow
+from tokensel.datamodules.encoders.base import Backbone, EncoderError, no_cls_token
 from tokensel.datamodules.encoders.timm_vit import create_timm
 from tokensel.datamodules.samples import Preprocess
 

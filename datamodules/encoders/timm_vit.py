@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from tokensel.common.attention import ClsRow, cls_softmax, fused_qk
 from tokensel.common.hub import looks_like_path, weights_download
-from tokensel.datamodules.encoders.base import (Backbone, ClsRow, EncoderError, cls_softmax, first_line, fused_qk,
-                                                hub_tag_error, no_cls_token, pick_block)
+from tokensel.datamodules.encoders.base import Backbone, EncoderError, first_line, hub_tag_error, no_cls_token, pick_block
 from tokensel.datamodules.samples import Preprocess
 
 
