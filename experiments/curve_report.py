@@ -120,6 +120,9 @@ def budget_words(budget: str) -> str:
     return f"{float(budget):.1%} kept" if "." in budget else f"{budget} tokens kept"
 
 
+REFERENCE_COLORS = {"random": "C1", "uniform": "C2", "l2norm": "C3", "divprune": "C4", "cls_attention": "C5"}
+
+
 def plot_curves(curves: dict[int, list[dict]], budgets: list[str], selector: str, path: Path, dpi: int = 110) -> Path:
     panels = [("auroc", "evidence AUROC (0.5 = chance)", [("auroc/" + b, b) for b in
                                                           ("random", "l2norm", "divprune", "cls_attention")], 0.5)]
@@ -140,11 +143,17 @@ def plot_curves(curves: dict[int, list[dict]], budgets: list[str], selector: str
             low, high = (0.0, 1.0) if not metric.startswith("objective") else (-np.inf, np.inf)  # AUROC, recall
             ax.fill_between(steps, np.clip(means - halves, low, high), np.clip(means + halves, low, high),
                             color="C0", alpha=0.2, lw=0)
-        for i, (ref, label) in enumerate(references):
+            if len(curves) > 1:  # each seed thin: a band over 3 seeds hides where each one went
+                for i, records in enumerate(curves.values()):
+                    own = series(records, metric)
+                    if own:
+                        ax.plot([p[0] for p in own], [p[1] for p in own], color="C0", lw=0.7, alpha=0.45,
+                                label="each seed" if i == 0 else None)
+        for ref, label in references:
             ref_points = reference_curve(curves, metric, ref)
             if ref_points:
                 xs, ys = zip(*ref_points)
-                ax.plot(xs, ys, color=f"C{i + 1}", lw=1.1, ls="--", label=label)
+                ax.plot(xs, ys, color=REFERENCE_COLORS[label], lw=1.1, ls="--", label=label)
         if zero is not None:
             ax.axhline(zero, color="grey", lw=0.8, ls=":")
         ax.set_xscale("symlog", linthresh=1)
