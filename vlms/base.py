@@ -255,12 +255,13 @@ class VLMFamily:
         contexts = []
         for i, (x, tokens, cls) in enumerate(zip(candidates.features, embedded, attention)):
             V, N = x.shape[:2]
-            context = SelectionContext(cls_attention=None if cls is None else cls.float())
+            cls = None if cls is None else cls.float()
             if instruction:
-                context.instruction = [questions[i]] * V
-                context.instruction_embedding = query[i].expand(V, -1)
-                context.token_embedding = tokens.float().reshape(V, N, -1)
-            contexts.append(context)
+                contexts.append(SelectionContext(
+                    instruction=[questions[i]] * V, instruction_embedding=query[i].expand(V, -1),
+                    token_embedding=tokens.float().reshape(V, N, -1), cls_attention=cls))
+            else:
+                contexts.append(SelectionContext(cls_attention=cls))
         return contexts
 
     # ---- the pipeline --------------------------------------------------------------------------
