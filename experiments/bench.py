@@ -35,6 +35,14 @@ from typing import Callable, Optional
 import torch
 
 from tokensel.common.cli import ArgumentParser, run_main
+from tokensel.common.errors import UsageError
+from tokensel.datamodules.batch import FeatureDims
+from tokensel.datamodules.encoders import build_encoder
+from tokensel.experiments.bench_prefill import default_model, prefill_rows, prefill_table
+from tokensel.selectors.budget import parse_budgets
+from tokensel.selectors.catalog import (all_names, baseline_names, build_baseline, build_net, selector_entry,
+                                        trained_names)
+from tokensel.selectors.inference import SelectionContext
 
 GEOMETRIES = {"llava15": 1, "llava_next": 5}  # crops of 576 tokens per image
 TOKENS, WIDTH, GRID = 576, 1024, (24, 24)
@@ -72,14 +80,9 @@ def median_ms(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool) -
 def build_selectors(names: list[str], device: torch.device) -> dict:
     """Every named selector at the LLaVA geometry: baselines as they are, trained objectives at
     their default config with random weights (``catalog.build_net``)."""
-    from tokensel.datamodules.batch import FeatureDims
-    from tokensel.selectors.catalog import all_names, baseline_names, build_baseline, build_net
-
     dims = FeatureDims(TOKENS, WIDTH, GRID, 64)
     unknown = [n for n in names if n not in all_names()]
     if unknown:
-        from tokensel.common.errors import UsageError
-
         raise UsageError(f"--selectors: unknown {', '.join(unknown)}; choose from {', '.join(all_names())}")
     return {n: (build_baseline(n, GRID, seed=0) if n in baseline_names() else build_net(n, dims).to(device))
             for n in names}
@@ -88,8 +91,6 @@ def build_selectors(names: list[str], device: torch.device) -> dict:
 def one_net_per_objective() -> list[str]:
     """Trained selector names, one per network class (``straight_through`` times the same network
     as ``gumbel_ae``)."""
-    from tokensel.selectors.catalog import selector_entry, trained_names
-
     seen, names = set(), []
     for name in trained_names():
         module_cls = selector_entry(name).module_cls
@@ -104,8 +105,6 @@ class EncoderTimer:
     counts above ``max_images`` are timed at ``max_images`` and scaled linearly."""
 
     def __init__(self, max_images: int, warmup: int, repeats: int, device: torch.device, cuda: bool):
-        from tokensel.datamodules.encoders import build_encoder
-
         self.encoder = build_encoder("open_clip:ViT-L-14-336", layer=-2, norm=False).to(device)
         self.max_images, self.warmup, self.repeats = max_images, warmup, repeats
         self.device, self.cuda = device, cuda
@@ -121,9 +120,6 @@ class EncoderTimer:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.selectors.catalog import baseline_names
-    from tokensel.selectors.inference import SelectionContext
-
     parser = ArgumentParser(prog="python -m tokensel.experiments.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -168,9 +164,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     note = (f"\n{where}, {precision}. `~`: encoder time scaled linearly from {max_images} timed images. "
             "Anchor: AutoSelect's Scorer + top-K, 0.69 ms (RTX A6000, batch 1, fp16).")
     if args.prefill_model != "":
-        from tokensel.experiments.bench_prefill import default_model, prefill_rows, prefill_table
-        from tokensel.selectors.budget import parse_budgets
-
         model = args.prefill_model or default_model()
         rows = prefill_rows(model, parse_budgets(args.prefill_budgets, "--prefill-budgets"), args.prefill_batch,
                             lambda fn, on_gpu: median_ms(fn, args.warmup, args.repeats, on_gpu))

@@ -13,7 +13,14 @@ the selector and the projector are outside the timed region (their cost is the f
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
+
+from tokensel.experiments.flops import llm_flops
+from tokensel.experiments.vlm_build import ensure_vlm
+from tokensel.selectors.catalog import selector_for
+from tokensel.vlms import open_vlm
 
 QUESTION = "What is the value shown for 2017?"
 
@@ -21,13 +28,6 @@ QUESTION = "What is the value shown for 2017?"
 def prefill_rows(model: str, budgets: list, batch: int, timer, log=print) -> list[dict]:
     """One row per budget (``None``: all tokens, first), each timed on the same ``batch`` prompts;
     ``timer(fn, cuda)`` -> (median ms, timed runs) is ``make bench``'s."""
-    import numpy as np
-    from PIL import Image
-
-    from tokensel.experiments.flops import llm_flops
-    from tokensel.selectors.catalog import selector_for
-    from tokensel.vlms import open_vlm
-
     cuda = torch.cuda.is_available()
     vlm = open_vlm(model, precision="bf16" if cuda else "32", label="--prefill-model")
     if cuda:
@@ -65,6 +65,4 @@ def prefill_table(rows: list[dict], model: str, batch: int, where: str) -> list[
 
 def default_model() -> str:
     """``make vlm``'s folder, built first when there is none."""
-    from tokensel.experiments.vlm_build import ensure_vlm
-
     return str(ensure_vlm())

@@ -39,9 +39,15 @@ from typing import Optional
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
-from tokensel.experiments.config import EXPERIMENTS_DIR
+from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
+from tokensel.datamodules.shards import ShardIndex
+from tokensel.datamodules.synthetic import ensure_default_corpus, generate_corpus
+from tokensel.experiments.config import EXPERIMENTS_DIR, load_config
+from tokensel.experiments.sweep import expand, read_sweep
+from tokensel.selectors.catalog import selector_entry
 
 WARMUP_STEPS = 3
 # The Gumbel paper's LLaVA-1.5 geometry: 576 tokens x 1024 from the 336 px CLIP tower, its 4+4+2-layer
@@ -70,10 +76,6 @@ class StepClock(L.Callback):
 def fit(config, dims, datamodule=None, batches: Optional[list] = None) -> tuple[float, float]:
     """Train ``config.trainer.max_steps`` steps from a datamodule or from a list of FeatureBatches;
     returns ``(steps/s after warm-up, encoder seconds per timed step)``."""
-    from torch.utils.data import DataLoader
-
-    from tokensel.selectors.catalog import selector_entry
-
     dims = dims.as_dict()
     entry = selector_entry(config.selector.name)
     L.seed_everything(config.seed, verbose=False)
@@ -108,10 +110,6 @@ class _Batches(torch.utils.data.IterableDataset):
 
 
 def bench_geometry(label: str, overrides: list[str], samples: int, steps: int, workdir: Path, log=print) -> dict:
-    from tokensel.datamodules.datamodule import FeatureDataModule
-    from tokensel.datamodules.synthetic import generate_corpus
-    from tokensel.experiments.config import load_config
-
     corpus = workdir / f"corpus-{samples}"
     if not (corpus / "index.json").is_file():
         third = max(1, samples // 3)
@@ -145,11 +143,6 @@ def bench_geometry(label: str, overrides: list[str], samples: int, steps: int, w
 
 def sweep_forwards(sweep_file: Path) -> tuple[int, int, int]:
     """Encoder forwards of a shipped sweep on the default corpus: ``(runs, without cache, with it)``."""
-    from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
-    from tokensel.datamodules.shards import ShardIndex
-    from tokensel.datamodules.synthetic import ensure_default_corpus
-    from tokensel.experiments.sweep import expand, read_sweep
-
     sweep = read_sweep(sweep_file)
     runs = len(expand(sweep))
     ensure_default_corpus(DEFAULT_DATA_ROOT)

@@ -17,21 +17,28 @@ problem raises :class:`ConfigError` with a one-line message naming the key.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 import yaml
+from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from tokensel.common.cli import ArgumentParser
 from tokensel.common.errors import ConfigError
 from tokensel.datamodules.anyres import check_pinpoints
 from tokensel.datamodules.config import (FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, VIEW_MODES, VIEW_SELECTIONS,
                                          DataConfig, EncoderConfig)
+from tokensel.datamodules.feature_cache import weights_identity
+from tokensel.experiments.lightning_options import check_run_options, check_trainer_kwargs
 from tokensel.selectors.base import OptimConfig
 from tokensel.selectors.budget import check_budget
-from tokensel.selectors.catalog import selector_entry
+from tokensel.selectors.catalog import baseline_class, selector_entry
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "read_yaml", "parse_overrides", "flatten", "to_container"]
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
@@ -196,8 +203,6 @@ def merge_overrides(schema: Any, overrides: list[str], source: str = "overrides"
 def baseline_options(overrides: list[str]) -> dict[str, Any]:
     """``baselines.<name>.<key>=value`` items as each named baseline's ``Options`` dataclass
     (``selectors/baselines.py``), by name; an unknown baseline, key or value is one ``ConfigError``."""
-    from tokensel.selectors.catalog import baseline_class
-
     by_name: dict[str, list[str]] = {}
     for item in overrides:
         parts = item.partition("=")[0].split(".")
@@ -318,13 +323,9 @@ def check_run_config(config: TrainConfig) -> None:
     if config.trainer.max_epochs < 1 and config.trainer.max_steps < 1:
         raise ConfigError("trainer.max_epochs and trainer.max_steps are both unset: set one of them")
     check_trainer(config.trainer)
-    from tokensel.experiments.lightning_options import check_run_options
-
     check_run_options(config.run)
     check = getattr(config.selector, "check_run", None)  # an objective's own cross-checks
     if check is not None:
-        from tokensel.datamodules.feature_cache import weights_identity
-
         reason = check(config, lambda: weights_identity(config.encoder))
         if reason:
             raise ConfigError(reason)
@@ -333,19 +334,12 @@ def check_run_config(config: TrainConfig) -> None:
 def encoder_mismatch(need, encoder: EncoderConfig) -> Optional[str]:
     """Where ``encoder`` differs from a VLM's ``EncoderRequirement``, weights included (only
     datamodules know a weights identity, so this is here, not in the selector), else None."""
-    from tokensel.datamodules.feature_cache import weights_identity
-
     weights = weights_identity(encoder) if need.weights is not None else None
     return need.mismatch(encoder.name, encoder.layer, encoder.norm, weights, encoder.image_size)
 
 
 def check_trainer(trainer: TrainerConfig) -> None:
     """The ``trainer.*`` values Lightning would refuse only once the models are built."""
-    import typing
-
-    from lightning.fabric.connector import _PRECISION_INPUT
-    from lightning.pytorch.strategies import StrategyRegistry
-
     precisions = [p for group in typing.get_args(_PRECISION_INPUT) for p in typing.get_args(group)]
     if trainer.precision not in precisions and str(trainer.precision) not in map(str, precisions):
         raise ConfigError(f"trainer.precision={trainer.precision!r}: expected one of "
@@ -356,7 +350,6 @@ def check_trainer(trainer: TrainerConfig) -> None:
     if str(trainer.strategy) not in strategies:
         raise ConfigError(f"trainer.strategy={trainer.strategy!r}: expected auto, ddp, ddp_spawn, fsdp, ... "
                           "(Lightning's strategy names)")
-    from tokensel.experiments.lightning_options import check_trainer_kwargs
 
     check_trainer_kwargs(trainer.extra)
 
@@ -365,8 +358,6 @@ def check_hardware(trainer: TrainerConfig) -> None:
     """What this machine can run: a GPU where ``trainer.accelerator`` asks for one, and enough of
     them for ``trainer.devices``. Checked when a run starts, not when a config is read (a sweep of
     GPU presets can be checked on a laptop)."""
-    import torch
-
     accelerator = str(trainer.accelerator)
     gpus = torch.cuda.device_count()
     mps = accelerator == "gpu" and torch.backends.mps.is_available()
@@ -389,8 +380,6 @@ def to_container(config: TrainConfig) -> dict:
 def parse_run_args(argv: list[str], prog: str, doc: str) -> tuple[Optional[str], Optional[str], list[str], bool]:
     """A run's command line (``make train``, ``make teacher``): (selector, config file, key=value
     overrides, whether ``--print-config`` asks only for the resolved config)."""
-    from tokensel.common.cli import ArgumentParser
-
     parser = ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("--config", help="a train YAML (default: experiments/<selector>.yaml)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")

@@ -41,10 +41,22 @@ import torch
 
 from tokensel.common.errors import TokenselError
 from tokensel.common.stats import MetricAccumulator, mean_ci
-from tokensel.selectors.diagnostics import (evidence_auroc, evidence_rows, headroom, headroom_verdict,
-                                            objective_losses, random_keep_masks, rank_correlation)
+from tokensel.datamodules.datamodule import FeatureDataModule
+from tokensel.datamodules.encoders import build_text_tower
+from tokensel.experiments.config import encoder_mismatch
+from tokensel.experiments.flops import GEOMETRIES, flops_report
+from tokensel.experiments.teacher import find_teacher
+from tokensel.selectors.base import SelectorModule
+from tokensel.selectors.baselines import BASELINES
+from tokensel.selectors.budget import resolve_budget
+from tokensel.selectors.catalog import baseline_names, build_baseline, load_module, selector_entry
+from tokensel.selectors.diagnostics import (evidence_auroc, evidence_rows, headroom, headroom_verdict, objective_losses,
+                                            random_keep_masks, rank_correlation)
 from tokensel.selectors.inference import CheckpointError, SelectionContext, gather_tokens
 from tokensel.selectors.metrics import evidence_recall, keep_mask, psnr, token_coverage
+from tokensel.selectors.vlm import VLMConfig
+from tokensel.selectors.vlm_backends import build_vlm, required_encoder
+from tokensel.vlms.ntp import CAPTION_INSTRUCTION
 
 DEFAULT_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)  # the Gumbel paper's Table 1 keep ratios
 LLAVA15_COUNTS = (64, 128, 192)  # AutoSelect's budgets, for 576-token encoders
@@ -89,11 +101,6 @@ def ntp_vlm(config, trained: list) -> tuple:
     """(the frozen VLM of the ``ntp_increase`` column or None, what it is in words): a trained
     vp_noise's own VLM, else the corpus teacher of the group's encoder when one is built
     (``make teacher``, or the first ``make train SELECTOR=vp_noise``)."""
-    from tokensel.experiments.config import encoder_mismatch
-    from tokensel.experiments.teacher import find_teacher
-    from tokensel.selectors.vlm import VLMConfig
-    from tokensel.selectors.vlm_backends import build_vlm, required_encoder
-
     vlm_cfg = next((copy.deepcopy(t["net"].vlm_config) for t in trained if t["net"].vlm_config is not None), None)
     if vlm_cfg is None:
         teacher = find_teacher(config)
@@ -133,7 +140,6 @@ def text_tower_for(config, candidates: list, log=print):
     query_aware = [name for name, selector, _ in candidates if selector.uses_instruction]
     if not query_aware:
         return None
-    from tokensel.datamodules.encoders import build_text_tower
 
     enc = config.encoder
     tower = build_text_tower(enc.name, enc.pretrained, enc.norm, enc.image_size, enc.init_seed)
@@ -148,8 +154,6 @@ def selection_context(batch, text_tower=None) -> SelectionContext:
     set) and the instruction, each sample's question or, for a caption sample (empty prompt),
     LLaVA's caption instruction; with a text tower, also its embedding and the patch tokens in the
     same space (``OpenClipTextTower``)."""
-    from tokensel.vlms.ntp import CAPTION_INSTRUCTION
-
     instruction = [prompt.strip() or CAPTION_INSTRUCTION for prompt in batch.prompt]
     if text_tower is None:
         return SelectionContext(cls_attention=batch.cls_attention, instruction=instruction)
@@ -170,10 +174,6 @@ class Objective:
 
 def build_objectives(trained: list, ntp: Optional[torch.nn.Module]) -> list[Objective]:
     """Every trained selector of the group as an :class:`Objective`; a VLM is built once per config."""
-    from tokensel.selectors.base import SelectorModule
-    from tokensel.selectors.catalog import load_module, selector_entry
-    from tokensel.selectors.vlm_backends import build_vlm
-
     vlms: list[tuple] = []
     first_cfg = next((t["net"].vlm_config for t in trained if t["net"].vlm_config is not None), None)
     if ntp is not None and first_cfg is not None:
@@ -201,12 +201,6 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
                    seed: int, geometry: str, draws: int = 8, log=print, options: Optional[dict] = None
                    ) -> tuple[list[dict], list[dict], list[tuple]]:
     """All rows of one encoder group: ``(rows, headroom rows, per-sample values)``."""
-    from tokensel.datamodules.datamodule import FeatureDataModule
-    from tokensel.experiments.flops import GEOMETRIES, flops_report
-    from tokensel.selectors.baselines import BASELINES
-    from tokensel.selectors.catalog import baseline_names, build_baseline
-    from tokensel.selectors.budget import resolve_budget
-
     config = group["config"]
     if any(BASELINES.get(n).needs_cls_attention for n in selectors if n in BASELINES) \
             and config.data.cls_attention_layer is None:

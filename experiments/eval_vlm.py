@@ -47,6 +47,7 @@ K = 64, 128, 192 for a 576-token tower (LLaVA-1.5), else keep ratios 0.111 and 0
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import sys
 import time
@@ -55,9 +56,27 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from webdataset.tariterators import tarfile_samples
 
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
 from tokensel.common.errors import TokenselError
+from tokensel.common.precision import check_precision
+from tokensel.common.stats import mean_ci
+from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION, generation_batches, text_of
+from tokensel.datamodules.samples import SkipSample, parse_sample
+from tokensel.datamodules.shards import ShardIndex
+from tokensel.datamodules.synthetic import ensure_default_corpus
+from tokensel.experiments.benchmark_metrics import headline_average, score_answers
+from tokensel.experiments.config import merge_overrides
+from tokensel.experiments.flops import llm_flops
+from tokensel.experiments.report import plot_metrics, write_table
+from tokensel.experiments.vlm_build import ensure_vlm
+from tokensel.selectors.budget import parse_budgets
+from tokensel.selectors.catalog import FULL, baseline_class, baseline_names, selector_for
+from tokensel.vlms import check_vlm, open_vlm
+from tokensel.vlms.base import NO_CLS
+from tokensel.vlms.llava import LlavaFamily
+from tokensel.vlms.ntp import CAPTION_INSTRUCTION
 
 LLAVA15_COUNTS = (64, 128, 192)
 NEXT_KEEP_RATIOS = (0.056, 0.111, 0.222, 0.4, 0.5)
@@ -86,15 +105,6 @@ def held_out_samples(root: str, split: str, limit: Optional[int] = None,
     """``(key, source, PIL image, prompt, answers)`` of a split, taking the sources in turn (so
     ``limit`` keeps every benchmark); unusable samples are skipped with a warning. A question gets
     ``answer_suffix``, or by default its benchmark's."""
-    import logging
-
-    from webdataset.tariterators import tarfile_samples
-
-    from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION, text_of
-    from tokensel.datamodules.samples import SkipSample, parse_sample
-    from tokensel.datamodules.shards import ShardIndex
-    from tokensel.vlms.ntp import CAPTION_INSTRUCTION
-
     index = ShardIndex.load(root)
     entries = index.shards(split)
 
@@ -153,8 +163,6 @@ def prefill_ms(model, inputs: dict, cuda: bool) -> float:
 
 def score(records: list[dict]) -> dict:
     """Per benchmark: the metric of each sample, as the benchmark defines it (its registry entry's)."""
-    from tokensel.experiments.benchmark_metrics import score_answers
-
     return score_answers(records)
 
 
@@ -162,11 +170,6 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
              answers_out: Optional[list] = None) -> list[dict]:
     """One row per selector x budget (``full`` once, at all tokens); every answer is appended to
     ``answers_out`` when it is given."""
-    from tokensel.datamodules.benchmarks import generation_batches
-    from tokensel.experiments.benchmark_metrics import headline_average
-    from tokensel.experiments.flops import llm_flops
-    from tokensel.common.stats import mean_ci
-
     cuda = vlm.model.device.type == "cuda"
     text = vlm.model.config.text_config
     d, m, layers = int(text.hidden_size), int(text.intermediate_size), int(text.num_hidden_layers)
@@ -211,8 +214,6 @@ def paired_against(rows: list[dict], per_sample: list[dict], reference: str) -> 
     ``reference`` selector at the same budget, on the same samples. Independent CIs of two
     selectors may overlap while the paired difference, which removes the samples' own spread,
     does not include 0; this is the test of whether two selectors differ."""
-    from tokensel.common.stats import mean_ci
-
     ref = {row["budget"]: values for row, values in zip(rows, per_sample) if row["selector"] == reference}
     for row, values in zip(rows, per_sample):
         base = ref.get(row["budget"])
@@ -235,15 +236,6 @@ def relative_to_full(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.common.precision import check_precision
-    from tokensel.experiments.config import merge_overrides
-    from tokensel.experiments.report import plot_metrics, write_table
-    from tokensel.selectors.budget import parse_budgets
-    from tokensel.selectors.catalog import FULL, baseline_class, baseline_names, selector_for
-    from tokensel.vlms import check_vlm, open_vlm
-    from tokensel.vlms.base import NO_CLS
-    from tokensel.vlms.llava import LlavaFamily
-
     parser = ArgumentParser(prog="python -m tokensel.experiments.eval_vlm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a VLM folder or hub id: LLaVA, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL "
                         "(default: make vlm's)")
@@ -290,12 +282,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            f"{family.model_types[0]}: {NO_CLS}")
     trained = [selector_for(p.strip(), (1, 1), args.seed, "--ckpts")[1] for p in args.ckpts.split(",") if p.strip()]
     if data.data.root == "data/default":
-        from tokensel.datamodules.synthetic import ensure_default_corpus
-
         ensure_default_corpus("data/default")
     if args.model is None:
-        from tokensel.experiments.vlm_build import ensure_vlm
-
         args.model = str(ensure_vlm())
     made_here = (Path(args.model) / "vlm_build.json").is_file()  # aligned on bare questions
     suffix = args.answer_suffix if args.answer_suffix is not None else ("" if made_here else None)

@@ -64,14 +64,23 @@ folder, whose path is printed.
 from __future__ import annotations
 
 import copy
+import csv
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
-from tokensel.experiments.eval_group import METRICS, EvalError, evaluate_group
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
 
+from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
+from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
+from tokensel.datamodules.synthetic import ensure_default_corpus
+from tokensel.experiments.config import baseline_options, load_config, parse_overrides
+from tokensel.experiments.eval_group import METRICS, EvalError, evaluate_group
+from tokensel.experiments.report import plot_metrics, write_table
+from tokensel.selectors.budget import parse_budgets
+from tokensel.selectors.catalog import all_names, baseline_names, load_selector, trained_names
 
 
 def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
@@ -87,8 +96,6 @@ def newest_checkpoints(run_root: Path, names: list[str]) -> list[Path]:
 def load_trained(path: Path) -> dict:
     """A checkpoint's or exported folder's ``name``, ``net``, run ``config`` and ``path``; one-line
     errors for foreign files."""
-    from tokensel.selectors.catalog import load_selector
-
     net = load_selector(path)
     if not net.run_config:
         raise EvalError(f"{path}: the checkpoint has no run config (encoder unknown); retrain with this version")
@@ -123,10 +130,6 @@ def encoder_key(run_config: dict) -> tuple:
 
 def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]:
     """Checkpoints grouped by encoder; each group gets its own data/encoder config."""
-    from omegaconf import OmegaConf
-
-    from tokensel.experiments.config import parse_overrides
-
     cli = parse_overrides(overrides)
     forced = any(o.startswith("encoder.") for o in overrides)
     groups: dict[tuple, dict] = {}
@@ -159,8 +162,6 @@ def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]
 
 def write_samples(samples: list[tuple], path: Path) -> None:
     """Every per-sample value: one row per (encoder, selector, k, metric, sample key)."""
-    import csv
-
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["encoder", "selector", "k", "metric", "key", "value"])
@@ -168,8 +169,6 @@ def write_samples(samples: list[tuple], path: Path) -> None:
 
 
 def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     with SummaryWriter(str(out_dir)) as writer:
         for row in rows:
             step = int(round(1000 * row["keep_ratio"]))  # x-axis: keep ratio in per mille
@@ -180,11 +179,6 @@ def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import baseline_options, load_config
-    from tokensel.experiments.report import plot_metrics, write_table
-    from tokensel.selectors.budget import parse_budgets
-    from tokensel.selectors.catalog import all_names, baseline_names, trained_names
-
     parser = ArgumentParser(prog="python -m tokensel.experiments.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--selectors", default="", help="comma list (default: all baselines + trained runs)")
     parser.add_argument("--ckpts", default="", help="comma list of checkpoints (default: newest per selector)")
@@ -224,9 +218,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     budgets = parse_budgets(args.budgets) or None
     options = baseline_options([o for o in args.overrides if o.startswith("baselines.")])
     if base.data.root is None:
-        from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
-        from tokensel.datamodules.synthetic import ensure_default_corpus
-
         ensure_default_corpus(DEFAULT_DATA_ROOT)
     rows, room, samples = [], [], []
     for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):

@@ -22,6 +22,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
 from tokensel.common.errors import ConfigError
 
 LOGGERS = ("tensorboard", "csv", "wandb")
@@ -34,8 +37,6 @@ OWNED_TRAINER_ARGS = {"logger": "run.logger", "callbacks": "run.callbacks", "plu
 
 def trainer_signature() -> dict[str, Any]:
     """``lightning.Trainer``'s keyword arguments and their type hints."""
-    from lightning.pytorch import Trainer
-
     return typing.get_type_hints(Trainer.__init__)
 
 
@@ -154,8 +155,6 @@ def check_run_options(run) -> None:
 
 def build_loggers(run, run_name: str, version: str) -> list:
     """The run's Lightning loggers, all writing into ``<run.root>/<run_name>/<version>/``."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     run_dir = Path(run.root) / run_name / version
     loggers = []
     for i, entry in enumerate(logger_entries(run.logger)):
@@ -165,7 +164,6 @@ def build_loggers(run, run_name: str, version: str) -> list:
         elif entry == "csv":
             loggers.append(CSVLogger(save_dir=run.root, name=run_name, version=version))
         elif entry == "wandb":  # WANDB_MODE=offline keeps it on disk (wandb sync later)
-            from lightning.pytorch.loggers import WandbLogger
 
             run_dir.mkdir(parents=True, exist_ok=True)
             loggers.append(WandbLogger(project=run.wandb_project, name=f"{run_name}/{version}",

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 __all__ = [
     "is_metric_triple", "format_triple", "write_table", "markdown_table", "failed_runs_section",
@@ -212,9 +215,6 @@ def failed_runs_section(failed: list[dict]) -> list[str]:
 def new_figure(nrows: int = 1, ncols: int = 1, width: float = 5.5, height: float = 4.0, dpi: int = 100):
     """A ``Figure`` on an Agg canvas with an ``nrows x ncols`` grid of panels, each ``width x height``
     inches; returns ``(figure, axes)`` with ``axes`` a 2-D array, as ``plt.subplots(squeeze=False)``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(width * ncols, height * nrows), dpi=dpi)
     FigureCanvasAgg(fig)
     return fig, fig.subplots(nrows, ncols, squeeze=False)
@@ -303,8 +303,6 @@ def _points(rows: list[dict], selector: str, metric: str) -> list[tuple[float, f
 def read_scalars(run_dir: str | Path, tags: Optional[Iterable[str]] = None) -> dict[str, list[tuple[int, float]]]:
     """The scalars of one TensorBoard run folder: tag -> [(step, value)] in step order; only
     ``tags`` (those present) if given, else every scalar tag."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
     present = acc.Tags()["scalars"]

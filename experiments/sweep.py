@@ -68,14 +68,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from omegaconf import OmegaConf
 
 from tokensel.common.cache import atomic_write
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
 from tokensel.common.errors import TokenselError
 from tokensel.experiments.collapse import report_collapse
+from tokensel.experiments.config import (EXPERIMENTS_DIR, ConfigError, flatten, load_config, parse_overrides, read_yaml,
+                                         to_container)
 from tokensel.experiments.curve_report import report_curve
 from tokensel.experiments.sweep_report import label, report_ablation, short_keys
-from tokensel.experiments.sweep_runner import LAUNCHERS, Shard, is_done, parse_params, read_status, run_one, submit_array
+from tokensel.experiments.sweep_runner import (LAUNCHERS, Shard, is_done, parse_params, read_status, run_one,
+                                               submit_array)
+from tokensel.selectors.budget import check_budget
+from tokensel.selectors.catalog import trained_names
 
 SWEEP_KEYS = ("name", "selector", "base", "config", "axes", "seeds", "budgets", "eval_max_samples",
               "val_metrics", "report", "out")
@@ -145,12 +151,6 @@ def read_sweep(path: str | Path, seeds: Optional[list[int]] = None, out: Optiona
     """Parse and check a sweep file's own keys (the grid itself is checked by :func:`check_grid`).
     ``selector`` replaces the file's (``make curve SELECTOR=...``): the sweep's folder is then
     ``<name>_<selector>`` and, unless the file names a base, the base is that selector's YAML."""
-    from omegaconf import OmegaConf
-
-    from tokensel.experiments.config import EXPERIMENTS_DIR, ConfigError, flatten, parse_overrides
-    from tokensel.selectors.budget import check_budget
-    from tokensel.selectors.catalog import trained_names
-
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {str(path)!r} does not exist")
@@ -260,8 +260,6 @@ def base_overrides(sweep: Sweep) -> list[str]:
 def check_grid(sweep: Sweep, runs: list[Run]) -> dict:
     """Build every run's config (keys, types, ranges) before anything runs; return the resolved
     base config (the grid's shared part), which the sweep folder records."""
-    from tokensel.experiments.config import ConfigError, load_config, to_container
-
     base = [as_override(k, v) for k, v in sweep.config.items()]
     base_file = str(sweep.base) if sweep.base else None
     try:
@@ -305,10 +303,6 @@ def first_difference(old: Any, new: Any, prefix: str = "") -> Optional[str]:
 
 def prepare_folder(sweep: Sweep, resolved_base: dict) -> Path:
     """Create (or re-open) the sweep folder; refuse a different base. Returns ``base.yaml``."""
-    from omegaconf import OmegaConf
-
-    from tokensel.experiments.config import read_yaml
-
     folder = sweep.folder
     record = folder / "sweep.json"
     if record.is_file():
@@ -406,8 +400,6 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, log=print, shard: Optional[Sh
 
 def find_sweep_file(name: str) -> str:
     """A sweep file as given, else a shipped one by name (``depth`` -> ``experiments/sweeps/depth.yaml``)."""
-    from tokensel.experiments.config import EXPERIMENTS_DIR
-
     if Path(name).is_file():
         return name
     shipped = EXPERIMENTS_DIR / "sweeps" / (name if name.endswith(".yaml") else f"{name}.yaml")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from torch.utils.tensorboard import SummaryWriter
 
 from tokensel.common.errors import TokenselError
 
@@ -226,8 +227,6 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def write_hparams(sweep, run, record: dict) -> None:
     """TensorBoard hparams for one finished run: its axis values and seed against its results."""
-    from torch.utils.tensorboard import SummaryWriter
-
     hparams = {k: (v if isinstance(v, (int, float, str, bool)) else json.dumps(v)) for k, v in run.axis_values.items()}
     hparams["seed"] = run.seed
     metrics = {f"sweep/{m}@{b}": v for b, row in record.get("eval", {}).items() for m, v in row.items()

