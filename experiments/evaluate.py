@@ -9,8 +9,8 @@ has a run under ``runs/``):
 - the training-free baselines (``random``, ``uniform``, ``l2norm``, ``divprune``,
   ``cls_attention``, ``dart``, ``pool``, ``visionzip``, ``cdpruner``; ``docs/baselines.md``), with
   their options as ``baselines.<name>.<key>=value`` overrides, and
-- trained selectors: ``--ckpts`` paths, or the newest ``checkpoints/last.ckpt`` of each
-  trained selector under ``run.root``.
+- trained selectors: ``--ckpts`` paths (always evaluated, whatever ``--selectors`` names), or the
+  newest ``checkpoints/last.ckpt`` of each trained selector under ``run.root``.
 
 Checkpoints are grouped by the encoder they were trained on; each group is evaluated on its
 own encoder's features of the held-out split (``data.val_split``), with the baselines beside
@@ -212,6 +212,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     trained = label_trained([load_trained(p) for p in ckpt_paths])
     if chosen is None:
         chosen = baseline_names() + sorted({t["name"] for t in trained})
+    elif args.ckpts.strip():  # a checkpoint named on the command line is always evaluated
+        chosen += sorted({t["name"] for t in trained} - set(chosen))
     missing = [s for s in chosen if s in trained_names() and s not in {t["name"] for t in trained}]
     if missing:
         raise EvalError(f"no checkpoint for {', '.join(missing)} under {base.run.root}/; train it or pass CKPTS=")

@@ -143,6 +143,16 @@ def test_bench_runs_and_prints_its_tables(tmp_path, tiny_llava):
     assert float(prefill[0][6].strip(" x")) == 1.0 and float(prefill[1][7].strip(" x")) > 1.0  # ideal > 1
 
 
+def test_a_checkpoint_on_the_command_line_is_evaluated_beside_the_named_selectors(trained, tiny_corpus, tmp_path):
+    ckpt = next(trained.glob("gumbel_ae/*/checkpoints/last.ckpt"))
+    out = tmp_path / "named"
+    result = run_module("tokensel.experiments.evaluate", "--ckpts", str(ckpt), "--selectors", "random",
+                        "--budgets", "0.25", "--max-samples", "8", "--headroom-draws", "2", "--out", str(out),
+                        f"data.root={tiny_corpus}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["selector"] for r in csv.DictReader((out / "results.csv").open())] == ["random", "gumbel_ae"]
+
+
 def test_a_checkpoint_for_other_features_names_the_mismatch(trained, tiny_corpus):
     ckpt = next(trained.glob("gumbel_ae/*/checkpoints/last.ckpt"))
     result = run_module("tokensel.experiments.evaluate", "--ckpts", str(ckpt), "--selectors", "gumbel_ae",
