@@ -161,11 +161,6 @@ def prefill_ms(model, inputs: dict, cuda: bool) -> float:
     return (time.perf_counter() - began) * 1000
 
 
-def score(records: list[dict]) -> dict:
-    """Per benchmark: the metric of each sample, as the benchmark defines it (its registry entry's)."""
-    return score_answers(records)
-
-
 def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int, log=print,
              answers_out: Optional[list] = None) -> list[dict]:
     """One row per selector x budget (``full`` once, at all tokens); every answer is appended to
@@ -191,7 +186,7 @@ def evaluate(vlm, selectors: dict, budgets: list, samples: list, batch_size: int
             records += [{"key": s[0], "source": s[1], "answer": a, "answers": s[4]} for s, a in zip(batch, answers)]
             log(f"[eval-vlm] {name} {budget or 'all'}: {len(records)}/{len(samples)}", end="\r")
         k = statistics.mean(kept)  # image tokens per prompt (NeXT images differ in view count)
-        values = score(records)  # per sample, in the same sample order for every run
+        values = score_answers(records)  # each benchmark's own metric per sample, in one sample order for every run
         per_sample.append(values)
         metrics = {metric: mean_ci(v) for metric, v in values.items()}
         row = {"selector": name, "budget": "all" if budget is None else str(budget),

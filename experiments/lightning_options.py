@@ -164,7 +164,6 @@ def build_loggers(run, run_name: str, version: str) -> list:
         elif entry == "csv":
             loggers.append(CSVLogger(save_dir=run.root, name=run_name, version=version))
         elif entry == "wandb":  # WANDB_MODE=offline keeps it on disk (wandb sync later)
-
             run_dir.mkdir(parents=True, exist_ok=True)
             loggers.append(WandbLogger(project=run.wandb_project, name=f"{run_name}/{version}",
                                        save_dir=str(run_dir)))
