@@ -85,6 +85,38 @@ def first_step(records: list[dict], metric: str, higher_is_better: bool) -> str:
     return f"not within {measured[-1]['step']} steps"
 
 
+def run_summary(records: list[dict]) -> list[str]:
+    """What ``make train`` prints at the end of a run: per metric, the selector's last measured value,
+    its paired differences from random (chance for the AUROC) and DivPrune, and the first step
+    that beat each with 95 % confidence (:func:`first_step`)."""
+    if not records:
+        return []
+    last = records[-1]
+    metrics, step = last["metrics"], last["step"]
+    lines = [f"learning curve at step {step} (held-out, paired 95 % CI; every measurement in {CURVE_FILE}):"]
+    for base, higher in [("auroc", True)] + [(f"{m}@{b}", m == "recall") for b in budgets_of(records)
+                                             for m in ("recall", "objective")]:
+        value = metrics.get(base)
+        if not value or value[0] is None or not value[2]:
+            continue
+        cells = []
+        for ref in ("random", "divprune"):
+            name = f"{base}_vs_{'chance' if base == 'auroc' and ref == 'random' else ref}"
+            diff = metrics.get(name)
+            if not diff or diff[0] is None or not diff[2]:
+                continue
+            beat = first_step(records, name, higher)
+            when = f"first better at step {beat}" if beat.isdigit() else beat.replace("not within", "not better within")
+            label = "chance" if name.endswith("_vs_chance") else ref
+            cells.append(f"vs {label} {diff[0]:+.3f} ± {diff[1]:.3f} ({when})")
+        refs = ", ".join(f"{ref} {metrics[f'{base}/{ref}'][0]:.3f}" for ref in ("random", "divprune")
+                         if metrics.get(f"{base}/{ref}") and metrics[f"{base}/{ref}"][0] is not None)
+        shown = "objective loss" + base[len("objective"):] if base.startswith("objective") else base
+        lines.append(f"  {shown} {value[0]:.3f}" + (f" ({refs})" if refs else "") + ":")
+        lines += [f"    {cell}" for cell in cells]
+    return lines
+
+
 def seed_band(values: list[float]) -> tuple[float, float]:
     """Mean and 95 % CI half-width over seeds (nan half-width for one seed)."""
     mean, half, _ = mean_ci(values)

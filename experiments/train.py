@@ -39,7 +39,7 @@ from tokensel.callbacks.checkpoint_io import SafeCheckpointIO
 from tokensel.callbacks.collapse import CollapseDetector
 from tokensel.callbacks.data_health import SkippedSamples
 from tokensel.callbacks.last_checkpoint import LastCheckpoint
-from tokensel.callbacks.learning_curve import LearningCurve, log_spaced_steps
+from tokensel.callbacks.learning_curve import CURVE_FILE, LearningCurve, log_spaced_steps
 from tokensel.callbacks.panels import SelectionPanels
 from tokensel.callbacks.progress import ProgressBar
 from tokensel.callbacks.rng_state import GlobalRNGState
@@ -49,6 +49,7 @@ from tokensel.common.errors import ConfigError
 from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
 from tokensel.datamodules.synthetic import ensure_default_corpus, read_params
 from tokensel.experiments.config import check_hardware, config_yaml, load_config, parse_run_args, to_container
+from tokensel.experiments.curve_report import read_curve, run_summary
 from tokensel.experiments.lightning_options import build_callbacks, build_loggers
 from tokensel.experiments.teacher import ensure_teacher, find_teacher
 from tokensel.selectors.catalog import selector_entry
@@ -249,6 +250,7 @@ def print_summary(run_dir: Path, metrics: dict, seconds: float, skipped: int, co
         *lines,
         f"  skipped samples    {skipped}",
         *(f"features {split}: {source}" for split, source in (features or {}).get("sources", {}).items()),
+        *run_summary(read_curve(run_dir / CURVE_FILE)),
         f"run folder:   {run_dir}",
         f"checkpoints:  {run_dir / 'checkpoints'} (last.ckpt; load with tokensel.selectors.catalog.load_selector)",
         f"TensorBoard:  .venv/bin/tensorboard --logdir {run_dir.parent}   (or: make tensorboard)",

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import FAST_ARGS, REPO, read_scalars
 from tokensel.callbacks.learning_curve import log_spaced_steps
-from tokensel.experiments.curve_report import first_step, still_moving
+from tokensel.experiments.curve_report import first_step, run_summary, still_moving
 
 
 def test_log_spaced_steps_start_at_zero_and_end_at_the_last_step():
@@ -31,6 +31,25 @@ def test_steps_to_beat_is_the_first_step_whose_paired_ci_clears_zero_on_the_bett
     assert still_moving([(10, 0.5, 0.01, 3), (20, 0.51, 0.02, 3)]) == "no"
 
 
+def test_the_end_of_run_summary_gives_the_last_values_and_the_first_step_that_beat_each_reference():
+    def measured(step, recall_gain, loss_gain):
+        return {"step": step, "samples": 30, "metrics": {
+            "recall@0.2": [0.3 + recall_gain, 0.05, 30], "recall@0.2/random": [0.3, 0.04, 30],
+            "recall@0.2/divprune": [0.5, 0.05, 30], "recall@0.2_vs_random": [recall_gain, 0.05, 30],
+            "recall@0.2_vs_divprune": [recall_gain - 0.2, 0.05, 30],
+            "objective@0.2": [1.0 + loss_gain, 0.1, 30], "objective@0.2_vs_random": [loss_gain, 0.05, 30],
+            "auroc": [float("nan"), float("nan"), 0]}}
+    lines = run_summary([measured(0, 0.0, 0.0), measured(10, 0.1, -0.1), measured(20, 0.03, -0.2)])
+    text = "\n".join(lines)
+    assert lines[0].startswith("learning curve at step 20")
+    assert "recall@0.2 0.330 (random 0.300, divprune 0.500):" in text
+    assert "vs random +0.030 ± 0.050 (first better at step 10)" in text  # beat at 10, level again at 20
+    assert "vs divprune -0.170 ± 0.050 (not better within 20 steps)" in text
+    assert "objective loss@0.2 0.800:" in text and "vs random -0.200 ± 0.050 (first better at step 10)" in text
+    assert "auroc" not in text  # not measured: no line
+    assert run_summary([]) == []
+
+
 @pytest.mark.slow
 def test_the_callback_logs_the_selector_against_flat_baseline_lines(tiny_corpus, tmp_path):
     args = FAST_ARGS + [f"data.root={tiny_corpus}", f"run.root={tmp_path}", "trainer.max_epochs=-1",
@@ -39,6 +58,7 @@ def test_the_callback_logs_the_selector_against_flat_baseline_lines(tiny_corpus,
     result = subprocess.run(["make", "--no-print-directory", "train", "SELECTOR=gumbel_ae", f"ARGS={' '.join(args)}"],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "learning curve at step 6" in result.stdout and "vs divprune" in result.stdout  # the end-of-run summary
     run_dir = tmp_path / "gumbel_ae" / "version_0"
     records = [json.loads(line) for line in (run_dir / "curve.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == log_spaced_steps(6, 3)
