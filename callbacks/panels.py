@@ -59,8 +59,9 @@ class SelectionPanels(L.Callback):
     """Every ``every_n_steps`` training steps, and on the first batch of every validation, log a
     panel with one column per sample and labelled rows: the reconstruction target (the image at
     ``data.recon_size``; the encoder saw it at its own input size), the reconstruction (if the
-    objective makes one), and the eval-mode keep mask over the target (the mask inference ranks:
-    gumbel_ae's noiseless mask, vp_noise's hard top-K), with each sample's kept count."""
+    objective makes one), and the kept tokens over the target, with each sample's kept count: a
+    net trained for a budget shows its top-K at that budget, as deployed (gumbel_ae with
+    ``selector.budget``, vp_noise); otherwise the eval-mode mask (gumbel_ae's noiseless gate)."""
 
     def __init__(self, every_n_steps: int = 50, max_images: int = 4, min_side: int = 128):
         self.every_n_steps = every_n_steps
@@ -76,7 +77,7 @@ class SelectionPanels(L.Callback):
             rows.append(("reconstruction\nfrom the kept tokens", F.interpolate(out.recon.float(), size=image.shape[-2:],
                                                                                mode="nearest")))
         keep = out.keep.float()
-        rows.append(("kept tokens (eval-mode mask,\ndropped ones dimmed)", mask_overlay(image, keep, batch.grid)))
+        rows.append(("kept tokens (as deployed,\ndropped ones dimmed)", mask_overlay(image, keep, batch.grid)))
         titles = [f"kept {int(k.round().sum())}/{keep.shape[1]}" for k in keep]
         return render_panel(rows, titles, scale=max(1, -(-self.min_side // side)))
 

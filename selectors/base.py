@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric, SumMetric
 from tokensel.common.errors import ConfigError
 from tokensel.datamodules.batch import FeatureBatch, FeatureDims
 from tokensel.selectors.inference import SelectionContext, SelectorNet
+from tokensel.selectors.metrics import keep_mask
 
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -186,11 +187,21 @@ class SelectorModule(L.LightningModule):
 
     @torch.no_grad()
     def visualise(self, batch: FeatureBatch, max_images: int = 4) -> StepOutput:
-        """The objective's outputs on the first ``max_images`` samples, for panels."""
+        """The objective's outputs on the first ``max_images`` samples, for panels. A net trained
+        for a budget (:attr:`SelectorNet.trained_budget`) is shown as it is deployed: its top-K at
+        that budget, and the image reconstructed from those K (when it reconstructs); otherwise
+        the objective's eval-mode keep mask (gumbel_ae's noiseless gate, Eq. 3 without noise)."""
         was_training = self.training
         self.eval()
         try:
-            return self.step(batch.head(max_images))
+            head = batch.head(max_images)
+            out = self.step(head)
+            budget = self.net.trained_budget
+            if budget is None:
+                return out
+            keep = keep_mask(self.net.select(head.features, budget)[0], head.features.shape[1])
+            recon = self.net.image_from_kept(head.features, keep)
+            return StepOutput(loss=out.loss, scalars=out.scalars, keep=keep, recon=out.recon if recon is None else recon)
         finally:
             self.train(was_training)
 

@@ -88,3 +88,18 @@ def test_lr_schedule_warms_up_then_cosines_per_stage():
     single = OptimConfig(warmup=0.05)
     assert lr_multiplier(500, 1000, single) == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(torch.pi * 450 / 950)).item()))
     assert lr_multiplier(123, 1000, OptimConfig(schedule="constant")) == 1.0
+
+
+def test_the_panel_shows_a_budget_trained_net_as_deployed_and_the_paper_band_by_its_noiseless_gate():
+    batch = make_batch(4)
+    matched = make_module("gumbel_ae", budget=0.25)
+    shown = matched.visualise(batch)
+    k = 4  # 25 % of 16 tokens
+    assert shown.keep.dtype == torch.bool and shown.keep.sum(1).tolist() == [k] * 4
+    top = matched.net.scores(batch.features).topk(k, dim=1).indices
+    assert torch.equal(shown.keep, torch.zeros_like(shown.keep).scatter_(1, top, True))
+    assert matched.training  # visualise leaves the module as it found it
+    with torch.no_grad():
+        assert torch.allclose(shown.recon, matched.eval().net.image_from_kept(batch.features, shown.keep))
+    band = make_module("gumbel_ae").eval()
+    assert torch.equal(band.visualise(batch).keep.bool(), band.net.scores(batch.features) > 0)
