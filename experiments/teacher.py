@@ -22,7 +22,12 @@ decay. None of this is given by a paper; the defaults are sized for a 2-core CPU
 Held-out check (printed by the command that builds it, and kept in ``teacher.json``): the mean
 target-token NLL of every val sample with the head at init, trained with the sample's own
 tokens, and trained with another sample's tokens (a derangement, ``experiments/vlm_align.py``),
-with 95 % CIs; real - shuffled with a paired CI.
+with 95 % CIs; real - shuffled with a paired CI. Then its headroom, the question vp_noise's
+training depends on: with only :data:`HEADROOM_KEEP` of the tokens (vp_noise's default keep
+ratio) in :data:`HEADROOM_DRAWS` random keep sets per sample, the spread of the loss, best-of-R
+minus the mean and the noise floor (``selectors/diagnostics.py``, as ``make eval``'s headroom table),
+and how much keeping the answer box's tokens first (the rest at random) lowers the loss against a
+random set, on the samples with a box: whether the loss depends on local evidence at all.
 
 Where: ``$TOKENSEL_CACHE/teachers/<model>-<encoder>-<fingerprint16>/`` (``open_clip_model.safetensors``,
 whose metadata names the encoder it reads, and ``teacher.json``). The fingerprint is both splits'
@@ -43,6 +48,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import open_clip
 import torch
 from safetensors.torch import save_file
@@ -51,16 +57,23 @@ from tqdm.auto import tqdm
 from tokensel.common.cache import atomic_write, cache_root
 from tokensel.common.cli import quiet_known_warnings, run_main
 from tokensel.common.errors import ConfigError
+from tokensel.common.stats import mean_ci
 from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
 from tokensel.datamodules.feature_cache import fingerprint, weights_identity
 from tokensel.datamodules.shards import ShardIndex
 from tokensel.datamodules.synthetic import ensure_default_corpus
 from tokensel.experiments.config import config_yaml, load_config, parse_run_args
-from tokensel.experiments.vlm_align import derangement, format_losses, held_out_losses, per_sample_loss
+from tokensel.experiments.vlm_align import derangement, format_losses, held_out_losses, per_sample_loss, summary
+from tokensel.selectors.budget import resolve_budget
+from tokensel.selectors.diagnostics import headroom, headroom_verdict, random_keep_masks
+from tokensel.selectors.inference import gather_tokens
+from tokensel.selectors.metrics import keep_mask
 from tokensel.selectors.vlm_coca import HEAD_METADATA, CoCaVLM, create_head, init_decoder_projection
 
-TEACHER_VERSION = 1  # bump when the build changes what it makes: every cached teacher is then rebuilt
+TEACHER_VERSION = 2  # bump when the build changes what it makes: every cached teacher is then rebuilt
 WEIGHTS_FILE = "open_clip_model.safetensors"
+HEADROOM_KEEP = 0.25  # vp_noise's default keep ratio (experiments/vp_noise.yaml)
+HEADROOM_DRAWS = 8  # random keep sets per sample, as make eval's --headroom-draws
 
 
 def teacher_base() -> Path:
@@ -98,8 +111,10 @@ def ensure_teacher(config, log=print) -> Path:
     folder = teacher_folder(config, key)
     if (folder / WEIGHTS_FILE).is_file():
         record = json.loads((folder / "teacher.json").read_text())
+        room = record["headroom"]
         log(f"corpus teacher: {folder} (held-out NTP: real {record['losses']['real']['mean']:.3f}, "
-            f"shuffled {record['losses']['shuffled']['mean']:.3f})", flush=True)
+            f"shuffled {record['losses']['shuffled']['mean']:.3f}; headroom at {room['keep']} of {room['of']} "
+            f"tokens: spread {room['spread']['mean']:.4f}, {room['verdict']})", flush=True)
         return folder / WEIGHTS_FILE
     return build_teacher(config, folder, key, parts, log)
 
@@ -150,16 +165,62 @@ def train_head(vlm, datamodule, teacher, log=print) -> float:
     return time.perf_counter() - began
 
 
-def held_out(datamodule) -> tuple[torch.Tensor, list, list, list]:
-    """Every val sample: features, prompts, targets, sources."""
-    feats, prompts, targets, sources = [], [], [], []
+def held_out(datamodule) -> tuple[torch.Tensor, list, list, list, torch.Tensor]:
+    """Every val sample: features, prompts, targets, sources, answer-box tokens ``(n, N)`` bool
+    (all False for a sample without a box)."""
+    feats, prompts, targets, sources, answer = [], [], [], [], []
     for raw in datamodule.epoch_loader(datamodule.cfg.val_split):
         batch = datamodule.features(raw)
         feats.append(batch.features)
         prompts += batch.prompt
         targets += batch.target
         sources += batch.source
-    return torch.cat(feats), prompts, targets, sources
+        boxes = batch.answer_tokens if batch.answer_tokens is not None else torch.zeros(batch.features.shape[:2])
+        answer.append(boxes.bool())
+    return torch.cat(feats), prompts, targets, sources, torch.cat(answer)
+
+
+def kept_loss(vlm, feats: torch.Tensor, prompts: list, targets: list, keep: torch.Tensor, batch_size: int) -> np.ndarray:
+    """Per-sample NTP loss with only the tokens of ``keep`` ``(n, N)`` bool (K per row), gathered."""
+    k = int(keep[0].sum())
+    indices = keep.float().topk(k, dim=1).indices.sort(dim=1).values
+    return per_sample_loss(vlm, gather_tokens(feats, indices), prompts, targets, batch_size)
+
+
+@torch.no_grad()
+def held_out_headroom(vlm, feats: torch.Tensor, prompts: list, targets: list, answer: torch.Tensor,
+                      real: np.ndarray, batch_size: int, seed: int) -> dict:
+    """The teacher's headroom on the held-out samples (see the module docstring)."""
+    n, num_tokens = feats.shape[:2]
+    k = resolve_budget(HEADROOM_KEEP, num_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    masks = random_keep_masks(n, num_tokens, k, HEADROOM_DRAWS, generator)
+    losses = np.stack([kept_loss(vlm, feats, prompts, targets, m, batch_size) for m in masks])
+    room = headroom(torch.from_numpy(losses))
+    floor = mean_ci(room["draw_difference"])[1]
+    best = summary(room["best_gain"].numpy())
+    first = (answer.float() * 2 + torch.rand(n, num_tokens, generator=generator)).topk(k, dim=1).indices
+    boxed = answer.any(1).numpy()
+    answer_first = kept_loss(vlm, feats, prompts, targets, keep_mask(first, num_tokens), batch_size)
+    return {"keep": k, "of": num_tokens, "draws": HEADROOM_DRAWS, "spread": summary(room["spread"].numpy()),
+            "best_gain": best, "noise_floor": floor, "verdict": headroom_verdict(best["mean"], floor),
+            "random_minus_all": summary(losses[0] - real),
+            "answer_first_minus_random": summary((answer_first - losses[0])[boxed])}
+
+
+def format_headroom(room: dict) -> str:
+    """The headroom lines the build prints."""
+    def cell(s: dict) -> str:
+        return f"{s['mean']:+.4f} ± {s['ci95']:.4f}"
+
+    return "\n".join([
+        f"headroom: {room['keep']} of {room['of']} tokens in {room['draws']} random keep sets per sample:",
+        f"  spread of the loss {room['spread']['mean']:.4f} ± {room['spread']['ci95']:.4f}, best of {room['draws']} "
+        f"- their mean {room['best_gain']['mean']:.4f} ± {room['best_gain']['ci95']:.4f}, noise floor "
+        f"{room['noise_floor']:.4f}: {room['verdict']}",
+        f"  random keep set - all tokens          {cell(room['random_minus_all'])}",
+        f"  answer box first - random ({room['answer_first_minus_random']['n']} with a box) "
+        f"{cell(room['answer_first_minus_random'])}"])
 
 
 def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Path:
@@ -173,7 +234,7 @@ def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Pat
         raise ConfigError(f"{datamodule.root}: the corpus teacher needs a {config.data.val_split!r} split "
                           "to check that it reads the image")
     model, vlm = build_head(config, datamodule.dims.dim)
-    feats, prompts, targets, sources = held_out(datamodule)
+    feats, prompts, targets, sources, answer = held_out(datamodule)
     size = config.teacher.eval_batch_size
     init = per_sample_loss(vlm, feats, prompts, targets, size)
     train_s = train_head(vlm, datamodule, config.teacher, log)
@@ -181,18 +242,19 @@ def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Pat
     perm = torch.from_numpy(derangement(len(prompts), config.teacher.seed))
     shuffled = per_sample_loss(vlm, feats[perm], prompts, targets, size)
     losses = held_out_losses(init, real, shuffled, sources)
+    room = held_out_headroom(vlm, feats, prompts, targets, answer, real, size, config.teacher.seed)
     enc = config.encoder
     meta = {"open_clip_model": config.teacher.model, "width": datamodule.dims.dim, "fingerprint": key,
             "encoder": {"name": enc.name, "weights": weights_identity(enc), "layer": enc.layer, "norm": enc.norm,
                         "image_size": enc.image_size}}
-    record = {"meta": meta, "fingerprint_parts": parts, "losses": losses,
+    record = {"meta": meta, "fingerprint_parts": parts, "losses": losses, "headroom": room,
               "timing": {"train_s": train_s, "total_s": time.perf_counter() - started},
               "params": sum(p.numel() for p in vlm.parameters())}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "teacher.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={HEAD_METADATA: json.dumps(meta)}))
-    log("\n" + format_losses(losses, "head at init"), flush=True)
+    log("\n" + format_losses(losses, "head at init") + "\n" + format_headroom(room), flush=True)
     log(f"corpus teacher: built in {record['timing']['total_s'] / 60:.1f} min ({train_s:.0f}s training, "
         f"{record['params'] / 1e6:.1f}M params): {folder / WEIGHTS_FILE}", flush=True)
     return folder / WEIGHTS_FILE

@@ -9,7 +9,8 @@ import torch
 from conftest import FAST_ARGS
 from tokensel.common.errors import TokenselError
 from tokensel.experiments.config import ConfigError, load_config
-from tokensel.experiments.teacher import ensure_teacher, find_teacher, lr_factor, teacher_folder
+from tokensel.experiments.teacher import (HEADROOM_DRAWS, ensure_teacher, find_teacher, held_out_headroom, lr_factor,
+                                         teacher_folder)
 
 TEACHER_ARGS = FAST_ARGS + ["teacher.epochs=3", "teacher.lr=3e-3", "teacher.eval_batch_size=8"]
 
@@ -35,6 +36,11 @@ def test_the_teacher_is_trained_measured_and_saved_with_its_encoder(built, tiny_
     assert losses["real"]["mean"] < losses["init"]["mean"] - 2  # it learned the corpus's text
     for label in ("head at init", "trained, real images", "trained, shuffled images", "real - shuffled"):
         assert label in printed
+    room = record["headroom"]
+    assert room["draws"] == HEADROOM_DRAWS and room["of"] == 16 and room["keep"] == 4  # 25 % of the tiny images' 16
+    assert room["spread"]["n"] == 18 and room["verdict"] in ("separable", "within noise")
+    assert room["answer_first_minus_random"]["n"] >= 1  # the tiny corpus's documents and charts have boxes
+    assert "headroom: 4 of 16 tokens" in printed and "answer box first - random" in printed
     meta = record["meta"]
     assert meta["encoder"]["name"] == "timm:vit_tiny_patch16_224" and meta["width"] == 192
     assert meta["encoder"]["weights"] == "random(init_seed=0)"
@@ -94,3 +100,30 @@ def test_the_schedule_warms_up_then_decays_to_zero():
     factors = [lr_factor(s, 100, 0.1) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:])) and factors[-1] < 0.01
+
+
+class OneTokenVLM(torch.nn.Module):
+    """A stand-in VLM whose loss is 1 without token 0's feature among the kept ones, else 0: its
+    loss depends on local evidence (token 0) and on nothing else."""
+
+    def ntp_loss(self, tokens, prompt, target, indices=None):
+        from types import SimpleNamespace
+
+        loss = 1.0 - (tokens[..., 0] > 0.5).any(dim=1).float()
+        return SimpleNamespace(loss=loss.mean(), per_sample=loss)
+
+
+def test_headroom_sees_a_loss_that_depends_on_one_token_and_a_box_on_it():
+    n, num_tokens = 40, 8
+    feats = torch.zeros(n, num_tokens, 4)
+    feats[:, 0, 0] = 1.0  # the evidence: token 0
+    answer = torch.zeros(n, num_tokens, dtype=torch.bool)
+    answer[:20, 0] = True  # half the samples have a box on it
+    real = torch.zeros(n).numpy()  # with all tokens the evidence is always there
+    room = held_out_headroom(OneTokenVLM(), feats, [""] * n, ["x"] * n, answer, real, batch_size=16, seed=0)
+    assert room["keep"] == 2 and room["of"] == num_tokens and room["draws"] == HEADROOM_DRAWS
+    # a random 2 of 8 holds token 0 a quarter of the time: the loss moves with the choice of tokens
+    assert room["spread"]["mean"] > 0.2 and room["best_gain"]["mean"] > 0.5 and room["verdict"] == "separable"
+    assert room["random_minus_all"]["mean"] > 0.5
+    # keeping the box first always keeps token 0: loss 0, against a random set's
+    assert room["answer_first_minus_random"]["n"] == 20 and room["answer_first_minus_random"]["mean"] < -0.5
