@@ -111,8 +111,11 @@ collapse: $(STAMP)
 curve: $(STAMP)
 	$(PY) -m tokensel.experiments.sweep experiments/sweeps/curve.yaml --selector "$(or $(SELECTOR),gumbel_ae)" $(if $(SEEDS),--seeds $(SEEDS)) $(ARGS)
 
+# pytest-xdist workers: each test's training runs are single processes, so two workers keep two
+# cores busy (make test PYTEST_WORKERS=0 runs the tests in one process, in file order)
+PYTEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS)) $(ARGS)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir runs
