@@ -41,12 +41,17 @@ def read_curve(path: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def measured(value) -> bool:
+    """Does a ``curve.jsonl`` value ``[mean, half, n]`` hold a measurement (n > 0)?"""
+    return bool(value) and value[0] is not None and bool(value[2])
+
+
 def series(records: list[dict], metric: str) -> list[tuple[int, float, float]]:
     """``(step, mean, CI half-width over samples)`` of one metric, where it was measured."""
     out = []
     for r in records:
         value = r["metrics"].get(metric)
-        if value and value[0] is not None and value[2]:
+        if measured(value):
             out.append((r["step"], float(value[0]), float(value[1]) if value[1] is not None else math.nan))
     return out
 
@@ -76,44 +81,39 @@ def comparisons(budgets: list[str]) -> list[tuple[str, str, str, bool]]:
 
 
 def first_step(records: list[dict], metric: str, higher_is_better: bool) -> str:
-    measured = [r for r in records if r["metrics"].get(metric) and r["metrics"][metric][2]]
-    if not measured:
+    steps = [r for r in records if measured(r["metrics"].get(metric))]
+    if not steps:
         return "n/a"
-    for r in measured:
+    for r in steps:
         if beats(r["metrics"][metric], higher_is_better):
             return str(r["step"])
-    return f"not within {measured[-1]['step']} steps"
+    return f"not within {steps[-1]['step']} steps"
 
 
 def run_summary(records: list[dict]) -> list[str]:
     """What ``make train`` prints at the end of a run: per metric, the selector's last measured value,
-    its paired differences from random (chance for the AUROC) and DivPrune, and the first step
-    that beat each with 95 % confidence (:func:`first_step`)."""
+    its paired differences from the references of :func:`comparisons` (chance for the AUROC) and
+    the first step that beat each with 95 % confidence (:func:`first_step`)."""
     if not records:
         return []
     last = records[-1]
-    metrics, step = last["metrics"], last["step"]
-    lines = [f"learning curve at step {step} (held-out, paired 95 % CI; every measurement in {CURVE_FILE}):"]
-    for base, higher in [("auroc", True)] + [(f"{m}@{b}", m == "recall") for b in budgets_of(records)
-                                             for m in ("recall", "objective")]:
-        value = metrics.get(base)
-        if not value or value[0] is None or not value[2]:
+    metrics = last["metrics"]
+    groups: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+    for label, _, name, higher in comparisons(budgets_of(records)):
+        groups.setdefault((label, name.split("_vs_")[0]), []).append((name, higher))
+    lines = [f"learning curve at step {last['step']} (held-out, paired 95 % CI; every measurement in {CURVE_FILE}):"]
+    for (label, base), diffs in groups.items():
+        if not measured(metrics.get(base)):
             continue
-        cells = []
-        for ref in ("random", "divprune"):
-            name = f"{base}_vs_{'chance' if base == 'auroc' and ref == 'random' else ref}"
-            diff = metrics.get(name)
-            if not diff or diff[0] is None or not diff[2]:
-                continue
-            beat = first_step(records, name, higher)
-            when = f"first better at step {beat}" if beat.isdigit() else beat.replace("not within", "not better within")
-            label = "chance" if name.endswith("_vs_chance") else ref
-            cells.append(f"vs {label} {diff[0]:+.3f} ± {diff[1]:.3f} ({when})")
         refs = ", ".join(f"{ref} {metrics[f'{base}/{ref}'][0]:.3f}" for ref in ("random", "divprune")
-                         if metrics.get(f"{base}/{ref}") and metrics[f"{base}/{ref}"][0] is not None)
-        shown = "objective loss" + base[len("objective"):] if base.startswith("objective") else base
-        lines.append(f"  {shown} {value[0]:.3f}" + (f" ({refs})" if refs else "") + ":")
-        lines += [f"    {cell}" for cell in cells]
+                         if measured(metrics.get(f"{base}/{ref}")))
+        lines.append(f"  {label} {metrics[base][0]:.3f}" + (f" ({refs})" if refs else "") + ":")
+        for name, higher in diffs:
+            if measured(metrics.get(name)):
+                mean, half = metrics[name][:2]
+                beat = first_step(records, name, higher)
+                when = f"first better at step {beat}" if beat.isdigit() else beat.replace("not within", "not better within")
+                lines.append(f"    vs {name.split('_vs_')[1]} {mean:+.3f} ± {half:.3f} ({when})")
     return lines
 
 

@@ -53,7 +53,7 @@ from tokensel.selectors.catalog import baseline_names, build_baseline, load_modu
 from tokensel.selectors.diagnostics import (evidence_auroc, evidence_rows, headroom, headroom_verdict, objective_losses,
                                             random_keep_masks, rank_correlation)
 from tokensel.selectors.inference import CheckpointError, SelectionContext, gather_tokens
-from tokensel.selectors.metrics import evidence_recall, keep_mask, psnr, token_coverage
+from tokensel.selectors.metrics import evidence_recall, keep_mask, kept_indices, psnr, token_coverage
 from tokensel.selectors.vlm import VLMConfig
 from tokensel.selectors.vlm_backends import build_vlm, required_encoder
 from tokensel.vlms.ntp import CAPTION_INSTRUCTION
@@ -305,8 +305,7 @@ def score_batch(batch, context: SelectionContext, candidates: list, objectives: 
     full = vlm.ntp_loss(batch.features, batch.prompt, batch.target).per_sample if vlm is not None else None
 
     def ntp_increase(mask: torch.Tensor) -> torch.Tensor:
-        indices = mask.nonzero()[:, 1].view(n, -1)
-        return vlm.ntp_loss(gather_tokens(batch.features, indices), batch.prompt, batch.target).per_sample - full
+        return vlm.ntp_loss(gather_tokens(batch.features, kept_indices(mask)), batch.prompt, batch.target).per_sample - full
 
     random_reference = {}
     for k in ks:

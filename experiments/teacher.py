@@ -67,7 +67,7 @@ from tokensel.experiments.vlm_align import derangement, format_losses, held_out_
 from tokensel.selectors.budget import resolve_budget
 from tokensel.selectors.diagnostics import headroom, headroom_verdict, random_keep_masks
 from tokensel.selectors.inference import gather_tokens
-from tokensel.selectors.metrics import keep_mask
+from tokensel.selectors.metrics import keep_mask, kept_indices
 from tokensel.selectors.vlm_coca import HEAD_METADATA, CoCaVLM, create_head, init_decoder_projection
 
 TEACHER_VERSION = 2  # bump when the build changes what it makes: every cached teacher is then rebuilt
@@ -182,9 +182,7 @@ def held_out(datamodule) -> tuple[torch.Tensor, list, list, list, torch.Tensor]:
 
 def kept_loss(vlm, feats: torch.Tensor, prompts: list, targets: list, keep: torch.Tensor, batch_size: int) -> np.ndarray:
     """Per-sample NTP loss with only the tokens of ``keep`` ``(n, N)`` bool (K per row), gathered."""
-    k = int(keep[0].sum())
-    indices = keep.float().topk(k, dim=1).indices.sort(dim=1).values
-    return per_sample_loss(vlm, gather_tokens(feats, indices), prompts, targets, batch_size)
+    return per_sample_loss(vlm, gather_tokens(feats, kept_indices(keep)), prompts, targets, batch_size)
 
 
 @torch.no_grad()

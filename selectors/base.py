@@ -115,6 +115,15 @@ class StepOutput:
     n: Optional[int] = None
 
 
+@dataclass
+class PanelView:
+    """What :meth:`SelectorModule.visualise` returns: the ``(B, N)`` kept tokens (a mask, or scores
+    in [0, 1]) and the image reconstructed from them, when the objective makes one."""
+
+    keep: torch.Tensor
+    recon: Optional[torch.Tensor] = None
+
+
 class SelectorModule(L.LightningModule):
     """The LightningModule every objective extends (see the module docstring)."""
 
@@ -186,22 +195,22 @@ class SelectorModule(L.LightningModule):
         self.log("val/samples", self.val_samples, on_step=False, on_epoch=True)
 
     @torch.no_grad()
-    def visualise(self, batch: FeatureBatch, max_images: int = 4) -> StepOutput:
-        """The objective's outputs on the first ``max_images`` samples, for panels. A net trained
-        for a budget (:attr:`SelectorNet.trained_budget`) is shown as it is deployed: its top-K at
-        that budget, and the image reconstructed from those K (when it reconstructs); otherwise
-        the objective's eval-mode keep mask (gumbel_ae's noiseless gate, Eq. 3 without noise)."""
+    def visualise(self, batch: FeatureBatch, max_images: int = 4) -> PanelView:
+        """What a panel draws of the first ``max_images`` samples. A net trained for a budget
+        (:attr:`SelectorNet.trained_budget`) is shown as it is deployed: its top-K at that budget,
+        and the image reconstructed from those K (when it reconstructs); the objective's step is
+        not run. Otherwise the objective's eval-mode step: its keep mask (gumbel_ae's noiseless
+        gate, Eq. 3 without noise) and reconstruction."""
         was_training = self.training
         self.eval()
         try:
             head = batch.head(max_images)
-            out = self.step(head)
             budget = self.net.trained_budget
             if budget is None:
-                return out
+                out = self.step(head)
+                return PanelView(keep=out.keep, recon=out.recon)
             keep = keep_mask(self.net.select(head.features, budget)[0], head.features.shape[1])
-            recon = self.net.image_from_kept(head.features, keep)
-            return StepOutput(loss=out.loss, scalars=out.scalars, keep=keep, recon=out.recon if recon is None else recon)
+            return PanelView(keep=keep, recon=self.net.image_from_kept(head.features, keep))
         finally:
             self.train(was_training)
 

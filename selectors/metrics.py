@@ -44,6 +44,15 @@ def keep_mask(indices: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return mask
 
 
+def kept_indices(mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`keep_mask`: the kept positions ``(B, k)`` of a ``(B, N)`` bool mask, in
+    positional order. Every row must keep the same ``k`` (raises ``ValueError`` otherwise)."""
+    counts = mask.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"keep sets of one size per batch only, got sizes {sorted(set(counts.tolist()))}")
+    return mask.nonzero()[:, 1].view(mask.shape[0], int(counts[0]))  # row-major: in positional order
+
+
 def evidence_rows(answer_tokens: torch.Tensor, has_box: Optional[torch.Tensor] = None,
                   negatives: bool = False) -> torch.Tensor:
     """``(B,)`` bool: the samples an evidence metric scores: with a box (``has_box``; None means

@@ -47,6 +47,7 @@ from tokensel.selectors.base import SelectorConfig, SelectorModule, StepOutput, 
 from tokensel.selectors.blocks import DiagonalDenoiser, TransformerStack
 from tokensel.selectors.budget import BudgetError, alpha_entropy, cosine_tau, soft_topk, vp_noise_gate
 from tokensel.selectors.inference import SelectionContext, SelectorNet, gather_tokens, topk_positions
+from tokensel.selectors.metrics import kept_indices
 from tokensel.selectors.registry import register_selector
 from tokensel.selectors.vlm import VLMConfig
 from tokensel.selectors.vlm_backends import build_vlm, required_encoder
@@ -146,11 +147,7 @@ class TokenScorer(SelectorNet):
         the same number of tokens in every row."""
         if vlm is None:
             return None
-        counts = keep.sum(dim=1)
-        if bool((counts != counts[0]).any()):
-            raise ValueError(f"vp_noise scores keep sets of one size per batch, got sizes {sorted(set(counts.tolist()))}")
-        indices = keep.nonzero()[:, 1].view(keep.shape[0], int(counts[0]))  # row-major: in positional order
-        loss = vlm.ntp_loss(gather_tokens(batch.features, indices), batch.prompt, batch.target).per_sample
+        loss = vlm.ntp_loss(gather_tokens(batch.features, kept_indices(keep)), batch.prompt, batch.target).per_sample
         empty = torch.tensor([not text.strip() for text in batch.target], device=loss.device)
         return loss.masked_fill(empty, float("nan"))
 

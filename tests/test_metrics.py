@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokensel.experiments.flops import GEOMETRIES, flops_report, llm_flops, sampler_flops
-from tokensel.selectors.metrics import evidence_recall, keep_mask, psnr, token_coverage
+from tokensel.selectors.metrics import evidence_recall, keep_mask, kept_indices, psnr, token_coverage
 from tokensel.experiments.report import plot_metrics, write_table
 from tokensel.common.stats import MetricAccumulator, mean_ci, t_quantile
 
@@ -23,6 +23,13 @@ def test_keep_mask():
     assert keep_mask(torch.empty(2, 0, dtype=torch.long), 4).sum() == 0
     with pytest.raises(ValueError):
         keep_mask(torch.tensor([[5]]), 5)
+
+
+def test_kept_indices_invert_keep_mask_in_positional_order():
+    indices = torch.tensor([[4, 0, 2], [1, 3, 2]])
+    assert kept_indices(keep_mask(indices, 5)).tolist() == [[0, 2, 4], [1, 2, 3]]
+    with pytest.raises(ValueError, match="one size per batch"):
+        kept_indices(keep_mask(torch.tensor([[0, 1], [2, 2]]), 5))
 
 
 def _answer_batch():
