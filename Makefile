@@ -49,6 +49,7 @@ help:
 	@echo "make data                                                           generate the default corpus (data/default)"
 	@echo "make vlm [ARGS='steps=20 ...']                                       build (once) a small real LLaVA: DINOv2-S + SmolLM2-135M (data/vlm)"
 	@echo "make teacher [ARGS='teacher.epochs=5 ...']                           build (once) the corpus teacher, vp_noise's default VLM"
+	@echo "make teacher ARGS='selector.vlm.backend=hf ...'                       measure another frozen VLM as a teacher (trains nothing)"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
 	@echo "make test-lmms | eval-lmms ARGS='--model tokensel ...'                lmms-eval on a pruned VLM, any family"
 	@echo "make lint                                                           ruff (make test runs it first)"

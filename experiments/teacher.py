@@ -2,6 +2,10 @@
 
     python -m tokensel.experiments.teacher [SELECTOR] [--config FILE.yaml] [key=value ...]   (make teacher)
 
+With ``selector.vlm`` set to another frozen VLM (``selector.vlm.backend=hf selector.vlm.model=<folder>``
+and its encoder), the command trains nothing and prints that VLM's held-out check and headroom,
+measured as below, so teachers compare in one table.
+
 vp_noise (AutoSelect, arXiv 2603.07135) learns which tokens matter from a frozen VLM's next-token
 loss, so it needs a VLM whose loss depends on the image. On a laptop the real small LLaVA of
 ``make vlm`` costs seconds per sample, and a random CoCa reads nothing. The corpus teacher sits
@@ -26,7 +30,8 @@ with 95 % CIs; real - shuffled with a paired CI. Then its headroom, the question
 training depends on: with only :data:`HEADROOM_KEEP` of the tokens (vp_noise's default keep
 ratio) in :data:`HEADROOM_DRAWS` random keep sets per sample, the spread of the loss, best-of-R
 minus the mean and the noise floor (``selectors/diagnostics.py``, as ``make eval``'s headroom table),
-and how much keeping the answer box's tokens first (the rest at random) lowers the loss against a
+what one random keep set costs against all tokens (overall and per source: the scenes have no
+answer box, so this is where a loss that reads them shows it), and how much keeping the answer box's tokens first (the rest at random) lowers the loss against a
 random set, on the samples with a box: whether the loss depends on local evidence at all.
 
 Where: ``$TOKENSEL_CACHE/teachers/<model>-<encoder>-<fingerprint16>/`` (``open_clip_model.safetensors``,
@@ -68,7 +73,8 @@ from tokensel.selectors.budget import resolve_budget
 from tokensel.selectors.diagnostics import headroom, headroom_verdict, random_keep_masks
 from tokensel.selectors.inference import gather_tokens
 from tokensel.selectors.metrics import keep_mask, kept_indices
-from tokensel.selectors.vlm_coca import HEAD_METADATA, CoCaVLM, create_head, init_decoder_projection
+from tokensel.selectors.vlm_backends import build_vlm
+from tokensel.selectors.vlm_coca import CORPUS_TEACHER, HEAD_METADATA, CoCaVLM, create_head, init_decoder_projection
 
 TEACHER_VERSION = 2  # bump when the build changes what it makes: every cached teacher is then rebuilt
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -187,8 +193,9 @@ def kept_loss(vlm, feats: torch.Tensor, prompts: list, targets: list, keep: torc
 
 @torch.no_grad()
 def held_out_headroom(vlm, feats: torch.Tensor, prompts: list, targets: list, answer: torch.Tensor,
-                      real: np.ndarray, batch_size: int, seed: int) -> dict:
-    """The teacher's headroom on the held-out samples (see the module docstring)."""
+                      real: np.ndarray, batch_size: int, seed: int, sources: Optional[list] = None) -> dict:
+    """The teacher's headroom on the held-out samples (see the module docstring); ``sources``
+    (one name per sample) adds "random keep set - all tokens" per source."""
     n, num_tokens = feats.shape[:2]
     k = resolve_budget(HEADROOM_KEEP, num_tokens)
     generator = torch.Generator().manual_seed(seed)
@@ -200,9 +207,12 @@ def held_out_headroom(vlm, feats: torch.Tensor, prompts: list, targets: list, an
     first = (answer.float() * 2 + torch.rand(n, num_tokens, generator=generator)).topk(k, dim=1).indices
     boxed = answer.any(1).numpy()
     answer_first = kept_loss(vlm, feats, prompts, targets, keep_mask(first, num_tokens), batch_size)
+    dropped = losses[0] - real
+    names = np.asarray(sources if sources is not None else [])
+    by_source = {name: summary(dropped[names == name]) for name in sorted(set(names.tolist()))}
     return {"keep": k, "of": num_tokens, "draws": HEADROOM_DRAWS, "spread": summary(room["spread"].numpy()),
             "best_gain": best, "noise_floor": floor, "verdict": headroom_verdict(best["mean"], floor),
-            "random_minus_all": summary(losses[0] - real),
+            "random_minus_all": summary(dropped), "random_minus_all_by_source": by_source,
             "answer_first_minus_random": summary((answer_first - losses[0])[boxed])}
 
 
@@ -217,8 +227,39 @@ def format_headroom(room: dict) -> str:
         f"- their mean {room['best_gain']['mean']:.4f} ± {room['best_gain']['ci95']:.4f}, noise floor "
         f"{room['noise_floor']:.4f}: {room['verdict']}",
         f"  random keep set - all tokens          {cell(room['random_minus_all'])}",
+        *(f"    {name:<8} n={s['n']:<4}                      {cell(s)}"
+          for name, s in room.get("random_minus_all_by_source", {}).items()),
         f"  answer box first - random ({room['answer_first_minus_random']['n']} with a box) "
         f"{cell(room['answer_first_minus_random'])}"])
+
+
+@torch.no_grad()
+def measure(vlm, samples: tuple, teacher, init: Optional[np.ndarray] = None) -> tuple[dict, dict]:
+    """(held-out losses, headroom) of ``vlm`` on ``samples`` (:func:`held_out`); ``teacher``: the
+    ``teacher.*`` keys (batch size, seed)."""
+    feats, prompts, targets, sources, answer = samples
+    size = teacher.eval_batch_size
+    real = per_sample_loss(vlm, feats, prompts, targets, size)
+    perm = torch.from_numpy(derangement(len(prompts), teacher.seed))
+    shuffled = per_sample_loss(vlm, feats[perm], prompts, targets, size)
+    losses = held_out_losses(init, real, shuffled, sources)
+    return losses, held_out_headroom(vlm, feats, prompts, targets, answer, real, size, teacher.seed, sources)
+
+
+def measure_vlm(config, log=print) -> tuple[dict, dict]:
+    """The held-out check and headroom of the run's frozen VLM when it is not the corpus teacher
+    (the LLaVA of ``make vlm``, any VLM family): the same figures a teacher's build prints, for
+    comparing teachers; nothing is trained or saved."""
+    vlm_cfg = config.selector.vlm
+    log(f"frozen VLM {vlm_cfg.backend}:{vlm_cfg.model}: measuring it on the held-out split over "
+        f"{config.encoder.name} tokens", flush=True)
+    datamodule = FeatureDataModule(config.data, config.encoder, config.teacher.seed)
+    if not datamodule.has_val:
+        raise ConfigError(f"{datamodule.root}: measuring a VLM needs a {config.data.val_split!r} split")
+    vlm = build_vlm(vlm_cfg)
+    losses, room = measure(vlm, held_out(datamodule), config.teacher)
+    log("\n" + format_losses(losses) + "\n" + format_headroom(room), flush=True)
+    return losses, room
 
 
 def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Path:
@@ -232,15 +273,10 @@ def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Pat
         raise ConfigError(f"{datamodule.root}: the corpus teacher needs a {config.data.val_split!r} split "
                           "to check that it reads the image")
     model, vlm = build_head(config, datamodule.dims.dim)
-    feats, prompts, targets, sources, answer = held_out(datamodule)
-    size = config.teacher.eval_batch_size
-    init = per_sample_loss(vlm, feats, prompts, targets, size)
+    samples = held_out(datamodule)
+    init = per_sample_loss(vlm, *samples[:3], config.teacher.eval_batch_size)
     train_s = train_head(vlm, datamodule, config.teacher, log)
-    real = per_sample_loss(vlm, feats, prompts, targets, size)
-    perm = torch.from_numpy(derangement(len(prompts), config.teacher.seed))
-    shuffled = per_sample_loss(vlm, feats[perm], prompts, targets, size)
-    losses = held_out_losses(init, real, shuffled, sources)
-    room = held_out_headroom(vlm, feats, prompts, targets, answer, real, size, config.teacher.seed)
+    losses, room = measure(vlm, samples, config.teacher, init)
     enc = config.encoder
     meta = {"open_clip_model": config.teacher.model, "width": datamodule.dims.dim, "fingerprint": key,
             "encoder": {"name": enc.name, "weights": weights_identity(enc), "layer": enc.layer, "norm": enc.norm,
@@ -268,7 +304,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     if config.data.root is None:
         ensure_default_corpus(DEFAULT_DATA_ROOT)
-    ensure_teacher(config)
+    vlm = getattr(config.selector, "vlm", None)
+    if vlm is None or (vlm.backend == "coca" and vlm.pretrained == CORPUS_TEACHER):
+        ensure_teacher(config)
+    else:
+        measure_vlm(config)
     return 0
 
 

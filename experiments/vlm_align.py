@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -133,13 +134,17 @@ def align(model, processor, recipe, log=print) -> tuple[dict, dict]:
     return held_out_losses(init, real, shuffled, sources), timing
 
 
-def held_out_losses(init: np.ndarray, real: np.ndarray, shuffled: np.ndarray, sources: list) -> dict:
-    """Per-sample losses at init, with the real and with deranged image tokens, summarised (and per source)."""
-    return {"n": len(real), "init": summary(init), "real": summary(real), "shuffled": summary(shuffled),
-            "real_minus_shuffled": summary(real - shuffled), "real_minus_init": summary(real - init),
-            "per_source": {s: {"real": float(real[m].mean()), "shuffled": float(shuffled[m].mean()),
-                               "init": float(init[m].mean()), "n": int(m.sum())}
-                           for s in sorted(set(sources)) for m in [np.asarray(sources) == s]}}
+def held_out_losses(init: Optional[np.ndarray], real: np.ndarray, shuffled: np.ndarray, sources: list) -> dict:
+    """Per-sample losses at init (None: a model that was not trained here), with the real and with
+    deranged image tokens, summarised (and per source)."""
+    losses = {"n": len(real), "real": summary(real), "shuffled": summary(shuffled),
+              "real_minus_shuffled": summary(real - shuffled),
+              "per_source": {s: {"real": float(real[m].mean()), "shuffled": float(shuffled[m].mean()), "n": int(m.sum())}
+                             | ({"init": float(init[m].mean())} if init is not None else {})
+                             for s in sorted(set(sources)) for m in [np.asarray(sources) == s]}}
+    if init is not None:
+        losses |= {"init": summary(init), "real_minus_init": summary(real - init)}
+    return losses
 
 
 def format_losses(losses: dict, init_label: str = "projector at init") -> str:
@@ -148,12 +153,13 @@ def format_losses(losses: dict, init_label: str = "projector at init") -> str:
         return f"  {label:<28} {s['mean']:7.3f} ± {s['ci95']:.3f}"
 
     d = losses["real_minus_shuffled"]
+    trained = "trained, " if "init" in losses else ""
     lines = [f"held-out NTP loss (mean target-token NLL over {losses['n']} val samples, ± 95% CI):",
-             row(init_label, losses["init"]), row("trained, real images", losses["real"]),
-             row("trained, shuffled images", losses["shuffled"]),
+             *([row(init_label, losses["init"])] if "init" in losses else []),
+             row(f"{trained}real images", losses["real"]), row(f"{trained}shuffled images", losses["shuffled"]),
              f"  real - shuffled (paired t)   {d['mean']:7.3f} ± {d['ci95']:.3f}  "
              f"[{d['mean'] - d['ci95']:.3f}, {d['mean'] + d['ci95']:.3f}]"]
     for source, s in losses.get("per_source", {}).items():
-        lines.append(f"    {source:<8} n={s['n']:<4} init {s['init']:.3f}  real {s['real']:.3f}  "
-                     f"shuffled {s['shuffled']:.3f}")
+        at_init = f"init {s['init']:.3f}  " if "init" in s else ""
+        lines.append(f"    {source:<8} n={s['n']:<4} {at_init}real {s['real']:.3f}  shuffled {s['shuffled']:.3f}")
     return "\n".join(lines)

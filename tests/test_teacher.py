@@ -9,8 +9,8 @@ import torch
 from conftest import FAST_ARGS
 from tokensel.common.errors import TokenselError
 from tokensel.experiments.config import ConfigError, load_config
-from tokensel.experiments.teacher import (HEADROOM_DRAWS, ensure_teacher, find_teacher, held_out_headroom, lr_factor,
-                                         teacher_folder)
+from tokensel.experiments.teacher import (HEADROOM_DRAWS, ensure_teacher, find_teacher, format_headroom, held_out_headroom,
+                                         lr_factor, teacher_folder)
 
 TEACHER_ARGS = FAST_ARGS + ["teacher.epochs=3", "teacher.lr=3e-3", "teacher.eval_batch_size=8"]
 
@@ -120,10 +120,33 @@ def test_headroom_sees_a_loss_that_depends_on_one_token_and_a_box_on_it():
     answer = torch.zeros(n, num_tokens, dtype=torch.bool)
     answer[:20, 0] = True  # half the samples have a box on it
     real = torch.zeros(n).numpy()  # with all tokens the evidence is always there
-    room = held_out_headroom(OneTokenVLM(), feats, [""] * n, ["x"] * n, answer, real, batch_size=16, seed=0)
+    sources = ["docvqa"] * 20 + ["coco"] * 20
+    room = held_out_headroom(OneTokenVLM(), feats, [""] * n, ["x"] * n, answer, real, batch_size=16, seed=0,
+                             sources=sources)
     assert room["keep"] == 2 and room["of"] == num_tokens and room["draws"] == HEADROOM_DRAWS
     # a random 2 of 8 holds token 0 a quarter of the time: the loss moves with the choice of tokens
     assert room["spread"]["mean"] > 0.2 and room["best_gain"]["mean"] > 0.5 and room["verdict"] == "separable"
     assert room["random_minus_all"]["mean"] > 0.5
+    by_source = room["random_minus_all_by_source"]
+    assert sorted(by_source) == ["coco", "docvqa"] and by_source["coco"]["n"] == 20
+    assert by_source["coco"]["mean"] * 20 + by_source["docvqa"]["mean"] * 20 == pytest.approx(room["random_minus_all"]["mean"] * n)
+    assert "    coco     n=20" in format_headroom(room)
     # keeping the box first always keeps token 0: loss 0, against a random set's
     assert room["answer_first_minus_random"]["n"] == 20 and room["answer_first_minus_random"]["mean"] < -0.5
+
+
+def test_make_teacher_on_another_vlm_measures_it_as_a_build_does_and_trains_nothing(built, tiny_corpus, capsys):
+    from tokensel.experiments.teacher import main, teacher_base
+
+    config, path, _ = built
+    record = json.loads((path.parent / "teacher.json").read_text())
+    before = sorted(teacher_base().iterdir())
+    args = [a for a in TEACHER_ARGS if not a.startswith("selector.")] + [f"data.root={tiny_corpus}"]
+    assert main(["vp_noise", *args, f"selector.vlm.pretrained={path}"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(teacher_base().iterdir()) == before and "building" not in printed
+    assert "frozen VLM coca:coca_head" in printed and "head at init" not in printed
+    real = record["losses"]["real"]["mean"]
+    assert f"  real images                  {real:7.3f}" in printed  # the build's own figure
+    spread = record["headroom"]["spread"]
+    assert f"spread of the loss {spread['mean']:.4f} ± {spread['ci95']:.4f}" in printed
