@@ -186,9 +186,10 @@ def held_out(datamodule) -> tuple[torch.Tensor, list, list, list, torch.Tensor]:
     return torch.cat(feats), prompts, targets, sources, torch.cat(answer)
 
 
-def kept_loss(vlm, feats: torch.Tensor, prompts: list, targets: list, keep: torch.Tensor, batch_size: int) -> np.ndarray:
+def kept_loss(vlm, feats: torch.Tensor, prompts: list, targets: list, keep: torch.Tensor, batch_size: int,
+              desc: Optional[str] = None) -> np.ndarray:
     """Per-sample NTP loss with only the tokens of ``keep`` ``(n, N)`` bool (K per row), gathered."""
-    return per_sample_loss(vlm, gather_tokens(feats, kept_indices(keep)), prompts, targets, batch_size)
+    return per_sample_loss(vlm, gather_tokens(feats, kept_indices(keep)), prompts, targets, batch_size, desc)
 
 
 @torch.no_grad()
@@ -200,13 +201,15 @@ def held_out_headroom(vlm, feats: torch.Tensor, prompts: list, targets: list, an
     k = resolve_budget(HEADROOM_KEEP, num_tokens)
     generator = torch.Generator().manual_seed(seed)
     masks = random_keep_masks(n, num_tokens, k, HEADROOM_DRAWS, generator)
-    losses = np.stack([kept_loss(vlm, feats, prompts, targets, m, batch_size) for m in masks])
+    losses = np.stack([kept_loss(vlm, feats, prompts, targets, m, batch_size, f"headroom: random keep set {i + 1}/{len(masks)}")
+                       for i, m in enumerate(masks)])
     room = headroom(torch.from_numpy(losses))
     floor = mean_ci(room["draw_difference"])[1]
     best = summary(room["best_gain"].numpy())
     first = (answer.float() * 2 + torch.rand(n, num_tokens, generator=generator)).topk(k, dim=1).indices
     boxed = answer.any(1).numpy()
-    answer_first = kept_loss(vlm, feats, prompts, targets, keep_mask(first, num_tokens), batch_size)
+    answer_first = kept_loss(vlm, feats, prompts, targets, keep_mask(first, num_tokens), batch_size,
+                             "headroom: answer box first")
     dropped = losses[0] - real
     names = np.asarray(sources if sources is not None else [])
     by_source = {name: summary(dropped[names == name]) for name in sorted(set(names.tolist()))}
@@ -239,9 +242,9 @@ def measure(vlm, samples: tuple, teacher, init: Optional[np.ndarray] = None) -> 
     ``teacher.*`` keys (batch size, seed)."""
     feats, prompts, targets, sources, answer = samples
     size = teacher.eval_batch_size
-    real = per_sample_loss(vlm, feats, prompts, targets, size)
+    real = per_sample_loss(vlm, feats, prompts, targets, size, "held-out: real image tokens")
     perm = torch.from_numpy(derangement(len(prompts), teacher.seed))
-    shuffled = per_sample_loss(vlm, feats[perm], prompts, targets, size)
+    shuffled = per_sample_loss(vlm, feats[perm], prompts, targets, size, "held-out: shuffled image tokens")
     losses = held_out_losses(init, real, shuffled, sources)
     return losses, held_out_headroom(vlm, feats, prompts, targets, answer, real, size, teacher.seed, sources)
 

@@ -33,6 +33,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from tokensel.common.stats import mean_ci
 from tokensel.datamodules.pipeline import ShardStream
@@ -53,10 +54,13 @@ def features_and_text(vlm, stream) -> tuple[torch.Tensor, list, list, list]:
 
 
 @torch.no_grad()
-def per_sample_loss(vlm, feats: torch.Tensor, prompts: list, targets: list, batch_size: int) -> np.ndarray:
-    """Mean target-token NLL of each sample."""
+def per_sample_loss(vlm, feats: torch.Tensor, prompts: list, targets: list, batch_size: int,
+                    desc: Optional[str] = None) -> np.ndarray:
+    """Mean target-token NLL of each sample; ``desc`` names a progress bar over the batches."""
+    starts = tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False, unit="batch",
+                  dynamic_ncols=True)
     out = [vlm.ntp_loss(feats[i:i + batch_size], prompts[i:i + batch_size], targets[i:i + batch_size]).per_sample
-           for i in range(0, len(prompts), batch_size)]
+           for i in starts]
     return torch.cat(out).double().numpy()
 
 
