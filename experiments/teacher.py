@@ -74,7 +74,7 @@ from tokensel.selectors.diagnostics import headroom, headroom_verdict, random_ke
 from tokensel.selectors.inference import gather_tokens
 from tokensel.selectors.metrics import keep_mask, kept_indices
 from tokensel.selectors.vlm_backends import build_vlm
-from tokensel.selectors.vlm_coca import CORPUS_TEACHER, HEAD_METADATA, CoCaVLM, create_head, init_decoder_projection
+from tokensel.selectors.vlm_coca import HEAD_METADATA, CoCaVLM, create_head, init_decoder_projection, names_corpus_teacher
 
 TEACHER_VERSION = 2  # bump when the build changes what it makes: every cached teacher is then rebuilt
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -174,6 +174,9 @@ def train_head(vlm, datamodule, teacher, log=print) -> float:
 def held_out(datamodule) -> tuple[torch.Tensor, list, list, list, torch.Tensor]:
     """Every val sample: features, prompts, targets, sources, answer-box tokens ``(n, N)`` bool
     (all False for a sample without a box)."""
+    if not datamodule.has_val:
+        raise ConfigError(f"{datamodule.root}: a teacher's held-out check needs a {datamodule.cfg.val_split!r} "
+                          "split, to measure that it reads the image")
     feats, prompts, targets, sources, answer = [], [], [], [], []
     for raw in datamodule.epoch_loader(datamodule.cfg.val_split):
         batch = datamodule.features(raw)
@@ -194,9 +197,9 @@ def kept_loss(vlm, feats: torch.Tensor, prompts: list, targets: list, keep: torc
 
 @torch.no_grad()
 def held_out_headroom(vlm, feats: torch.Tensor, prompts: list, targets: list, answer: torch.Tensor,
-                      real: np.ndarray, batch_size: int, seed: int, sources: Optional[list] = None) -> dict:
-    """The teacher's headroom on the held-out samples (see the module docstring); ``sources``
-    (one name per sample) adds "random keep set - all tokens" per source."""
+                      real: np.ndarray, batch_size: int, seed: int, sources: list) -> dict:
+    """The teacher's headroom on the held-out samples (see the module docstring); ``sources``: one
+    name per sample, for "random keep set - all tokens" per source."""
     n, num_tokens = feats.shape[:2]
     k = resolve_budget(HEADROOM_KEEP, num_tokens)
     generator = torch.Generator().manual_seed(seed)
@@ -211,7 +214,7 @@ def held_out_headroom(vlm, feats: torch.Tensor, prompts: list, targets: list, an
     answer_first = kept_loss(vlm, feats, prompts, targets, keep_mask(first, num_tokens), batch_size,
                              "headroom: answer box first")
     dropped = losses[0] - real
-    names = np.asarray(sources if sources is not None else [])
+    names = np.asarray(sources)
     by_source = {name: summary(dropped[names == name]) for name in sorted(set(names.tolist()))}
     return {"keep": k, "of": num_tokens, "draws": HEADROOM_DRAWS, "spread": summary(room["spread"].numpy()),
             "best_gain": best, "noise_floor": floor, "verdict": headroom_verdict(best["mean"], floor),
@@ -236,7 +239,6 @@ def format_headroom(room: dict) -> str:
         f"{cell(room['answer_first_minus_random'])}"])
 
 
-@torch.no_grad()
 def measure(vlm, samples: tuple, teacher, init: Optional[np.ndarray] = None) -> tuple[dict, dict]:
     """(held-out losses, headroom) of ``vlm`` on ``samples`` (:func:`held_out`); ``teacher``: the
     ``teacher.*`` keys (batch size, seed)."""
@@ -257,8 +259,6 @@ def measure_vlm(config, log=print) -> tuple[dict, dict]:
     log(f"frozen VLM {vlm_cfg.backend}:{vlm_cfg.model}: measuring it on the held-out split over "
         f"{config.encoder.name} tokens", flush=True)
     datamodule = FeatureDataModule(config.data, config.encoder, config.teacher.seed)
-    if not datamodule.has_val:
-        raise ConfigError(f"{datamodule.root}: measuring a VLM needs a {config.data.val_split!r} split")
     vlm = build_vlm(vlm_cfg)
     losses, room = measure(vlm, held_out(datamodule), config.teacher)
     log("\n" + format_losses(losses) + "\n" + format_headroom(room), flush=True)
@@ -272,9 +272,6 @@ def build_teacher(config, folder: Path, key: str, parts: dict, log=print) -> Pat
     log(f"corpus teacher: building {folder} (once; a CoCa head over {config.encoder.name} tokens, trained on "
         "the corpus)", flush=True)
     datamodule = FeatureDataModule(config.data, config.encoder, config.teacher.seed)
-    if not datamodule.has_val:
-        raise ConfigError(f"{datamodule.root}: the corpus teacher needs a {config.data.val_split!r} split "
-                          "to check that it reads the image")
     model, vlm = build_head(config, datamodule.dims.dim)
     samples = held_out(datamodule)
     init = per_sample_loss(vlm, *samples[:3], config.teacher.eval_batch_size)
@@ -308,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if config.data.root is None:
         ensure_default_corpus(DEFAULT_DATA_ROOT)
     vlm = getattr(config.selector, "vlm", None)
-    if vlm is None or (vlm.backend == "coca" and vlm.pretrained == CORPUS_TEACHER):
+    if vlm is None or names_corpus_teacher(vlm):
         ensure_teacher(config)
     else:
         measure_vlm(config)

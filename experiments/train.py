@@ -54,7 +54,7 @@ from tokensel.experiments.lightning_options import build_callbacks, build_logger
 from tokensel.experiments.teacher import ensure_teacher, find_teacher
 from tokensel.selectors.catalog import selector_entry
 from tokensel.selectors.inference import read_checkpoint
-from tokensel.selectors.vlm_coca import CORPUS_TEACHER
+from tokensel.selectors.vlm_coca import names_corpus_teacher
 
 VERSION_ENV = "TOKENSEL_RUN_VERSION"  # lets DDP child ranks write into the parent's run folder
 
@@ -127,7 +127,7 @@ def resolve_corpus_teacher(config) -> None:
     """``selector.vlm.pretrained=corpus`` -> the corpus teacher's weights file, built first (by the
     process that starts the run) when there is none; the checkpoint then names that file."""
     vlm = getattr(config.selector, "vlm", None)
-    if vlm is None or vlm.backend != "coca" or vlm.pretrained != CORPUS_TEACHER:
+    if vlm is None or not names_corpus_teacher(vlm):
         return
     config.teacher.model = vlm.model
     if not is_rank_zero_process() and find_teacher(config) is None:

@@ -61,6 +61,11 @@ CORPUS_TEACHER = "corpus"  # selector.vlm.pretrained: the corpus teacher, resolv
 HEAD_METADATA = "tokensel.coca_head"  # safetensors metadata key of a CoCa head's weights file
 
 
+def names_corpus_teacher(cfg: VLMConfig) -> bool:
+    """Whether ``selector.vlm`` asks for the corpus teacher, which the run resolves to a file."""
+    return cfg.backend == "coca" and cfg.pretrained == CORPUS_TEACHER
+
+
 def head_metadata(pretrained: str) -> dict | None:
     """The :data:`HEAD_METADATA` record of a CoCa-head weights file, else None (any other file)."""
     if not pretrained.endswith(".safetensors") or not Path(pretrained).is_file():
