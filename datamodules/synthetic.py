@@ -16,6 +16,12 @@ shards obey the same schema and ``index.json`` as converted real data:
   labelled categories with the values printed, a question about one plotted value or the
   largest category, and the pixel ``answer_box`` of the printed answer. It is *not* real
   charts: no legends, stacked series, or questions that need arithmetic.
+- **vqav2** (off by default: ``--train-vqav2``, ``--val-vqav2``) stands in for VQAv2 where the
+  evidence is local: 224x224 JPEG scenes of 2-4 shapes of distinct shapes and colours, asking the
+  colour of one shape ("What colour is the star?"), with that shape's box as ``answer_box``. The
+  printed answers of docvqa and chartqa cannot be read from a ViT-S/14's tokens at 224 px; a
+  shape's colour can, so a teacher's loss on these questions depends on which tokens are kept.
+  It is *not* VQAv2: one question type, twelve answers, no natural images.
 
 Every sample is generated from its own RNG seeded by (seed, split, source, index), so the
 same seed gives the same samples whatever the number of worker processes, and the same
@@ -39,14 +45,15 @@ from typing import Mapping
 from tokensel.common.cli import ArgumentParser, run_main
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex, ShardWriter
 from tokensel.datamodules.synthetic_chart import make_chartqa
-from tokensel.datamodules.synthetic_render import GENERATOR, GENERATOR_VERSION, Sample, make_coco, make_docvqa
+from tokensel.datamodules.synthetic_render import (GENERATOR, GENERATOR_VERSION, Sample, make_coco, make_docvqa,
+                                                   make_vqav2)
 
 PARAMS_NAME = "synthetic.json"
-DEFAULT_TRAIN = {"coco": 768, "docvqa": 256, "chartqa": 256}
-DEFAULT_VAL = {"coco": 64, "docvqa": 64, "chartqa": 64}
+DEFAULT_TRAIN = {"coco": 768, "docvqa": 256, "chartqa": 256, "vqav2": 0}
+DEFAULT_VAL = {"coco": 64, "docvqa": 64, "chartqa": 64, "vqav2": 0}
 DEFAULT_SHARD_SAMPLES = 128
 
-MAKERS = {"coco": make_coco, "docvqa": make_docvqa, "chartqa": make_chartqa}
+MAKERS = {"coco": make_coco, "docvqa": make_docvqa, "chartqa": make_chartqa, "vqav2": make_vqav2}
 GENERATED = tuple(MAKERS)  # the sources this corpus stands in for
 
 
@@ -155,14 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-coco", type=int, default=DEFAULT_TRAIN["coco"])
     parser.add_argument("--train-docvqa", type=int, default=DEFAULT_TRAIN["docvqa"])
     parser.add_argument("--train-chartqa", type=int, default=DEFAULT_TRAIN["chartqa"])
-    parser.add_argument("--val-per-source", type=int, default=DEFAULT_VAL["coco"])
+    parser.add_argument("--train-vqav2", type=int, default=DEFAULT_TRAIN["vqav2"],
+                        help="scene questions with local evidence (off by default)")
+    parser.add_argument("--val-per-source", type=int, default=DEFAULT_VAL["coco"], help="for coco, docvqa and chartqa")
+    parser.add_argument("--val-vqav2", type=int, default=DEFAULT_VAL["vqav2"])
     parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per shard")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the corpus is up to date")
     args = parser.parse_args(argv)
 
-    train = {"coco": args.train_coco, "docvqa": args.train_docvqa, "chartqa": args.train_chartqa}
-    val = {s: args.val_per_source for s in GENERATED}
+    train = {"coco": args.train_coco, "docvqa": args.train_docvqa, "chartqa": args.train_chartqa,
+             "vqav2": args.train_vqav2}
+    val = {"coco": args.val_per_source, "docvqa": args.val_per_source, "chartqa": args.val_per_source,
+           "vqav2": args.val_vqav2}
     params = corpus_params(args.seed, train, val, args.shard_samples)
     if not args.force and read_params(args.out) == params:
         print(f"{args.out}: corpus already generated with these parameters (use --force to regenerate)")
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     index = generate_corpus(args.out, args.seed, train, val, args.shard_samples, args.workers)
     for split in params["splits"]:
         counts = index.counts(split)
-        detail = ", ".join(f"{s} {counts.get(s, 0)}" for s in GENERATED)
+        detail = ", ".join(f"{s} {counts.get(s, 0)}" for s in GENERATED if params["splits"][split][s])
         shards = len(index.splits.get(split, []))
         print(f"{split}: {sum(counts.values())} samples ({detail}) in {shards} shard(s) -> {Path(args.out) / split}")
     print(f"generated in {time.perf_counter() - start:.1f} s")

@@ -148,19 +148,22 @@ def scene_captions(rng: np.random.Generator, objects: list[dict], bg: str) -> li
     return [candidates[k] for k in order]
 
 
-def make_coco(seed: int, split: str, index: int) -> Sample:
-    """One scene of 1-4 shapes, JPEG, with captions."""
-    rng = sample_rng(seed, split, "coco", index)
+def draw_scene(rng: np.random.Generator, n_objects: tuple[int, int], radius: tuple[float, float],
+               distinct: bool = False) -> tuple[Image.Image, list[dict], str]:
+    """``(image, objects, background colour)``: ``n_objects[0]`` to ``n_objects[1]`` flat shapes of
+    circumradius ``radius`` (fractions of the side) drawn in order on a plain or gradient
+    background. With ``distinct``, no two shapes share a shape or a colour."""
     names = list(COLOURS)
     bg = pick(rng, names)
     image = background(rng, COLOURS[bg], COCO_SIZE)
     draw = ImageDraw.Draw(image)
-    objects = []
-    for _ in range(int(rng.integers(1, 5))):
-        r = float(rng.uniform(0.07, 0.22) * COCO_SIZE)
+    objects: list[dict] = []
+    for _ in range(int(rng.integers(n_objects[0], n_objects[1] + 1))):
+        r = float(rng.uniform(*radius) * COCO_SIZE)
+        taken = objects if distinct else []
         obj = {
-            "shape": pick(rng, SHAPES),
-            "colour": pick(rng, [c for c in names if c != bg]),
+            "shape": pick(rng, [s for s in SHAPES if s not in {o["shape"] for o in taken}]),
+            "colour": pick(rng, [c for c in names if c != bg and c not in {o["colour"] for o in taken}]),
             "r": r,
             "cx": float(rng.uniform(r, COCO_SIZE - r)),
             "cy": float(rng.uniform(r, COCO_SIZE - r)),
@@ -172,6 +175,13 @@ def make_coco(seed: int, split: str, index: int) -> Sample:
             angle = float(rng.uniform(-0.3, 0.3))
             draw.polygon(shape_points(obj["shape"], obj["cx"], obj["cy"], r, angle), fill=fill)
         objects.append(obj)
+    return image, objects, bg
+
+
+def make_coco(seed: int, split: str, index: int) -> Sample:
+    """One scene of 1-4 shapes, JPEG, with captions."""
+    rng = sample_rng(seed, split, "coco", index)
+    image, objects, bg = draw_scene(rng, (1, 4), (0.07, 0.22))
     meta = {
         "source": "coco",
         "captions": scene_captions(rng, objects, bg),
@@ -180,6 +190,34 @@ def make_coco(seed: int, split: str, index: int) -> Sample:
         "provenance": provenance(seed, index),
     }
     return f"coco_{split}_{index:06d}", encode_image(image, "jpg"), "jpg", meta
+
+
+# ---------------------------------------------------------------------------------------------
+# vqav2 stand-in: a scene question answered by one shape's colour, its box the evidence
+
+SCENE_QUESTIONS = ("What colour is the {shape}?", "What is the colour of the {shape}?", "Which colour is the {shape}?")
+
+
+def make_vqav2(seed: int, split: str, index: int) -> Sample:
+    """One scene of 2-4 shapes of distinct shapes and colours, JPEG, asking the colour of the
+    last-drawn (so unoccluded) one; its ``answer_box`` is that shape's box. Unlike the printed
+    answers of docvqa and chartqa, the evidence is a few large patches of one colour, which a
+    ViT's patch tokens at 224 px can read."""
+    rng = sample_rng(seed, split, "vqav2", index)
+    image, objects, _ = draw_scene(rng, (2, 4), (0.07, 0.16), distinct=True)
+    target = objects[-1]
+    r = target["r"]
+    box = (target["cx"] - r, target["cy"] - r, target["cx"] + r, target["cy"] + r)
+    meta = {
+        "source": "vqav2",
+        "question": pick(rng, SCENE_QUESTIONS).format(shape=target["shape"]),
+        "answers": [target["colour"]],
+        "answer_box": pixel_box(box, COCO_SIZE, COCO_SIZE),
+        "width": COCO_SIZE,
+        "height": COCO_SIZE,
+        "provenance": provenance(seed, index),
+    }
+    return f"vqav2_{split}_{index:06d}", encode_image(image, "jpg"), "jpg", meta
 
 
 # ---------------------------------------------------------------------------------------------

@@ -213,13 +213,17 @@ def held_out_headroom(vlm, feats: torch.Tensor, prompts: list, targets: list, an
     boxed = answer.any(1).numpy()
     answer_first = kept_loss(vlm, feats, prompts, targets, keep_mask(first, num_tokens), batch_size,
                              "headroom: answer box first")
-    dropped = losses[0] - real
-    names = np.asarray(sources)
-    by_source = {name: summary(dropped[names == name]) for name in sorted(set(names.tolist()))}
+    dropped, gained, names = losses[0] - real, (answer_first - losses[0])[boxed], np.asarray(sources)
     return {"keep": k, "of": num_tokens, "draws": HEADROOM_DRAWS, "spread": summary(room["spread"].numpy()),
             "best_gain": best, "noise_floor": floor, "verdict": headroom_verdict(best["mean"], floor),
-            "random_minus_all": summary(dropped), "random_minus_all_by_source": by_source,
-            "answer_first_minus_random": summary((answer_first - losses[0])[boxed])}
+            "random_minus_all": summary(dropped), "random_minus_all_by_source": by_source(dropped, names),
+            "answer_first_minus_random": summary(gained),
+            "answer_first_minus_random_by_source": by_source(gained, names[boxed])}
+
+
+def by_source(values: np.ndarray, names: np.ndarray) -> dict:
+    """:func:`summary` of ``values`` per source (``names``: one per value)."""
+    return {name: summary(values[names == name]) for name in sorted(set(names.tolist()))}
 
 
 def format_headroom(room: dict) -> str:
@@ -227,16 +231,19 @@ def format_headroom(room: dict) -> str:
     def cell(s: dict) -> str:
         return f"{s['mean']:+.4f} ± {s['ci95']:.4f}"
 
+    def per_source(key: str) -> list[str]:
+        return [f"    {name:<8} n={s['n']:<4}                      {cell(s)}" for name, s in room.get(key, {}).items()]
+
     return "\n".join([
         f"headroom: {room['keep']} of {room['of']} tokens in {room['draws']} random keep sets per sample:",
         f"  spread of the loss {room['spread']['mean']:.4f} ± {room['spread']['ci95']:.4f}, best of {room['draws']} "
         f"- their mean {room['best_gain']['mean']:.4f} ± {room['best_gain']['ci95']:.4f}, noise floor "
         f"{room['noise_floor']:.4f}: {room['verdict']}",
         f"  random keep set - all tokens          {cell(room['random_minus_all'])}",
-        *(f"    {name:<8} n={s['n']:<4}                      {cell(s)}"
-          for name, s in room.get("random_minus_all_by_source", {}).items()),
+        *per_source("random_minus_all_by_source"),
         f"  answer box first - random ({room['answer_first_minus_random']['n']} with a box) "
-        f"{cell(room['answer_first_minus_random'])}"])
+        f"{cell(room['answer_first_minus_random'])}",
+        *per_source("answer_first_minus_random_by_source")])
 
 
 def measure(vlm, samples: tuple, teacher, init: Optional[np.ndarray] = None) -> tuple[dict, dict]:

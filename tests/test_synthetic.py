@@ -1,4 +1,4 @@
-"""The synthetic corpus: counts, schema, determinism, and answer boxes that point at ink."""
+"""The synthetic corpus: counts, schema, determinism, and answer boxes that point at the evidence."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION
 from tokensel.datamodules.shards import ShardIndex, validate_meta
 from tokensel.datamodules.synthetic import GENERATED
 from tokensel.datamodules.synthetic import PARAMS_NAME, ensure_default_corpus, generate_corpus, main
+from tokensel.datamodules.synthetic_render import COLOURS, SHAPES, draw_scene
 
-TRAIN = {"coco": 6, "docvqa": 6, "chartqa": 6}
-VAL = {"coco": 3, "docvqa": 3, "chartqa": 3}
+TRAIN = {"coco": 6, "docvqa": 6, "chartqa": 6, "vqav2": 6}
+VAL = {"coco": 3, "docvqa": 3, "chartqa": 3, "vqav2": 3}
+SCENES = ("coco", "vqav2")  # photos as JPEG, documents and charts as PNG
 
 
 def read_members(path: Path) -> list[tuple[str, bytes]]:
@@ -72,7 +74,7 @@ def test_samples_follow_the_schema(corpus, split):
     for key, members in samples.items():
         meta = validate_meta(json.loads(members["json"]), where=key)
         caption = BENCHMARKS.get(meta["source"]).kind == CAPTION
-        ext = "jpg" if caption else "png"  # photos as JPEG, documents and charts as PNG
+        ext = "jpg" if meta["source"] in SCENES else "png"
         assert set(members) == {ext, "json"}
         image = Image.open(io.BytesIO(members[ext]))
         assert image.format == ("JPEG" if ext == "jpg" else "PNG")
@@ -97,10 +99,17 @@ def test_answer_boxes_are_in_bounds_and_cover_ink(corpus):
             continue
         x0, y0, x1, y1 = meta["answer_box"]
         assert 0 <= x0 < x1 <= meta["width"] and 0 <= y0 < y1 <= meta["height"], key
+        ext = "jpg" if meta["source"] in SCENES else "png"
+        pixels = np.asarray(Image.open(io.BytesIO(members[ext])).convert("RGB")).astype(int)
+        crop = pixels[y0:y1, x0:x1]
+        if meta["source"] == "vqav2":
+            # the asked-about shape, drawn last, fills its box's centre with the answer's colour
+            centre = pixels[(y0 + y1) // 2, (x0 + x1) // 2]
+            assert np.abs(centre - COLOURS[meta["answers"][0]]).max() < 40, key
+            checked += 1
+            continue
         # a tight box around one short printed string, not a region of the page
         assert (x1 - x0) * (y1 - y0) < 0.05 * meta["width"] * meta["height"], key
-        pixels = np.asarray(Image.open(io.BytesIO(members["png"])).convert("RGB")).astype(int)
-        crop = pixels[y0:y1, x0:x1]
         if meta["source"] == "docvqa":
             paper = pixels[0, 0]  # the page corner is bare paper
             ink = np.abs(crop - paper).sum(-1) > 150
@@ -109,7 +118,30 @@ def test_answer_boxes_are_in_bounds_and_cover_ink(corpus):
             assert crop.reshape(-1, 3).std(0).max() > 20, key  # not uniformly the background
             assert crop.sum(-1).min() < 200, key  # the printed label is dark text
         checked += 1
-    assert checked == TRAIN["docvqa"] + TRAIN["chartqa"]
+    assert checked == TRAIN["docvqa"] + TRAIN["chartqa"] + TRAIN["vqav2"]
+
+
+def test_a_scene_question_asks_the_colour_of_a_shape_no_other_in_its_scene_shares(corpus):
+    for seed in range(20):
+        _, objects, bg = draw_scene(np.random.default_rng(seed), (2, 4), (0.07, 0.16), distinct=True)
+        assert 2 <= len(objects) <= 4
+        for field in ("shape", "colour"):
+            assert len({o[field] for o in objects}) == len(objects)
+        assert bg not in {o["colour"] for o in objects}
+    questions = [json.loads(m["json"]) for m in read_samples(corpus, "train").values()]
+    questions = [q for q in questions if q["source"] == "vqav2"]
+    assert len(questions) == TRAIN["vqav2"]
+    for meta in questions:
+        shape = meta["question"].rstrip("?").split()[-1]
+        assert shape in SHAPES and meta["answers"][0] in COLOURS, meta["question"]
+
+
+def test_a_new_source_leaves_every_other_source_as_it_was(corpus, tmp_path):
+    without = {s: n for s, n in TRAIN.items() if s != "vqav2"}
+    generate_corpus(tmp_path, seed=0, train=without, val={}, max_samples_per_shard=4, workers=1)
+    assert ShardIndex.load(tmp_path).counts("train") == without
+    for entry in ShardIndex.load(tmp_path).shards("train"):
+        assert read_members(tmp_path / entry.path) == read_members(corpus / entry.path), entry.path
 
 
 def test_same_seed_same_contents_for_any_worker_count(corpus, tmp_path):
@@ -132,7 +164,7 @@ def test_different_seed_gives_different_samples(corpus, tmp_path):
     ours, theirs = read_samples(corpus, "train"), read_samples(tmp_path, "train")
     assert ours.keys() == theirs.keys()
     for source in GENERATED:
-        ext = "jpg" if BENCHMARKS.get(source).kind == CAPTION else "png"
+        ext = "jpg" if source in SCENES else "png"
         keys = [k for k in ours if k.startswith(source)]
         assert all(ours[k][ext] != theirs[k][ext] for k in keys), source
     assert json.loads(theirs["coco_train_000000"]["json"])["provenance"]["seed"] == 1

@@ -133,6 +133,8 @@ def test_headroom_sees_a_loss_that_depends_on_one_token_and_a_box_on_it():
     assert "    coco     n=20" in format_headroom(room)
     # keeping the box first always keeps token 0: loss 0, against a random set's
     assert room["answer_first_minus_random"]["n"] == 20 and room["answer_first_minus_random"]["mean"] < -0.5
+    # per source, over the samples with a box only
+    assert room["answer_first_minus_random_by_source"] == {"docvqa": room["answer_first_minus_random"]}
 
 
 def test_make_teacher_on_another_vlm_measures_it_as_a_build_does_and_trains_nothing(built, tiny_corpus, capsys):
