@@ -47,13 +47,14 @@ help:
 	@echo "make collapse [SEEDS=0,1,2] [ARGS=...]                              the regulariser collapse study (App. B)"
 	@echo "make curve SELECTOR=gumbel_ae [SEEDS=0,1,2] [ARGS=...]              learning curves over seeds, steps to beat random"
 	@echo "make data                                                           generate the default corpus (data/default)"
+	@echo "make data ARGS='--preset scenes --out data/scenes'                  scene questions with local evidence (vp_noise_scenes.yaml)"
 	@echo "make vlm [ARGS='steps=20 ...']                                       build (once) a small real LLaVA: DINOv2-S + SmolLM2-135M (data/vlm)"
 	@echo "make teacher [ARGS='teacher.epochs=5 ...']                           build (once) the corpus teacher, vp_noise's default VLM"
 	@echo "make teacher ARGS='selector.vlm.backend=hf ...'                       measure another frozen VLM as a teacher (trains nothing)"
 	@echo "make tensorboard                                                    open runs/ in TensorBoard"
 	@echo "make test-lmms | eval-lmms ARGS='--model tokensel ...'                lmms-eval on a pruned VLM, any family"
 	@echo "make lint                                                           ruff (make test runs it first)"
-	@echo "make clean                                                          delete what can be rebuilt (caches, data/default, build/)"
+	@echo "make clean                                                          delete what can be rebuilt (caches, generated data, build/)"
 	@echo "make clean-results [FORCE=1]                                        delete runs/ sweeps/ eval*/ bench/ (lists them, asks first)"
 	@echo "make lock                                                           re-resolve requirements.txt from requirements.in (uv)"
 
@@ -125,7 +126,7 @@ tensorboard: $(STAMP)
 # eval*/, bench/) go only with `make clean-results`; make vlm's data/vlm/ and the feature cache
 # (~/.cache/tokensel) stay.
 clean:
-	rm -rf data/default build dist .pytest_cache .ruff_cache tokensel.egg-info
+	rm -rf data/default data/scenes build dist .pytest_cache .ruff_cache tokensel.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 RESULTS = $(wildcard runs sweeps eval*/ bench)

@@ -16,7 +16,7 @@ shards obey the same schema and ``index.json`` as converted real data:
   labelled categories with the values printed, a question about one plotted value or the
   largest category, and the pixel ``answer_box`` of the printed answer. It is *not* real
   charts: no legends, stacked series, or questions that need arithmetic.
-- **vqav2** (off by default: ``--train-vqav2``, ``--val-vqav2``) stands in for VQAv2 where the
+- **vqav2** (off by default; ``--preset scenes`` has only these) stands in for VQAv2 where the
   evidence is local: 224x224 JPEG scenes of 2-4 shapes of distinct shapes and colours, asking the
   colour of one shape ("What colour is the star?"), with that shape's box as ``answer_box``. The
   printed answers of docvqa and chartqa cannot be read from a ViT-S/14's tokens at 224 px; a
@@ -55,6 +55,9 @@ DEFAULT_SHARD_SAMPLES = 128
 
 MAKERS = {"coco": make_coco, "docvqa": make_docvqa, "chartqa": make_chartqa, "vqav2": make_vqav2}
 GENERATED = tuple(MAKERS)  # the sources this corpus stands in for
+# --preset: (train, val) counts. "scenes": the scene questions alone, on which the corpus teacher's loss
+# depends on the answer's tokens (experiments/vp_noise_scenes.yaml trains vp_noise against it).
+PRESETS = {"default": (DEFAULT_TRAIN, DEFAULT_VAL), "scenes": ({"vqav2": 3072}, {"vqav2": 128})}
 
 
 def make_sample(task: tuple[str, int, str, int]) -> Sample:
@@ -64,15 +67,15 @@ def make_sample(task: tuple[str, int, str, int]) -> Sample:
 
 
 def corpus_params(seed: int, train: Mapping[str, int], val: Mapping[str, int], max_samples_per_shard: int) -> dict:
-    """Everything that determines the corpus bytes; stored in ``synthetic.json``."""
+    """Everything that determines the corpus bytes; stored in ``synthetic.json``. A source with no
+    sample in either split is left out, so that a new source leaves existing corpora up to date."""
+    counts = {"train": {s: int(train.get(s, 0)) for s in GENERATED}, "val": {s: int(val.get(s, 0)) for s in GENERATED}}
+    present = [s for s in GENERATED if counts["train"][s] or counts["val"][s]]
     return {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
         "seed": seed,
-        "splits": {
-            "train": {s: int(train.get(s, 0)) for s in GENERATED},
-            "val": {s: int(val.get(s, 0)) for s in GENERATED},
-        },
+        "splits": {split: {s: by_source[s] for s in present} for split, by_source in counts.items()},
         "max_samples_per_shard": max_samples_per_shard,
     }
 
@@ -105,7 +108,7 @@ def generate_corpus(
     ``train`` and ``val`` map a source to its sample count (None: the defaults; a source left
     out of a given mapping gets no samples). ``workers`` is the number of processes (None: up
     to 2; 1 or 0: in this process); the output does not depend on it. Only the train and val
-    shards of the three sources are replaced, other entries of an existing index are kept.
+    shards of the generated sources are replaced, other entries of an existing index are kept.
     """
     train = DEFAULT_TRAIN if train is None else train
     val = DEFAULT_VAL if val is None else val
@@ -123,9 +126,9 @@ def generate_corpus(
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     pool = multiprocessing.get_context().Pool(workers) if workers > 1 else None
     try:
-        for split, counts in params["splits"].items():
-            for source, count in counts.items():
-                tasks = [(source, seed, split, i) for i in range(count)]
+        for split, counts in (("train", train), ("val", val)):
+            for source in GENERATED:
+                tasks = [(source, seed, split, i) for i in range(int(counts.get(source, 0)))]
                 samples = pool.imap(make_sample, tasks, chunksize=8) if pool else map(make_sample, tasks)
                 # ShardWriter replaces this (split, source)'s old shards even when count is 0.
                 with ShardWriter(out, split, source, max_samples=max_samples_per_shard) as writer:
@@ -152,29 +155,41 @@ def ensure_default_corpus(out: str | os.PathLike) -> Path:
     return out
 
 
+def preset_counts(args) -> tuple[dict, dict]:
+    """(train, val) sample counts per source: ``--preset``'s, then ``--val-per-source`` for every
+    source with training samples, then each ``--train-<source>`` / ``--val-<source>``."""
+    train, val = (dict(counts) for counts in PRESETS[args.preset])
+    for source in GENERATED:
+        given = getattr(args, f"train_{source}")
+        train[source] = train.get(source, 0) if given is None else given
+    if args.val_per_source is not None:
+        val = {source: args.val_per_source if train[source] else 0 for source in GENERATED}
+    for source in GENERATED:
+        given = getattr(args, f"val_{source}")
+        val[source] = val.get(source, 0) if given is None else given
+    return train, val
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m tokensel.datamodules.synthetic",
-        description="Generate the deterministic stand-in corpus (coco, docvqa, chartqa) as shards.",
+        description="Generate the deterministic stand-in corpus (coco, docvqa, chartqa; vqav2 scenes) as shards.",
     )
     parser.add_argument("--out", required=True, help="dataset root to write (index.json, train/, val/)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="sample counts: 'default' (coco, docvqa, chartqa) or 'scenes' (vqav2 scene questions only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-coco", type=int, default=DEFAULT_TRAIN["coco"])
-    parser.add_argument("--train-docvqa", type=int, default=DEFAULT_TRAIN["docvqa"])
-    parser.add_argument("--train-chartqa", type=int, default=DEFAULT_TRAIN["chartqa"])
-    parser.add_argument("--train-vqav2", type=int, default=DEFAULT_TRAIN["vqav2"],
-                        help="scene questions with local evidence (off by default)")
-    parser.add_argument("--val-per-source", type=int, default=DEFAULT_VAL["coco"], help="for coco, docvqa and chartqa")
-    parser.add_argument("--val-vqav2", type=int, default=DEFAULT_VAL["vqav2"])
+    for source in GENERATED:
+        parser.add_argument(f"--train-{source}", type=int, default=None, help="training samples (default: the preset's)")
+    parser.add_argument("--val-per-source", type=int, default=None, help="held-out samples of every source that has training samples")
+    for source in GENERATED:
+        parser.add_argument(f"--val-{source}", type=int, default=None, help="held-out samples (default: the preset's)")
     parser.add_argument("--shard-samples", type=int, default=DEFAULT_SHARD_SAMPLES, help="samples per shard")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the corpus is up to date")
     args = parser.parse_args(argv)
 
-    train = {"coco": args.train_coco, "docvqa": args.train_docvqa, "chartqa": args.train_chartqa,
-             "vqav2": args.train_vqav2}
-    val = {"coco": args.val_per_source, "docvqa": args.val_per_source, "chartqa": args.val_per_source,
-           "vqav2": args.val_vqav2}
+    train, val = preset_counts(args)
     params = corpus_params(args.seed, train, val, args.shard_samples)
     if not args.force and read_params(args.out) == params:
         print(f"{args.out}: corpus already generated with these parameters (use --force to regenerate)")
@@ -184,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     index = generate_corpus(args.out, args.seed, train, val, args.shard_samples, args.workers)
     for split in params["splits"]:
         counts = index.counts(split)
-        detail = ", ".join(f"{s} {counts.get(s, 0)}" for s in GENERATED if params["splits"][split][s])
+        detail = ", ".join(f"{s} {counts.get(s, 0)}" for s in GENERATED if params["splits"][split].get(s))
         shards = len(index.splits.get(split, []))
         print(f"{split}: {sum(counts.values())} samples ({detail}) in {shards} shard(s) -> {Path(args.out) / split}")
     print(f"generated in {time.perf_counter() - start:.1f} s")

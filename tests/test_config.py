@@ -63,6 +63,14 @@ def test_trainer_values_are_checked_before_anything_is_built():
     assert load_config("gumbel_ae", overrides=["trainer.accelerator=gpu"]).trainer.accelerator == "gpu"
 
 
+def test_the_scenes_preset_is_vp_noise_on_the_scenes_corpus_with_a_longer_teacher():
+    cfg = load_config(config_file=str(REPO / "experiments/vp_noise_scenes.yaml"))
+    laptop = load_config("vp_noise")
+    assert cfg.selector.name == "vp_noise" and cfg.selector.vlm.pretrained == "corpus"
+    assert cfg.data.root == "data/scenes" and cfg.teacher.epochs == 8 and cfg.trainer.max_steps == 160
+    assert cfg.encoder == laptop.encoder and cfg.selector == laptop.selector  # only the corpus and teacher differ
+
+
 def test_paper_preset_is_a_config_not_code():
     preset = str(REPO / "experiments/paper/llava_next.yaml")
     with pytest.raises(ConfigError, match=r"data.root is required \(\?\?\?\)"):  # never the synthetic default

@@ -16,7 +16,8 @@ from tokensel.common.cli import run_main
 from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION
 from tokensel.datamodules.shards import ShardIndex, validate_meta
 from tokensel.datamodules.synthetic import GENERATED
-from tokensel.datamodules.synthetic import PARAMS_NAME, ensure_default_corpus, generate_corpus, main
+from tokensel.datamodules.synthetic import DEFAULT_TRAIN, DEFAULT_VAL, PARAMS_NAME, corpus_params
+from tokensel.datamodules.synthetic import ensure_default_corpus, generate_corpus, main
 from tokensel.datamodules.synthetic_render import COLOURS, SHAPES, draw_scene
 
 TRAIN = {"coco": 6, "docvqa": 6, "chartqa": 6, "vqav2": 6}
@@ -199,3 +200,27 @@ def test_cli_mistakes_are_one_error_line(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
     assert "'coco': -1" in lines[0] and "--no-such-option" in lines[1]
+
+
+def test_cli_presets_and_per_source_counts(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "s"), "--preset", "scenes", "--train-vqav2", "3", "--val-vqav2", "2",
+                 "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 3 samples (vqav2 3) in 1 shard(s)" in out and "val: 2 samples (vqav2 2)" in out
+    assert ShardIndex.load(tmp_path / "s").counts("val") == {"vqav2": 2}
+    # --val-per-source gives held-out samples to the sources that have training samples
+    assert main(["--out", str(tmp_path / "d"), "--train-coco", "2", "--train-docvqa", "0", "--train-chartqa", "1",
+                 "--val-per-source", "1", "--workers", "1"]) == 0
+    assert ShardIndex.load(tmp_path / "d").counts("val") == {"coco": 1, "chartqa": 1}
+    # a preset written over another corpus replaces every generated source's shards
+    assert main(["--out", str(tmp_path / "d"), "--preset", "scenes", "--train-vqav2", "3", "--workers", "1"]) == 0
+    assert ShardIndex.load(tmp_path / "d").counts("train") == {"vqav2": 3}
+    assert run_main(main, ["--out", str(tmp_path / "x"), "--preset", "nope"]) == 2
+    assert "--preset" in capsys.readouterr().err
+
+
+def test_a_corpus_without_the_new_source_stays_up_to_date():
+    # the parameters name only the sources that have samples: the default corpus's did not change
+    params = corpus_params(0, DEFAULT_TRAIN, DEFAULT_VAL, 128)
+    assert params["splits"] == {"train": {"coco": 768, "docvqa": 256, "chartqa": 256},
+                                "val": {"coco": 64, "docvqa": 64, "chartqa": 64}}
