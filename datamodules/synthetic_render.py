@@ -1,4 +1,4 @@
-"""The PIL renderers of the synthetic corpus (coco scenes, docvqa pages) and what every renderer
+"""The PIL renderers of the synthetic corpus (coco and vqav2 scenes, docvqa pages) and what every renderer
 shares: the per-sample RNG, the named colours, provenance and pixel boxes.
 
 Each ``make_<source>(seed, split, index)`` returns one :data:`Sample`, drawn from its own RNG, so
