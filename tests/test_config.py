@@ -67,7 +67,7 @@ def test_the_scenes_preset_is_vp_noise_on_the_scenes_corpus_with_a_longer_teache
     cfg = load_config(config_file=str(REPO / "experiments/vp_noise_scenes.yaml"))
     laptop = load_config("vp_noise")
     assert cfg.selector.name == "vp_noise" and cfg.selector.vlm.pretrained == "corpus"
-    assert cfg.data.root == "data/scenes" and cfg.teacher.epochs == 8 and cfg.trainer.max_steps == 160
+    assert cfg.data.root == "data/scenes" and cfg.teacher.epochs == 8 and cfg.trainer.max_epochs == 2
     assert cfg.encoder == laptop.encoder and cfg.selector == laptop.selector  # only the corpus and teacher differ
 
 
