@@ -30,9 +30,10 @@ with 95 % CIs; real - shuffled with a paired CI. Then its headroom, the question
 training depends on: with only :data:`HEADROOM_KEEP` of the tokens (vp_noise's default keep
 ratio) in :data:`HEADROOM_DRAWS` random keep sets per sample, the spread of the loss, best-of-R
 minus the mean and the noise floor (``selectors/diagnostics.py``, as ``make eval``'s headroom table),
-what one random keep set costs against all tokens (overall and per source: the scenes have no
-answer box, so this is where a loss that reads them shows it), and how much keeping the answer box's tokens first (the rest at random) lowers the loss against a
-random set, on the samples with a box: whether the loss depends on local evidence at all.
+what one random keep set costs against all tokens (overall and per source: the coco scenes have no
+answer box, so this is where a loss that reads them shows it), and how much keeping the answer box's
+tokens first (the rest at random) lowers the loss against a random set, on the samples with a box
+(overall and per source): whether the loss depends on local evidence at all.
 
 Where: ``$TOKENSEL_CACHE/teachers/<model>-<encoder>-<fingerprint16>/`` (``open_clip_model.safetensors``,
 whose metadata names the encoder it reads, and ``teacher.json``). The fingerprint is both splits'
