@@ -7,6 +7,7 @@ data layer (``datamodule.py``, ``feature_cache.py``) reads them without importin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from tokensel.datamodules.anyres import LLAVA_NEXT_PINPOINTS
@@ -21,7 +22,10 @@ FEATURE_CACHE_PRECISIONS = ("16", "bf16", "32")
 class DataConfig:
     """``data.*``: where the shards are, how they are read, and where their features come from."""
 
-    root: Optional[str] = None  # folder with index.json; None: the generated default corpus
+    root: Optional[str] = None  # folder with index.json; None: the generated corpus data/<corpus>
+    # The generated corpus (datamodules/synthetic.py) used when root is None, written on first use:
+    # "default" (coco, docvqa, chartqa stand-ins) or "scenes" (shape-colour questions, local evidence).
+    corpus: str = "default"
     train_split: str = "train"
     val_split: str = "val"  # an absent split disables validation, with a warning
     weights: Dict[str, float] = field(default_factory=dict)  # source -> weight; {}: by sample count
@@ -49,6 +53,11 @@ class DataConfig:
     feature_cache: str = "auto"
     feature_cache_dir: Optional[str] = None  # None: $TOKENSEL_CACHE/features (~/.cache/tokensel/features)
     feature_cache_precision: str = "16"  # how features and image targets are stored: "16" | "bf16" | "32"
+
+
+def data_root(data: DataConfig) -> Path:
+    """The shards' folder: ``data.root``, else the generated corpus ``data/<data.corpus>``."""
+    return Path(data.root) if data.root else Path("data") / data.corpus
 
 
 @dataclass

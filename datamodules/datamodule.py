@@ -15,7 +15,6 @@ the epoch. The cache mirrors the image shards, so that position means the same i
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -23,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokensel.datamodules.batch import FeatureBatch
-from tokensel.datamodules.config import FEATURE_CACHE_MODES, DataConfig, EncoderConfig
+from tokensel.datamodules.config import FEATURE_CACHE_MODES, DataConfig, EncoderConfig, data_root
 from tokensel.datamodules.encoders import FrozenEncoder, build_encoder
 from tokensel.datamodules.feature_cache import (FeatureCacheError, build_cache, cache_base, find_cache,
                                                 fingerprint, mismatch_message)
@@ -49,7 +48,7 @@ class FeatureDataModule(L.LightningDataModule):
         self.cfg = data
         self.encoder_cfg = encoder
         self.seed = seed
-        self.root = Path(data.root or DEFAULT_DATA_ROOT)
+        self.root = data_root(data)
         self.index = ShardIndex.load(self.root)
         self.train_entries = self.index.shards(data.train_split)
         self.val_entries = self.index.shards(data.val_split) if data.val_split in self.index.splits else []

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tokensel.common.cli import ArgumentParser, run_main
+from tokensel.datamodules.config import data_root
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex, ShardWriter
 from tokensel.datamodules.synthetic_chart import make_chartqa
 from tokensel.datamodules.synthetic_render import (GENERATOR, GENERATOR_VERSION, Sample, make_coco, make_docvqa,
@@ -56,8 +57,8 @@ DEFAULT_SHARD_SAMPLES = 128
 
 MAKERS = {"coco": make_coco, "docvqa": make_docvqa, "chartqa": make_chartqa, "vqav2": make_vqav2}
 GENERATED = tuple(MAKERS)  # the sources this corpus stands in for
-# --preset: (train, val) counts. "scenes": the scene questions alone, on which the corpus teacher's loss
-# depends on the answer's tokens (experiments/vp_noise_scenes.yaml trains vp_noise against it).
+# --preset and data.corpus: (train, val) counts. "scenes": the scene questions alone, on which the corpus
+# teacher's loss depends on the answer's tokens (vp_noise's laptop default, experiments/vp_noise.yaml).
 PRESETS = {"default": (DEFAULT_TRAIN, DEFAULT_VAL), "scenes": ({"vqav2": 3072}, {"vqav2": 128})}
 
 
@@ -144,15 +145,26 @@ def generate_corpus(
     return ShardIndex.load(out)
 
 
-def ensure_default_corpus(out: str | os.PathLike) -> Path:
-    """Return ``out``, generating the default corpus there first if no complete corpus exists.
+def ensure_corpus(out: str | os.PathLike, preset: str = "default") -> Path:
+    """Return ``out``, generating the ``preset`` corpus there first if no complete corpus exists.
 
     A complete corpus already under ``out`` is used as it is, whatever its parameters. Call it
     from one process only (e.g. in ``prepare_data``): concurrent calls would race.
     """
     out = Path(out)
     if read_params(out) is None:
-        generate_corpus(out)
+        train, val = PRESETS[preset]
+        generate_corpus(out, train=train, val=val)
+    return out
+
+
+def ensure_data(data, log=print) -> Path:
+    """The shards' folder of ``data`` (a ``DataConfig``): ``data.root`` as given, else the generated
+    corpus ``data/<data.corpus>``, generated first when it is not there (one process only)."""
+    out = data_root(data)
+    if data.root is None and read_params(out) is None:
+        log(f"no data.root given: generating the {data.corpus!r} corpus in {out}/ (once)", flush=True)
+        ensure_corpus(out, data.corpus)
     return out
 
 

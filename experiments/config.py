@@ -35,6 +35,7 @@ from tokensel.datamodules.anyres import check_pinpoints
 from tokensel.datamodules.config import (FEATURE_CACHE_MODES, FEATURE_CACHE_PRECISIONS, VIEW_MODES, VIEW_SELECTIONS,
                                          DataConfig, EncoderConfig)
 from tokensel.datamodules.feature_cache import weights_identity
+from tokensel.datamodules.synthetic import PRESETS
 from tokensel.experiments.lightning_options import check_run_options, check_trainer_kwargs
 from tokensel.selectors.base import OptimConfig
 from tokensel.selectors.budget import check_budget
@@ -300,6 +301,9 @@ def check_run_config(config: TrainConfig) -> None:
         if str(getattr(data, key)) not in allowed:
             raise ConfigError(f"data.{key}={getattr(data, key)!r}: expected one of {', '.join(allowed)}")
     data.feature_cache_precision = str(data.feature_cache_precision)
+    if data.corpus not in PRESETS:
+        raise ConfigError(f"data.corpus={data.corpus!r}: expected one of {', '.join(PRESETS)} (the generated "
+                          "corpus used when data.root is unset)")
     if data.views not in VIEW_MODES:
         raise ConfigError(f"data.views={data.views!r}: expected one of {', '.join(VIEW_MODES)}")
     if data.view_selection not in VIEW_SELECTIONS:

@@ -65,7 +65,7 @@ from tokensel.common.stats import mean_ci
 from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION, generation_batches, text_of
 from tokensel.datamodules.samples import SkipSample, parse_sample
 from tokensel.datamodules.shards import ShardIndex
-from tokensel.datamodules.synthetic import ensure_default_corpus
+from tokensel.datamodules.synthetic import ensure_corpus
 from tokensel.experiments.benchmark_metrics import headline_average, score_answers
 from tokensel.experiments.config import merge_overrides
 from tokensel.experiments.flops import llm_flops
@@ -277,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                            f"{family.model_types[0]}: {NO_CLS}")
     trained = [selector_for(p.strip(), (1, 1), args.seed, "--ckpts")[1] for p in args.ckpts.split(",") if p.strip()]
     if data.data.root == "data/default":
-        ensure_default_corpus("data/default")
+        ensure_corpus("data/default")
     if args.model is None:
         args.model = str(ensure_vlm())
     made_here = (Path(args.model) / "vlm_build.json").is_file()  # aligned on bare questions

@@ -74,8 +74,8 @@ from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
-from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT
-from tokensel.datamodules.synthetic import ensure_default_corpus
+from tokensel.datamodules.config import DataConfig, data_root
+from tokensel.datamodules.synthetic import ensure_data
 from tokensel.experiments.config import baseline_options, load_config, parse_overrides
 from tokensel.experiments.eval_group import METRICS, EvalError, evaluate_group
 from tokensel.experiments.report import plot_metrics, write_table
@@ -128,13 +128,21 @@ def encoder_key(run_config: dict) -> tuple:
             run_config["data"]["recon_size"])
 
 
+def held_out_root(run_config: dict, base_data: DataConfig, data_given: bool) -> str:
+    """A run's held-out shards: those named to make eval (data.root= or data.corpus=), else the run's own."""
+    if data_given:
+        return str(data_root(base_data))
+    return str(data_root(DataConfig(**{k: v for k, v in run_config["data"].items() if k in ("root", "corpus")})))
+
+
 def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]:
-    """Checkpoints grouped by encoder; each group gets its own data/encoder config."""
+    """Checkpoints grouped by encoder and held-out data; each group gets its own data/encoder config."""
     cli = parse_overrides(overrides)
     forced = any(o.startswith("encoder.") for o in overrides)
+    data_given = any(o.startswith(("data.root=", "data.corpus=")) for o in overrides)
     groups: dict[tuple, dict] = {}
     for t in trained:
-        key = ("forced",) if forced else encoder_key(t["config"])
+        key = (("forced",) if forced else encoder_key(t["config"])) + (held_out_root(t["config"], base_config.data, data_given),)
         group = groups.setdefault(key, {"run_config": t["config"], "trained": []})
         group["trained"].append(t)
     if not groups:
@@ -219,10 +227,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise EvalError(f"no checkpoint for {', '.join(missing)} under {base.run.root}/; train it or pass CKPTS=")
     budgets = parse_budgets(args.budgets) or None
     options = baseline_options([o for o in args.overrides if o.startswith("baselines.")])
-    if base.data.root is None:
-        ensure_default_corpus(DEFAULT_DATA_ROOT)
     rows, room, samples = [], [], []
     for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):
+        ensure_data(group["config"].data)
         group_rows, group_room, group_samples = evaluate_group(group, chosen, budgets, args.max_samples, args.seed,
                                                                args.geometry, args.headroom_draws,
                                                                options=options)

@@ -64,10 +64,11 @@ from tokensel.common.cache import atomic_write, cache_root
 from tokensel.common.cli import quiet_known_warnings, run_main
 from tokensel.common.errors import ConfigError
 from tokensel.common.stats import mean_ci
-from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
+from tokensel.datamodules.config import data_root
+from tokensel.datamodules.datamodule import FeatureDataModule
 from tokensel.datamodules.feature_cache import fingerprint, weights_identity
 from tokensel.datamodules.shards import ShardIndex
-from tokensel.datamodules.synthetic import ensure_default_corpus
+from tokensel.datamodules.synthetic import ensure_data
 from tokensel.experiments.config import config_yaml, load_config, parse_run_args
 from tokensel.experiments.vlm_align import derangement, format_losses, held_out_losses, per_sample_loss, summary
 from tokensel.selectors.budget import resolve_budget
@@ -90,7 +91,7 @@ def teacher_base() -> Path:
 def teacher_fingerprint(config) -> tuple[str, dict]:
     """(sha256, the parts) of what the teacher of ``config`` depends on; builds nothing."""
     data = config.data
-    root = Path(data.root or DEFAULT_DATA_ROOT)
+    root = data_root(data)
     index = ShardIndex.load(root)
     splits = {s: fingerprint(data, config.encoder, root, s, index.shards(s))
               for s in (data.train_split, data.val_split) if s in index.splits}
@@ -310,8 +311,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if print_only:
         print(config_yaml(config), end="")
         return 0
-    if config.data.root is None:
-        ensure_default_corpus(DEFAULT_DATA_ROOT)
+    ensure_data(config.data)
     vlm = getattr(config.selector, "vlm", None)
     if vlm is None or names_corpus_teacher(vlm):
         ensure_teacher(config)

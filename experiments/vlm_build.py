@@ -73,7 +73,7 @@ from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPi
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
 from tokensel.common.errors import ConfigError, TokenselError
 from tokensel.datamodules.encoders.packaged import PACKAGED, converted_weights, fit_to, locate
-from tokensel.datamodules.synthetic import ensure_default_corpus
+from tokensel.datamodules.synthetic import ensure_corpus
 from tokensel.experiments.config import parse_overrides, read_yaml
 from tokensel.experiments.vlm_align import align, format_losses
 from tokensel.vlms.llava import assemble_llava
@@ -298,7 +298,7 @@ def ensure_vlm(recipe: Optional[Recipe] = None, out: str = DEFAULT_OUT) -> Path:
     """The folder of ``recipe``'s model (default: ``experiments/vlm.yaml``'s), built first when there is none."""
     recipe = recipe or load_recipe(None, [])
     if recipe.data_root == "data/default":
-        ensure_default_corpus("data/default")
+        ensure_corpus("data/default")
     _, gguf_sha = smollm2_gguf()
     _, dinov2_sha = dinov2_source()
     key = fingerprint(recipe, gguf_sha, dinov2_sha)

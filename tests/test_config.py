@@ -1,9 +1,13 @@
 """Config layering and user errors: one line, exit status 2, before any model is built."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import REPO, run_module
-from tokensel.experiments.config import ConfigError, load_config
+from tokensel.datamodules.config import data_root
+from tokensel.experiments.config import ConfigError, load_config, to_container
+from tokensel.experiments.evaluate import build_groups
 
 
 def test_defaults_layer_schema_yaml_and_overrides():
@@ -63,12 +67,15 @@ def test_trainer_values_are_checked_before_anything_is_built():
     assert load_config("gumbel_ae", overrides=["trainer.accelerator=gpu"]).trainer.accelerator == "gpu"
 
 
-def test_the_scenes_preset_is_vp_noise_on_the_scenes_corpus_with_a_longer_teacher():
-    cfg = load_config(config_file=str(REPO / "experiments/vp_noise_scenes.yaml"))
-    laptop = load_config("vp_noise")
-    assert cfg.selector.name == "vp_noise" and cfg.selector.vlm.pretrained == "corpus"
-    assert cfg.data.root == "data/scenes" and cfg.teacher.epochs == 8 and cfg.trainer.max_epochs == 2
-    assert cfg.encoder == laptop.encoder and cfg.selector == laptop.selector  # only the corpus and teacher differ
+def test_vp_noise_trains_on_the_scene_questions_with_the_auto_encoders_encoder():
+    vp_noise, gumbel_ae = load_config("vp_noise"), load_config("gumbel_ae")
+    assert vp_noise.selector.vlm.pretrained == "corpus" and vp_noise.teacher.epochs == 8
+    assert vp_noise.data.root is None and vp_noise.data.corpus == "scenes" and gumbel_ae.data.corpus == "default"
+    assert str(data_root(vp_noise.data)) == "data/scenes" and str(data_root(gumbel_ae.data)) == "data/default"
+    assert vp_noise.encoder == gumbel_ae.encoder
+    assert data_root(load_config("vp_noise", overrides=["data.root=/shards"]).data) == Path("/shards")
+    with pytest.raises(ConfigError, match=r"data.corpus='coco': expected one of default, scenes"):
+        load_config("vp_noise", overrides=["data.corpus=coco"])
 
 
 def test_paper_preset_is_a_config_not_code():
@@ -125,3 +132,15 @@ def test_cli_errors_are_one_line_with_exit_status_2(args, words):
     assert "Traceback" not in result.stderr
     for word in words:
         assert word in lines[0]
+
+
+def test_make_eval_groups_checkpoints_by_their_held_out_data_unless_it_is_named():
+    def run(*overrides):
+        return {"config": to_container(load_config("gumbel_ae", overrides=list(overrides))), "name": "gumbel_ae"}
+
+    trained = [run(), run("data.corpus=scenes"), run("data.root=/shards"), run("selector.depth=3")]
+    groups = build_groups(trained, load_config("gumbel_ae"), [])
+    assert [str(data_root(g["config"].data)) for g in groups] == ["data/default", "data/scenes", "/shards"]
+    assert [len(g["trained"]) for g in groups] == [2, 1, 1]
+    named = build_groups(trained, load_config("gumbel_ae", overrides=["data.corpus=scenes"]), ["data.corpus=scenes"])
+    assert len(named) == 1 and str(data_root(named[0]["config"].data)) == "data/scenes"

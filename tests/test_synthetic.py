@@ -17,7 +17,7 @@ from tokensel.datamodules.benchmarks import BENCHMARKS, CAPTION
 from tokensel.datamodules.shards import ShardIndex, validate_meta
 from tokensel.datamodules.synthetic import GENERATED
 from tokensel.datamodules.synthetic import DEFAULT_TRAIN, DEFAULT_VAL, PARAMS_NAME, corpus_params
-from tokensel.datamodules.synthetic import ensure_default_corpus, generate_corpus, main
+from tokensel.datamodules.synthetic import ensure_corpus, generate_corpus, main
 from tokensel.datamodules.synthetic_render import COLOURS, SHAPES, draw_scene
 
 TRAIN = {"coco": 6, "docvqa": 6, "chartqa": 6, "vqav2": 6}
@@ -185,7 +185,7 @@ def test_cli_skips_an_up_to_date_corpus(tmp_path, capsys):
     assert (tmp_path / "index.json").stat().st_mtime_ns == stamp
 
     # a complete corpus is used as it is
-    assert ensure_default_corpus(tmp_path) == tmp_path
+    assert ensure_corpus(tmp_path) == tmp_path
     assert (tmp_path / "index.json").stat().st_mtime_ns == stamp
 
     # other parameters regenerate
