@@ -47,7 +47,7 @@ help:
 	@echo "make collapse [SEEDS=0,1,2] [ARGS=...]                              the regulariser collapse study (App. B)"
 	@echo "make curve SELECTOR=gumbel_ae [SEEDS=0,1,2] [ARGS=...]              learning curves over seeds, steps to beat random"
 	@echo "make data                                                           generate the default corpus (data/default)"
-	@echo "make data ARGS='--preset scenes --out data/scenes'                  scene questions with local evidence (vp_noise_scenes.yaml)"
+	@echo "make data ARGS='--preset scenes --out data/scenes'                  scene questions with local evidence (data.corpus=scenes, vp_noise's default)"
 	@echo "make vlm [ARGS='steps=20 ...']                                       build (once) a small real LLaVA: DINOv2-S + SmolLM2-135M (data/vlm)"
 	@echo "make teacher [ARGS='teacher.epochs=5 ...']                           build (once) the corpus teacher, vp_noise's default VLM"
 	@echo "make teacher ARGS='selector.vlm.backend=hf ...'                       measure another frozen VLM as a teacher (trains nothing)"

@@ -280,7 +280,7 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
             ratio = kept / dims.num_tokens
             summary = rec.summary(name, k)
             flops = flops_report(geo, ratio, sampler_layers=selector.sampler_layers)
-            row = {"encoder": config.encoder.name, "selector": name, "budget": str(budget), "keep_ratio": ratio,
+            row = {"encoder": config.encoder.name, "data": str(datamodule.root), "selector": name, "budget": str(budget), "keep_ratio": ratio,
                    "k": kept, "samples": seen}
             for metric in METRICS + tuple(f"{o.name}_loss_vs_random" for o in objectives) \
                     + ("alpha_on_topk", "ntp_soft_minus_hard"):
@@ -290,7 +290,8 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
                 row["trained_at"] = f"{trained_budgets[name]:.3g}"
             row.update({f"{geometry}_{key}": flops[key] for key in FLOPS_COLUMNS})
             rows.append(row)
-    return rows, headroom_rows(room, k_of, dims.num_tokens, config.encoder.name, draws), rec.samples
+    return rows, headroom_rows(room, k_of, dims.num_tokens, config.encoder.name, str(datamodule.root), draws), \
+        rec.samples
 
 
 def score_batch(batch, context: SelectionContext, candidates: list, objectives: list[Objective], vlm, ks: list[int],
@@ -358,7 +359,7 @@ def score_batch(batch, context: SelectionContext, candidates: list, objectives: 
                     rec.add(name, k, "ntp_soft_minus_hard", gap["ntp_soft"] - gap["ntp_hard"], [keys[i] for i in text])
 
 
-def headroom_rows(room: Recorder, k_of: dict, num_tokens: int, encoder: str, draws: int) -> list[dict]:
+def headroom_rows(room: Recorder, k_of: dict, num_tokens: int, encoder: str, data: str, draws: int) -> list[dict]:
     """One row per loss and budget: spread, best-of-draws gain, noise floor and the verdict."""
     rows = []
     for metric in dict.fromkeys(m for m, _ in room.acc):
@@ -367,7 +368,7 @@ def headroom_rows(room: Recorder, k_of: dict, num_tokens: int, encoder: str, dra
             if "best_gain" not in summary:
                 continue
             floor = mean_ci(room.acc[(metric, k)].values("draw_difference"))[1]
-            rows.append({"encoder": encoder, "loss": metric, "budget": str(budget), "keep_ratio": k / num_tokens,
+            rows.append({"encoder": encoder, "data": data, "loss": metric, "budget": str(budget), "keep_ratio": k / num_tokens,
                          "k": k, "draws": draws, "spread": summary["spread"], "best_gain": summary["best_gain"],
                          "noise_floor": floor, "verdict": headroom_verdict(summary["best_gain"][0], floor)})
     return rows

@@ -12,10 +12,10 @@ has a run under ``runs/``):
 - trained selectors: ``--ckpts`` paths (always evaluated, whatever ``--selectors`` names), or the
   newest ``checkpoints/last.ckpt`` of each trained selector under ``run.root``.
 
-Checkpoints are grouped by the encoder they were trained on; each group is evaluated on its
-own encoder's features of the held-out split (``data.val_split``), with the baselines beside
-it, so every row of a group sees the same tokens. ``key=value`` overrides (``data.*``,
-``encoder.*``) apply to every group; a checkpoint that does not fit the features is a one-line
+Checkpoints are grouped by the encoder and the held-out data they were trained on; each group is
+evaluated on its own encoder's features of its own held-out split (``data.val_split``), with the
+baselines beside it, so every row of a group sees the same tokens. ``key=value`` overrides
+(``data.*``, ``encoder.*``) apply to every group; a checkpoint that does not fit the features is a one-line
 error naming the mismatch.
 
 Every selector answers the same ``select(features, budget, context=...)``; what a row needs beyond
@@ -169,21 +169,30 @@ def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]
 
 
 def write_samples(samples: list[tuple], path: Path) -> None:
-    """Every per-sample value: one row per (encoder, selector, k, metric, sample key)."""
+    """Every per-sample value: one row per (encoder, data, selector, k, metric, sample key)."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["encoder", "selector", "k", "metric", "key", "value"])
-        writer.writerows((enc, sel, k, metric, key, repr(value)) for enc, sel, k, metric, key, value in samples)
+        writer.writerow(["encoder", "data", "selector", "k", "metric", "key", "value"])
+        writer.writerows((*group, sel, k, metric, key, repr(value)) for *group, sel, k, metric, key, value in samples)
+
+
+def group_labels(rows: list[dict]) -> dict[tuple, str]:
+    """(encoder, data) -> a label: the encoder's name, with the data's folder when several are evaluated."""
+    groups = sorted({(row["encoder"], row["data"]) for row in rows})
+    several = len({data for _, data in groups}) > 1
+    return {(encoder, data): f"{encoder}@{data}" if several else encoder for encoder, data in groups}
 
 
 def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
+    labels = group_labels(rows)
     with SummaryWriter(str(out_dir)) as writer:
         for row in rows:
             step = int(round(1000 * row["keep_ratio"]))  # x-axis: keep ratio in per mille
+            label = labels[(row["encoder"], row["data"])]
             for metric in METRICS:
                 mean, _, n = row[metric]
                 if n:
-                    writer.add_scalar(f"eval/{metric}/{row['selector']}@{row['encoder']}", mean, step)
+                    writer.add_scalar(f"eval/{metric}/{row['selector']}@{label}", mean, step)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -235,17 +244,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                options=options)
         rows += group_rows
         room += group_room
-        samples += [(group_rows[0]["encoder"] if group_rows else "", *s) for s in group_samples]
+        group_key = (group_rows[0]["encoder"], group_rows[0]["data"]) if group_rows else ("", "")
+        samples += [(*group_key, *s) for s in group_samples]
     out_dir = Path(args.out or f"eval/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_table(rows, out_dir, "results")
     room_csv, room_md = write_table(room, out_dir, "headroom", key_columns=("loss", "budget", "keep_ratio", "k"))
     write_samples(samples, out_dir / "samples.csv")
-    encoders = sorted({row["encoder"] for row in rows})
+    labels = group_labels(rows)
     plots = []
-    for encoder in encoders:  # one set of plots per encoder: rows of different features don't share axes
-        folder = out_dir if len(encoders) == 1 else out_dir / encoder.replace(":", "_").replace("/", "_")
-        plots += plot_metrics([row for row in rows if row["encoder"] == encoder], folder)
+    for key, label in labels.items():  # one set of plots per group: rows of different features don't share axes
+        folder = out_dir if len(labels) == 1 else out_dir / label.replace(":", "_").replace("/", "_")
+        plots += plot_metrics([row for row in rows if (row["encoder"], row["data"]) == key], folder)
     write_tensorboard(rows, out_dir)
     print(md_path.read_text())
     if room:

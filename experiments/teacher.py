@@ -18,7 +18,7 @@ corpus, which is what a teacher for a selector trained on that corpus needs. The
 backend loads it like any CoCa (``selectors/vlm_coca.py``, "a CoCa head").
 
 Training (``teacher.*`` keys of the run config, ``experiments/config.py`` ``TeacherConfig``): every parameter of the head
-(pooler, ``ln_post``, text tower, decoder) learns the caption (coco) or answer (docvqa, chartqa;
+(pooler, ``ln_post``, text tower, decoder) learns the caption (coco) or answer (docvqa, chartqa, vqav2;
 the question is the prompt) NTP loss of the ``coca`` backend over the train split's features, read
 through the run's datamodule and so from the feature cache; AdamW, linear warm-up then cosine
 decay. None of this is given by a paper; the defaults are sized for a 2-core CPU.

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from conftest import FAST_ARGS, REPO, run_module
 
@@ -151,6 +152,26 @@ def test_a_checkpoint_on_the_command_line_is_evaluated_beside_the_named_selector
                         f"data.root={tiny_corpus}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["selector"] for r in csv.DictReader((out / "results.csv").open())] == ["random", "gumbel_ae"]
+
+
+def test_checkpoints_trained_on_other_data_are_each_scored_on_their_own(trained, tiny_corpus, tmp_path):
+    first = next(trained.glob("gumbel_ae/*/checkpoints/last.ckpt"))
+    other = tmp_path / "other_corpus"
+    shutil.copytree(tiny_corpus, other)
+    ckpt = torch.load(first, map_location="cpu", weights_only=False)
+    ckpt["hyper_parameters"]["config"]["data"]["root"] = str(other)  # the same run, as if trained on the copy
+    second = tmp_path / "other" / "last.ckpt"
+    second.parent.mkdir()
+    torch.save(ckpt, second)
+    out = tmp_path / "by_data"
+    result = run_module("tokensel.experiments.evaluate", "--ckpts", f"{first},{second}", "--selectors", "random",
+                        "--budgets", "0.25", "--max-samples", "8", "--headroom-draws", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [(r["selector"].partition("[")[0], r["data"]) for r in csv.DictReader((out / "results.csv").open())]
+    assert sorted(rows) == sorted((s, str(d)) for s in ("random", "gumbel_ae") for d in (tiny_corpus, other))
+    samples = {s["data"] for s in csv.DictReader((out / "samples.csv").open())}
+    assert samples == {str(tiny_corpus), str(other)}
+    assert len([p for p in out.iterdir() if p.is_dir() and list(p.glob("*.png"))]) == 2  # plots per held-out set
 
 
 def test_a_checkpoint_for_other_features_names_the_mismatch(trained, tiny_corpus):
