@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_module
+from tokensel.common.cli import run_main
 from tokensel.datamodules.config import data_root
+from tokensel.experiments import train
 from tokensel.experiments.config import ConfigError, load_config, to_container
 from tokensel.experiments.evaluate import build_groups
 
@@ -124,14 +126,19 @@ def test_missing_or_broken_config_file_is_named(tmp_path):
     (["gumbel_ae", "selector.depth=two"], ["selector.depth"]),
     (["gumbel_ae", "data.root=/no/such/shards"], ["/no/such/shards"]),
 ])
-def test_cli_errors_are_one_line_with_exit_status_2(args, words):
-    result = run_module("tokensel.experiments.train", *args, timeout=120)
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_cli_errors_are_one_line_with_exit_status_2(args, words, capsys):
+    assert run_main(train.main, args) == 2  # as `python -m tokensel.experiments.train` runs it
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for word in words:
         assert word in lines[0]
+
+
+def test_a_cli_error_from_python_dash_m_is_its_only_stderr_line():
+    result = run_module("tokensel.experiments.train", "gumbel_ae", "selector.dpeth=2", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "selector.dpeth" in lines[0], result.stderr[-2000:]
 
 
 def test_make_eval_groups_checkpoints_by_their_held_out_data_unless_it_is_named():

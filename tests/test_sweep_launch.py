@@ -12,6 +12,7 @@ import yaml
 
 from conftest import REPO, run_module
 from tokensel.common.errors import TokenselError
+from tokensel.experiments import cli
 from tokensel.experiments.sweep_runner import Shard, parse_params
 
 TINY_ARGS = ["encoder.name=timm:vit_tiny_patch16_224", "encoder.pretrained=", "encoder.image_size=64",
@@ -37,11 +38,18 @@ def test_shard_takes_every_nth_run_and_rejects_bad_specs():
     (["--launcher", "local", "--slurm", "bogus=1"], "--slurm: Parameter 'bogus'"),
     (["--shard", "2/2"], "--shard '2/2'"),
 ])
-def test_launch_mistakes_are_one_line(tmp_path, args, message):
-    result = run_module("tokensel.experiments.cli", "sweep", "depth", "--out", str(tmp_path), *args)
+def test_launch_mistakes_are_one_line(tmp_path, args, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert cli.main(["sweep", "depth", "--out", str(tmp_path), *args]) == 2  # as `tokensel sweep` runs it
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert message in line
+
+
+def test_a_launch_mistake_from_the_tokensel_command(tmp_path):
+    result = run_module("tokensel.experiments.cli", "sweep", "depth", "--out", str(tmp_path), "--shard", "2/2")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert message in line
+    assert "--shard '2/2'" in line
 
 
 @pytest.mark.slow

@@ -1,12 +1,16 @@
 """Every entry point answers a user mistake with one ``error:`` line naming the key, file or value,
-exit status 2, and no traceback (``common/cli.py``). The real modules run as subprocesses, as
-``make`` runs them."""
+exit status 2, and no traceback (``common/cli.py``). Each case runs the module's ``main`` through
+``run_main`` in this process, as its ``__main__`` does (an uncaught exception fails the test); a few
+run as subprocesses too, as ``make`` runs them."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
-from conftest import run_module
+from conftest import REPO, run_module
+from tokensel.common.cli import run_main
 
 TRAIN = "tokensel.experiments.train"
 
@@ -82,13 +86,25 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_user_mistake_is_one_line_and_exit_status_2(case, tiny_corpus, tmp_path):
-    module, argv, words = CASES[case]
-    result = run_module(module, *argv(tiny_corpus, tmp_path), timeout=300)
-    assert result.returncode == 2, result.stdout[-1500:] + result.stderr[-1500:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
+def assert_one_error_line(code: int, stderr: str, words: list[str]) -> None:
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
     for word in words:
         assert word in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_mistake_is_one_line_and_exit_status_2(case, tiny_corpus, tmp_path, capsys, monkeypatch):
+    module, argv, words = CASES[case]
+    monkeypatch.chdir(REPO)
+    code = run_main(importlib.import_module(module).main, argv(tiny_corpus, tmp_path))
+    assert_one_error_line(code, capsys.readouterr().err, words)
+
+
+@pytest.mark.parametrize("case", ["train: YAML syntax error", "eval: missing checkpoint", "convert: unknown source"])
+def test_the_same_mistake_from_python_dash_m(case, tiny_corpus, tmp_path):
+    module, argv, words = CASES[case]
+    result = run_module(module, *argv(tiny_corpus, tmp_path), timeout=300)
+    assert_one_error_line(result.returncode, result.stderr, words)
