@@ -28,7 +28,7 @@ TRAIN = "tokensel.experiments.train"
 ARGS = FAST_ARGS + ["data.samples_per_epoch=40", "run.checkpoint_every_n_steps=3", "run.panels_every_n_steps=0"]
 # (workers, kill after step, epochs, steps): 40 samples per epoch in batches of 8 are 5 steps, or
 # ceil(5 / 2) = 3 per worker and 6 steps with 2 workers
-CASES = [(2, 3, 2, 12), (2, 9, 3, 18), (0, 5, 2, 10)]
+CASES = [(2, 9, 3, 18), (0, 5, 2, 10)]  # mid-epoch with 2 loader workers; at an epoch end with none
 
 
 @pytest.fixture(scope="module")
