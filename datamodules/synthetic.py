@@ -17,11 +17,11 @@ shards obey the same schema and ``index.json`` as converted real data:
   largest category, and the pixel ``answer_box`` of the printed answer. It is *not* real
   charts: no legends, stacked series, or questions that need arithmetic.
 - **vqav2** (off by default; ``--preset scenes`` and ``data.corpus=scenes`` have only these) stands
-  in for VQAv2 where the evidence is local: 224x224 JPEG scenes of 2-4 shapes of distinct shapes and colours, asking the
-  colour of one shape ("What colour is the star?"), with that shape's box as ``answer_box``. No
-  teacher measured on docvqa and chartqa rewards keeping their printed answers' tokens (hypothesis:
-  a ViT-S/14 at 224 px does not resolve the print); on these scenes the corpus teacher's loss does
-  depend on keeping the asked shape's tokens.
+  in for VQAv2 where the evidence is local: 224x224 JPEG scenes of 2-4 shapes of distinct shapes
+  and colours, asking the colour of one shape ("What colour is the star?"), with that shape's box
+  as ``answer_box``. No teacher measured on docvqa and chartqa rewards keeping their printed
+  answers' tokens (hypothesis: a ViT-S/14 at 224 px does not resolve the print); on these scenes
+  the corpus teacher's loss does depend on keeping the asked shape's tokens.
   It is *not* VQAv2: one question type, twelve answers, no natural images.
 
 Every sample is generated from its own RNG seeded by (seed, split, source, index), so the

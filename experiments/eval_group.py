@@ -280,8 +280,8 @@ def evaluate_group(group: dict, selectors: list[str], budgets: Optional[list], m
             ratio = kept / dims.num_tokens
             summary = rec.summary(name, k)
             flops = flops_report(geo, ratio, sampler_layers=selector.sampler_layers)
-            row = {"encoder": config.encoder.name, "data": str(datamodule.root), "selector": name, "budget": str(budget), "keep_ratio": ratio,
-                   "k": kept, "samples": seen}
+            row = {"encoder": config.encoder.name, "data": str(datamodule.root), "selector": name,
+                   "budget": str(budget), "keep_ratio": ratio, "k": kept, "samples": seen}
             for metric in METRICS + tuple(f"{o.name}_loss_vs_random" for o in objectives) \
                     + ("alpha_on_topk", "ntp_soft_minus_hard"):
                 if metric in summary or metric in METRICS:
@@ -368,7 +368,7 @@ def headroom_rows(room: Recorder, k_of: dict, num_tokens: int, encoder: str, dat
             if "best_gain" not in summary:
                 continue
             floor = mean_ci(room.acc[(metric, k)].values("draw_difference"))[1]
-            rows.append({"encoder": encoder, "data": data, "loss": metric, "budget": str(budget), "keep_ratio": k / num_tokens,
-                         "k": k, "draws": draws, "spread": summary["spread"], "best_gain": summary["best_gain"],
+            rows.append({"encoder": encoder, "data": data, "loss": metric, "budget": str(budget),
+                         "keep_ratio": k / num_tokens, "k": k, "draws": draws, "spread": summary["spread"], "best_gain": summary["best_gain"],
                          "noise_floor": floor, "verdict": headroom_verdict(summary["best_gain"][0], floor)})
     return rows

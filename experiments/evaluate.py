@@ -15,8 +15,8 @@ has a run under ``runs/``):
 Checkpoints are grouped by the encoder and the held-out data they were trained on; each group is
 evaluated on its own encoder's features of its own held-out split (``data.val_split``), with the
 baselines beside it, so every row of a group sees the same tokens. ``key=value`` overrides
-(``data.*``, ``encoder.*``) apply to every group; a checkpoint that does not fit the features is a one-line
-error naming the mismatch.
+(``data.*``, ``encoder.*``) apply to every group; a checkpoint that does not fit the features is a
+one-line error naming the mismatch.
 
 Every selector answers the same ``select(features, budget, context=...)``; what a row needs beyond
 it comes from the selector's optional methods (``image_from_kept``, ``sampler_layers``,
@@ -142,7 +142,8 @@ def build_groups(trained: list, base_config, overrides: list[str]) -> list[dict]
     data_given = any(o.startswith(("data.root=", "data.corpus=")) for o in overrides)
     groups: dict[tuple, dict] = {}
     for t in trained:
-        key = (("forced",) if forced else encoder_key(t["config"])) + (held_out_root(t["config"], base_config.data, data_given),)
+        features = ("forced",) if forced else encoder_key(t["config"])
+        key = (*features, held_out_root(t["config"], base_config.data, data_given))
         group = groups.setdefault(key, {"run_config": t["config"], "trained": []})
         group["trained"].append(t)
     if not groups:
