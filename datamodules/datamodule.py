@@ -32,8 +32,7 @@ from tokensel.datamodules.pipeline import ShardStream
 from tokensel.datamodules.shards import ShardFormatError, ShardIndex
 
 log = logging.getLogger("tokensel.data")
-DEFAULT_DATA_ROOT = "data/default"
-__all__ = ["DEFAULT_DATA_ROOT", "DataConfig", "EncoderConfig", "FeatureDataModule"]
+__all__ = ["DataConfig", "EncoderConfig", "FeatureDataModule"]
 
 
 class FeatureDataModule(L.LightningDataModule):

@@ -145,14 +145,17 @@ def generate_corpus(
     return ShardIndex.load(out)
 
 
-def ensure_corpus(out: str | os.PathLike, preset: str = "default") -> Path:
-    """Return ``out``, generating the ``preset`` corpus there first if no complete corpus exists.
+def ensure_corpus(out: str | os.PathLike, preset: str = "default", log=None) -> Path:
+    """Return ``out``, generating the ``preset`` corpus there first if no complete corpus exists
+    (saying so through ``log``, when given).
 
     A complete corpus already under ``out`` is used as it is, whatever its parameters. Call it
     from one process only (e.g. in ``prepare_data``): concurrent calls would race.
     """
     out = Path(out)
     if read_params(out) is None:
+        if log is not None:
+            log(f"no data.root given: generating the {preset!r} corpus in {out}/ (once)", flush=True)
         train, val = PRESETS[preset]
         generate_corpus(out, train=train, val=val)
     return out
@@ -161,11 +164,7 @@ def ensure_corpus(out: str | os.PathLike, preset: str = "default") -> Path:
 def ensure_data(data, log=print) -> Path:
     """The shards' folder of ``data`` (a ``DataConfig``): ``data.root`` as given, else the generated
     corpus ``data/<data.corpus>``, generated first when it is not there (one process only)."""
-    out = data_root(data)
-    if data.root is None and read_params(out) is None:
-        log(f"no data.root given: generating the {data.corpus!r} corpus in {out}/ (once)", flush=True)
-        ensure_corpus(out, data.corpus)
-    return out
+    return data_root(data) if data.root else ensure_corpus(data_root(data), data.corpus, log)
 
 
 def preset_counts(args) -> tuple[dict, dict]:

@@ -42,9 +42,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokensel.common.cli import ArgumentParser, quiet_known_warnings, run_main
-from tokensel.datamodules.datamodule import DEFAULT_DATA_ROOT, FeatureDataModule
+from tokensel.datamodules.config import DataConfig
+from tokensel.datamodules.datamodule import FeatureDataModule
 from tokensel.datamodules.shards import ShardIndex
-from tokensel.datamodules.synthetic import ensure_corpus, generate_corpus
+from tokensel.datamodules.synthetic import ensure_data, generate_corpus
 from tokensel.experiments.config import EXPERIMENTS_DIR, load_config
 from tokensel.experiments.sweep import expand, read_sweep
 from tokensel.selectors.catalog import selector_entry
@@ -145,8 +146,7 @@ def sweep_forwards(sweep_file: Path) -> tuple[int, int, int]:
     """Encoder forwards of a shipped sweep on the default corpus: ``(runs, without cache, with it)``."""
     sweep = read_sweep(sweep_file)
     runs = len(expand(sweep))
-    ensure_corpus(DEFAULT_DATA_ROOT)
-    index = ShardIndex.load(DEFAULT_DATA_ROOT)
+    index = ShardIndex.load(ensure_data(DataConfig()))
     train, val = sum(index.counts("train").values()), sum(index.counts("val").values())
     epochs = int(sweep.config.get("trainer.max_epochs", 1))
     per_epoch = int(sweep.config.get("data.samples_per_epoch") or train)

@@ -184,8 +184,7 @@ def group_labels(rows: list[dict]) -> dict[tuple, str]:
     return {(encoder, data): f"{encoder}@{data}" if several else encoder for encoder, data in groups}
 
 
-def write_tensorboard(rows: list[dict], out_dir: Path) -> None:
-    labels = group_labels(rows)
+def write_tensorboard(rows: list[dict], labels: dict[tuple, str], out_dir: Path) -> None:
     with SummaryWriter(str(out_dir)) as writer:
         for row in rows:
             step = int(round(1000 * row["keep_ratio"]))  # x-axis: keep ratio in per mille
@@ -239,14 +238,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     options = baseline_options([o for o in args.overrides if o.startswith("baselines.")])
     rows, room, samples = [], [], []
     for group in build_groups(trained, base, [o for o in args.overrides if o.startswith(("data.", "encoder."))]):
-        ensure_data(group["config"].data)
+        held_out = ensure_data(group["config"].data)
         group_rows, group_room, group_samples = evaluate_group(group, chosen, budgets, args.max_samples, args.seed,
                                                                args.geometry, args.headroom_draws,
                                                                options=options)
         rows += group_rows
         room += group_room
-        group_key = (group_rows[0]["encoder"], group_rows[0]["data"]) if group_rows else ("", "")
-        samples += [(*group_key, *s) for s in group_samples]
+        samples += [(group["config"].encoder.name, str(held_out), *s) for s in group_samples]
     out_dir = Path(args.out or f"eval/{time.strftime('%Y%m%d-%H%M%S')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = write_table(rows, out_dir, "results")
@@ -257,7 +255,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for key, label in labels.items():  # one set of plots per group: rows of different features don't share axes
         folder = out_dir if len(labels) == 1 else out_dir / label.replace(":", "_").replace("/", "_")
         plots += plot_metrics([row for row in rows if (row["encoder"], row["data"]) == key], folder)
-    write_tensorboard(rows, out_dir)
+    write_tensorboard(rows, labels, out_dir)
     print(md_path.read_text())
     if room:
         print("headroom: how far each loss moves with the choice of tokens (best of the random keep sets vs "
